@@ -1,0 +1,1 @@
+//! CNI plumbing shared by the VirtNet plugins (no Kubernetes dependency).

@@ -1,0 +1,1 @@
+//! The pure IPAM engine: no I/O, every decision a function.
