@@ -1,0 +1,26 @@
+# VirtNet developer entry points. `make test` is what CI runs (via .ci/run).
+CARGO ?= cargo
+E2E_TOOLS_BIN ?= /var/cache/virtnet-e2e/bin
+
+.PHONY: test lint unit tools bench
+
+## test: formatting, lints, unit tests and the e2e suite on the local cluster harness
+test: lint tools
+	$(CARGO) test --workspace --locked
+
+## lint: rustfmt check and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## unit: only the tests that need neither root nor the cluster binaries
+unit:
+	$(CARGO) test --workspace --locked --lib --bins
+
+## tools: build (once, cached by version) the third-party peers the e2e suite runs against
+tools:
+	bash e2e/tools/install
+
+## bench: performance figures, each reported as a ratio against a baseline measured in the same run
+bench:
+	$(CARGO) bench --workspace --locked
