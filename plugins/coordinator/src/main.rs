@@ -1,1 +1,5 @@
-fn main() {}
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    virtnet_cni::skel::run(&virtnet_coordinator::CoordinatorPlugin)
+}

@@ -1,0 +1,180 @@
+//! Plugin logging: to stderr or to a file, never to stdout, which carries the CNI result.
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+
+use crate::error::CniError;
+use crate::fields::{FieldReader, as_absolute_path};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    const ALL: [(&'static str, Self); 5] = [
+        ("error", Self::Error),
+        ("warn", Self::Warn),
+        ("info", Self::Info),
+        ("debug", Self::Debug),
+        ("trace", Self::Trace),
+    ];
+
+    /// Case-insensitive, so the seed's `"Debug"`-style values keep working.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|(known, _)| known.eq_ignore_ascii_case(name))
+            .map(|(_, level)| level)
+    }
+
+    fn filter(self) -> LevelFilter {
+        match self {
+            Self::Error => LevelFilter::ERROR,
+            Self::Warn => LevelFilter::WARN,
+            Self::Info => LevelFilter::INFO,
+            Self::Debug => LevelFilter::DEBUG,
+            Self::Trace => LevelFilter::TRACE,
+        }
+    }
+}
+
+/// Where a plugin logs and how much. Defaults to `info` on stderr, which the container runtime
+/// forwards to its own log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogSettings {
+    pub level: LogLevel,
+    /// Append to this file instead of stderr.
+    pub file: Option<PathBuf>,
+}
+
+impl LogSettings {
+    /// Reads `log_level` and `log_file` (or the seed's `log_output_file_path`) from a plugin's
+    /// config object.
+    pub fn read(fields: &mut FieldReader<'_>) -> Result<Self, CniError> {
+        let level = fields
+            .get(
+                "log_level",
+                "one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"",
+                |value| value.as_str().and_then(LogLevel::parse),
+            )?
+            .unwrap_or_default();
+        let file_key = fields.either("log_file", "log_output_file_path")?;
+        let file = fields
+            .get(
+                file_key,
+                "an absolute file path, e.g. \"/var/log/virtnet/virtnet-ipam.log\"",
+                as_absolute_path,
+            )?
+            .map(Path::to_path_buf);
+        Ok(Self { level, file })
+    }
+
+    /// Installs the process-wide logger. Call once, after the config is validated.
+    ///
+    /// A log file that cannot be opened does not fail the CNI operation: losing logs is better
+    /// than failing a pod, so logging falls back to stderr and says why.
+    pub fn install(&self) {
+        let (writer, open_failure) = match self.file.as_deref().map(open_log_file) {
+            None => (BoxMakeWriter::new(std::io::stderr), None),
+            Some(Ok(file)) => (BoxMakeWriter::new(Mutex::new(file)), None),
+            Some(Err(failure)) => (BoxMakeWriter::new(std::io::stderr), Some(failure)),
+        };
+        let installed = tracing_subscriber::fmt()
+            .with_max_level(self.level.filter())
+            .with_ansi(false)
+            .with_target(false)
+            .with_writer(writer)
+            // Its own write failures would be reported with `eprintln!`, which panics when
+            // stderr is a closed pipe; a plugin must not die over a log line.
+            .log_internal_errors(false)
+            .try_init();
+        // Installing twice only happens in tests that run plugins in-process; the first
+        // subscriber stays, which is harmless.
+        if installed.is_ok()
+            && let Some((path, error)) = open_failure
+        {
+            tracing::warn!(
+                "cannot open log file {}: {error}; logging to stderr instead",
+                path.display()
+            );
+        }
+    }
+}
+
+fn open_log_file(path: &Path) -> Result<fs::File, (PathBuf, std::io::Error)> {
+    let open = || {
+        if let Some(directory) = path.parent() {
+            fs::create_dir_all(directory)?;
+        }
+        OpenOptions::new().create(true).append(true).open(path)
+    };
+    open().map_err(|error| (path.to_path_buf(), error))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+
+    fn read(value: Value) -> Result<LogSettings, CniError> {
+        let fields: Map<String, Value> = match value {
+            Value::Object(map) => map,
+            other => panic!("fixture must be an object, got {other}"),
+        };
+        let mut reader = FieldReader::new("ipam", &fields);
+        let settings = LogSettings::read(&mut reader)?;
+        reader.finish()?;
+        Ok(settings)
+    }
+
+    #[test]
+    fn defaults_to_info_on_stderr() -> Result<(), CniError> {
+        assert_eq!(read(json!({}))?, LogSettings::default());
+        assert_eq!(LogSettings::default().level, LogLevel::Info);
+        Ok(())
+    }
+
+    #[test]
+    fn reads_level_and_either_file_key() -> Result<(), CniError> {
+        let settings =
+            read(json!({"log_level": "DEBUG", "log_output_file_path": "/var/log/x.log"}))?;
+        assert_eq!(settings.level, LogLevel::Debug);
+        assert_eq!(settings.file, Some(PathBuf::from("/var/log/x.log")));
+        assert_eq!(
+            read(json!({"log_file": "/tmp/y.log"}))?.file,
+            Some(PathBuf::from("/tmp/y.log"))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_unknown_levels_and_relative_files() {
+        let error = read(json!({"log_level": "verbose"})).expect_err("bad level");
+        assert!(
+            error
+                .msg
+                .starts_with("ipam.log_level must be one of \"error\""),
+            "{}",
+            error.msg
+        );
+        let error = read(json!({"log_file": "x.log"})).expect_err("relative path");
+        assert!(
+            error
+                .msg
+                .starts_with("ipam.log_file must be an absolute file path"),
+            "{}",
+            error.msg
+        );
+    }
+}

@@ -1,0 +1,262 @@
+//! The coordinator's keys, at the top level of its plugin config.
+
+use ipnet::IpNet;
+use virtnet_cni::env::check_interface_name;
+use virtnet_cni::logging::LogSettings;
+use virtnet_cni::{CniError, NetworkConfig};
+
+pub const DEFAULT_HOST_RULE_TABLE: u32 = 500;
+/// 253, 254 and 255 are the kernel's `default`, `main` and `local` tables and 0 is "unspecified",
+/// so none of them may hold the coordinator's host routes.
+const FIRST_TABLE_ABOVE_RESERVED: u32 = 256;
+const LAST_TABLE_BELOW_RESERVED: u32 = 252;
+const MAX_HOST_RULE_TABLE: u32 = 1 << 31;
+/// IPv4's minimum reassembly size; a smaller MTU breaks IPv4 itself.
+const MIN_MTU: u32 = 576;
+const MAX_MTU: u32 = 65_535;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Decide from the pod's interfaces (the default).
+    #[default]
+    Auto,
+    /// The pod's first interface is an underlay (macvlan) interface: add the host veth.
+    Underlay,
+    /// Pass prevResult through and change nothing.
+    Disabled,
+}
+
+impl Mode {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "underlay" => Some(Self::Underlay),
+            "disabled" => Some(Self::Disabled),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    pub mode: Mode,
+    /// Service CIDRs the pod reaches through the host (kube-proxy runs there).
+    pub service_cidrs: Vec<IpNet>,
+    /// The host routing table for routes to pods, looked up by a host `ip rule`.
+    pub host_rule_table: u32,
+    /// The pod interface that carries the default route; the first interface when unset.
+    pub pod_default_route_nic: Option<String>,
+    pub detect_ip_conflict: bool,
+    pub detect_gateway: bool,
+    /// The host-side veth MTU; inherited from the pod interface when unset.
+    pub veth_host_mtu: Option<u32>,
+    pub logging: LogSettings,
+}
+
+impl CoordinatorConfig {
+    pub fn from_network(network: &NetworkConfig) -> Result<Self, CniError> {
+        let mut fields = network.plugin_fields();
+        let mode = fields
+            .get(
+                "mode",
+                "one of \"auto\", \"underlay\", \"disabled\"",
+                |value| value.as_str().and_then(Mode::parse),
+            )?
+            .unwrap_or_default();
+        let service_cidrs = fields
+            .list(
+                "serviceCIDRs",
+                "a CIDR with no host bits, e.g. \"10.96.0.0/12\"",
+                |value| {
+                    value
+                        .as_str()?
+                        .parse::<IpNet>()
+                        .ok()
+                        .filter(|cidr| cidr.trunc() == *cidr)
+                },
+            )?
+            .unwrap_or_default();
+        let host_rule_table = fields
+            .get(
+                "hostRuleTable",
+                "a routing table number in 1..=252 or 256..=2147483648, e.g. 500 (0 and 253-255 \
+                 are reserved by the kernel)",
+                |value| {
+                    let table = u32::try_from(value.as_u64()?).ok()?;
+                    let allowed = (1..=LAST_TABLE_BELOW_RESERVED).contains(&table)
+                        || (FIRST_TABLE_ABOVE_RESERVED..=MAX_HOST_RULE_TABLE).contains(&table);
+                    allowed.then_some(table)
+                },
+            )?
+            .unwrap_or(DEFAULT_HOST_RULE_TABLE);
+        let pod_default_route_nic = fields
+            .get(
+                "podDefaultRouteNIC",
+                "an interface name such as \"eth0\" (at most 15 characters, no '/', ':' or spaces)",
+                |value| {
+                    value
+                        .as_str()
+                        .filter(|name| check_interface_name(name).is_ok())
+                },
+            )?
+            .map(str::to_owned);
+        let detect_ip_conflict = fields.bool("detectIPConflict")?.unwrap_or(false);
+        let detect_gateway = fields.bool("detectGateway")?.unwrap_or(false);
+        let veth_host_mtu = fields.get(
+            "vethHostMTU",
+            "a whole number in 576..=65535, e.g. 1500",
+            |value| {
+                u32::try_from(value.as_u64()?)
+                    .ok()
+                    .filter(|mtu| (MIN_MTU..=MAX_MTU).contains(mtu))
+            },
+        )?;
+        // Seed conflists set this so the coordinator could ask the agent for the Service CIDR;
+        // serviceCIDRs replaces that, so the key is accepted (for drop-in migration) and unused.
+        fields.string("coordinator_unix_socket_path", "a path string")?;
+        let logging = LogSettings::read(&mut fields)?;
+        fields.finish()?;
+        Ok(Self {
+            mode,
+            service_cidrs,
+            host_rule_table,
+            pod_default_route_nic,
+            detect_ip_conflict,
+            detect_gateway,
+            veth_host_mtu,
+            logging,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use virtnet_cni::ErrorCode;
+    use virtnet_cni::logging::LogLevel;
+
+    use super::*;
+
+    fn parse(keys: Value) -> Result<CoordinatorConfig, CniError> {
+        let mut config =
+            json!({"cniVersion": "0.3.1", "name": "macvlan", "type": "virtnet-coordinator"});
+        if let (Some(config), Value::Object(keys)) = (config.as_object_mut(), keys) {
+            config.extend(keys);
+        }
+        CoordinatorConfig::from_network(&NetworkConfig::parse(config.to_string().as_bytes())?)
+    }
+
+    #[test]
+    fn readme_config_gets_the_defaults() -> Result<(), CniError> {
+        assert_eq!(
+            parse(json!({}))?,
+            CoordinatorConfig {
+                mode: Mode::Auto,
+                service_cidrs: Vec::new(),
+                host_rule_table: DEFAULT_HOST_RULE_TABLE,
+                pod_default_route_nic: None,
+                detect_ip_conflict: false,
+                detect_gateway: false,
+                veth_host_mtu: None,
+                logging: LogSettings::default(),
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn reads_every_key() -> Result<(), Box<dyn std::error::Error>> {
+        let config = parse(json!({
+            "mode": "underlay",
+            "serviceCIDRs": ["10.96.0.0/12", "fd00:96::/108"],
+            "hostRuleTable": 256,
+            "podDefaultRouteNIC": "net1",
+            "detectIPConflict": true,
+            "detectGateway": true,
+            "vethHostMTU": 9000,
+            "coordinator_unix_socket_path": "/var/run/virtnet/virtnet.sock",
+            "log_level": "trace",
+            "log_output_file_path": "/var/log/virtnet/virtnet-coordinator.log",
+        }))?;
+        assert_eq!(config.mode, Mode::Underlay);
+        assert_eq!(
+            config.service_cidrs,
+            ["10.96.0.0/12".parse::<IpNet>()?, "fd00:96::/108".parse()?]
+        );
+        assert_eq!(config.host_rule_table, 256);
+        assert_eq!(config.pod_default_route_nic.as_deref(), Some("net1"));
+        assert!(config.detect_ip_conflict && config.detect_gateway);
+        assert_eq!(config.veth_host_mtu, Some(9000));
+        assert_eq!(config.logging.level, LogLevel::Trace);
+        Ok(())
+    }
+
+    #[test]
+    fn host_rule_table_bounds() -> Result<(), CniError> {
+        for table in [1, 252, 256, 500, 1 << 31] {
+            assert_eq!(
+                parse(json!({"hostRuleTable": table}))?.host_rule_table,
+                table
+            );
+        }
+        for table in [
+            json!(0),
+            json!(253),
+            json!(254),
+            json!(255),
+            json!((1_u64 << 31) + 1),
+            json!(-1),
+            json!("500"),
+        ] {
+            let error =
+                parse(json!({"hostRuleTable": table})).expect_err("reserved or out of range");
+            assert_eq!(error.code, ErrorCode::INVALID_NETWORK_CONFIG);
+            assert!(
+                error
+                    .msg
+                    .starts_with("hostRuleTable must be a routing table number"),
+                "{}",
+                error.msg
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_the_key() {
+        for (keys, needle) in [
+            (
+                json!({"mode": "overlay"}),
+                "mode must be one of \"auto\", \"underlay\", \"disabled\"; got \"overlay\"",
+            ),
+            (
+                json!({"serviceCIDRs": ["10.96.0.1/12"]}),
+                "serviceCIDRs[0] must be a CIDR with no host bits",
+            ),
+            (
+                json!({"serviceCIDRs": "10.96.0.0/12"}),
+                "serviceCIDRs must be a list",
+            ),
+            (
+                json!({"podDefaultRouteNIC": "eth0:1"}),
+                "podDefaultRouteNIC must be an interface name",
+            ),
+            (
+                json!({"detectIPConflict": "true"}),
+                "detectIPConflict must be true or false; got \"true\"",
+            ),
+            (
+                json!({"vethHostMTU": 100}),
+                "vethHostMTU must be a whole number in 576..=65535",
+            ),
+            (
+                json!({"hostRuleTabel": 500}),
+                "unknown field \"hostRuleTabel\"",
+            ),
+        ] {
+            let error = parse(keys).expect_err("bad value");
+            assert_eq!(error.code, ErrorCode::INVALID_NETWORK_CONFIG);
+            assert!(error.msg.contains(needle), "{}", error.msg);
+        }
+    }
+}

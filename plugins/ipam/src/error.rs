@@ -1,0 +1,77 @@
+use std::path::PathBuf;
+
+use virtnet_cni::{CniError, ErrorCode};
+
+/// Everything virtnet-ipam itself can reject or fail at; malformed fields are reported by
+/// [`virtnet_cni::fields::FieldReader`] directly.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error(
+        "the network config has no \"ipam\" section; virtnet-ipam reads its settings from \
+         \"ipam\": {{\"type\": \"virtnet-ipam\", \"default_subnet\": \"<Subnet name>\"}}"
+    )]
+    MissingIpamSection,
+
+    #[error(
+        "ipam.type is {found:?}, but this is virtnet-ipam; set \"type\": \"virtnet-ipam\" in the \
+         ipam section"
+    )]
+    WrongType { found: String },
+
+    #[error(
+        "the ipam section names no Subnet to allocate from; set \"default_subnet\": \"<Subnet \
+         name>\", or \"default_subnets\": [\"<IPv4 Subnet>\", \"<IPv6 Subnet>\"] for dual stack"
+    )]
+    NoSubnet,
+
+    #[error(
+        "the ipam section sets both default_subnet and default_subnets; keep only one \
+         (default_subnets takes a list, e.g. [\"subnet-v4\", \"subnet-v6\"])"
+    )]
+    BothSubnetKeys,
+
+    #[error("ipam.default_subnets is empty; list at least one Subnet, e.g. [\"subnet\"]")]
+    EmptySubnetList,
+
+    #[error("ipam.default_subnets lists {name:?} more than once; list each Subnet once")]
+    DuplicateSubnet { name: String },
+
+    #[error(
+        "CNI_ARGS has no {missing}; virtnet-ipam needs the pod's K8S_POD_NAMESPACE and \
+         K8S_POD_NAME, which the container runtime sets when kubelet creates a pod"
+    )]
+    MissingPodIdentity { missing: &'static str },
+
+    #[error(
+        "the VirtNet agent is not reachable at {}: is the virtnet-agent DaemonSet running on \
+         this node?",
+        socket.display()
+    )]
+    AgentUnreachable { socket: PathBuf },
+
+    /// STATUS reports any failure as "not available", as the spec asks.
+    #[error(transparent)]
+    NotAvailable(Box<IpamError>),
+}
+
+impl IpamError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::MissingIpamSection
+            | Self::WrongType { .. }
+            | Self::NoSubnet
+            | Self::BothSubnetKeys
+            | Self::EmptySubnetList
+            | Self::DuplicateSubnet { .. } => ErrorCode::INVALID_NETWORK_CONFIG,
+            Self::MissingPodIdentity { .. } => ErrorCode::INVALID_ENVIRONMENT,
+            Self::AgentUnreachable { .. } => ErrorCode::TRY_AGAIN_LATER,
+            Self::NotAvailable(_) => ErrorCode::NOT_AVAILABLE,
+        }
+    }
+}
+
+impl From<IpamError> for CniError {
+    fn from(error: IpamError) -> Self {
+        Self::new(error.code(), error.to_string())
+    }
+}
