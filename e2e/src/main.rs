@@ -1,1 +1,125 @@
-fn main() {}
+//! `virtnet-e2e`: brings the local cluster up and down, and serves as its loopback API forwarder
+//! and (on every node) its kubelet stand-in.
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use virtnet_e2e::{
+    cluster::{Cluster, ClusterOptions, DEFAULT_BIN_DIR, DEFAULT_NODES, Layout, teardown},
+    forward,
+    naming::ClusterNames,
+    netns::named_netns_path,
+};
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Bring a cluster up (tearing down any leftovers of the same name first), leave it running
+    /// and print its KUBECONFIG.
+    Up {
+        #[arg(long, default_value = "sandbox")]
+        name: String,
+        #[arg(long, default_value_t = DEFAULT_NODES)]
+        nodes: usize,
+        /// Defaults to /tmp/virtnet-e2e/<name>.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_BIN_DIR)]
+        bin_dir: PathBuf,
+    },
+    /// Tear a cluster down: processes, network namespaces, mounts, state directory. Succeeds
+    /// when there is nothing to remove.
+    Down {
+        #[arg(long, default_value = "sandbox")]
+        name: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Forward TCP connections from the root namespace to an address inside a namespace.
+    Forward {
+        /// Port 0 picks a free port; see --address-file.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The named network namespace to dial from.
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// Where to write the address actually listened on.
+        #[arg(long)]
+        address_file: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            // kube_client logs every failed request, and `up` polls an apiserver that is
+            // still starting: the harness reports the errors that matter itself.
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,kube_client=off")),
+        )
+        .init();
+    match Cli::parse().command {
+        Commands::Up {
+            name,
+            nodes,
+            state_dir,
+            bin_dir,
+        } => {
+            let harness_binary =
+                std::env::current_exe().context("cannot locate the virtnet-e2e executable")?;
+            let cluster = Cluster::up(ClusterOptions {
+                name: name.clone(),
+                nodes,
+                state_dir,
+                bin_dir,
+                harness_binary,
+            })
+            .await?;
+            println!("export KUBECONFIG={}", cluster.kubeconfig().display());
+            eprintln!("tear it down with: virtnet-e2e down --name {name}");
+            cluster.leave_running();
+        }
+        Commands::Down { name, state_dir } => {
+            let names = ClusterNames::new(&name)?;
+            teardown(&names, &Layout::for_cluster(state_dir.as_deref(), &name))?;
+        }
+        Commands::Forward {
+            listen,
+            netns,
+            upstream,
+            address_file,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            if let Some(path) = address_file {
+                write_atomically(&path, &listener.local_addr()?.to_string())?;
+            }
+            forward::serve(listener, named_netns_path(&netns), upstream).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Readers polling for the file never see it half written.
+fn write_atomically(path: &Path, content: &str) -> anyhow::Result<()> {
+    let temporary = path.with_extension("tmp");
+    fs::write(&temporary, content)
+        .and_then(|()| fs::rename(&temporary, path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
