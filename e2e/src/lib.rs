@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod command;
 pub mod forward;
 pub mod kubeconfig;
+pub mod kubelet;
 pub mod naming;
 pub mod netns;
 pub mod pki;
