@@ -206,13 +206,13 @@ impl Sandboxes {
             if path.extension().is_none_or(|extension| extension != "json") {
                 continue;
             }
-            let parsed = tokio::fs::read(&path)
-                .await
-                .map_err(|error| error.to_string())
-                .and_then(|bytes| {
-                    serde_json::from_slice::<SandboxRecord>(&bytes)
-                        .map_err(|error| error.to_string())
-                });
+            let parsed = match tokio::fs::read(&path).await {
+                // Removed by a worker between listing and reading: its teardown is done.
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(error) => Err(error.to_string()),
+                Ok(bytes) => serde_json::from_slice::<SandboxRecord>(&bytes)
+                    .map_err(|error| error.to_string()),
+            };
             match parsed {
                 Ok(record) if record.node_name == self.node_name => records.push(record),
                 Ok(_) => {}
