@@ -1,0 +1,209 @@
+//! `virtnet controller`: owns Subnets and their IPPools.
+//!
+//! One replica at a time does the work: replicas compete for the Lease `virtnet-controller` and
+//! only the holder runs the reconcilers; when it loses the Lease it stops them gracefully and
+//! waits to win it again. `/healthz`, `/readyz` and `/metrics` are served by every replica.
+//!
+//! Reconcilers:
+//! - [`subnet`]: Subnet → IPPools (balanced, drained on scale-down, never revoking an address in
+//!   use; the plan is [`pools::plan_pools`]) and the Subnet/IPPool status counters.
+
+pub mod pools;
+mod subnet;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use kube::{
+    Api, Client,
+    api::ListParams,
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Recorder, Reporter},
+        watcher,
+    },
+};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    crd::{IpPool, LABEL_SUBNET, Subnet},
+    observability::{Health, Metrics},
+};
+
+/// Errors of the controller; each tells the operator what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(
+        "the virtnet.io CRDs are not installed ({0}): apply chart/crds/ \
+         (kubectl apply -f chart/crds/) or install the Helm chart"
+    )]
+    CrdsMissing(kube::Error),
+    #[error("Subnet {0} has no uid yet; it will be retried")]
+    MissingUid(String),
+    #[error("leader election failed: {0}; check RBAC for coordination.k8s.io leases")]
+    LeaderElection(String),
+    #[error("cannot serve health and metrics on {address}: {source}")]
+    Serve {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A short, bounded label for the failures metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(status)) if status.is_conflict() => "conflict",
+            Self::Kube(_) => "kube",
+            Self::CrdsMissing(_) => "crds_missing",
+            Self::MissingUid(_) => "missing_uid",
+            Self::LeaderElection(_) => "leader_election",
+            Self::Serve { .. } => "serve",
+        }
+    }
+}
+
+/// Settings of `virtnet controller`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// Namespace of the leader-election Lease (the controller's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub namespace: String,
+    /// Identity in the Lease and in Events (the pod name when running in a cluster).
+    #[arg(long, env = "POD_NAME", default_value = "virtnet-controller")]
+    pub identity: String,
+    /// Address of the /healthz, /readyz and /metrics endpoint.
+    #[arg(long, env = "VIRTNET_METRICS_ADDRESS", default_value = "0.0.0.0:9680")]
+    pub metrics_address: SocketAddr,
+}
+
+/// What every reconcile gets.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+const LEASE_NAME: &str = "virtnet-controller";
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(args: ControllerArgs) -> Result<(), Error> {
+    let client = Client::try_default().await?;
+    Api::<Subnet>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(Error::CrdsMissing)?;
+
+    let metrics = Arc::new(Metrics::default());
+    let health = Health::default();
+    let server = crate::observability::serve(args.metrics_address, metrics.clone(), health.clone())
+        .await
+        .map_err(|source| Error::Serve {
+            address: args.metrics_address,
+            source,
+        })?;
+    tokio::spawn(server);
+    health.set_ready(true);
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "virtnet-controller".to_string(),
+                instance: Some(args.identity.clone()),
+            },
+        ),
+        metrics,
+    });
+
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(&args.namespace)
+        .with_identity(&args.identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|error| Error::LeaderElection(error.to_string()))?;
+    let (mut leading, lease_task) = manager.watch().await;
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        // Wait to become the leader (or to be told to stop).
+        while !*leading.borrow_and_update() {
+            tokio::select! {
+                changed = leading.changed() => if changed.is_err() { return Ok(()) },
+                () = &mut shutdown => return Ok(()),
+            }
+        }
+        info!(identity = %args.identity, "became leader; starting reconcilers");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reconcilers = tokio::spawn(run_reconcilers(ctx.clone(), stop_rx));
+        let stopping_for_good = tokio::select! {
+            _ = leading.wait_for(|leader| !*leader) => false,
+            () = &mut shutdown => true,
+        };
+        let _ = stop_tx.send(true);
+        if let Err(error) = reconcilers.await {
+            error!(%error, "reconcilers ended abnormally");
+        }
+        if stopping_for_good {
+            drop(leading);
+            // Releases the Lease so a standby replica takes over at once.
+            if let Ok(Err(error)) = lease_task.await {
+                warn!(%error, "could not release the leader Lease");
+            }
+            return Ok(());
+        }
+        warn!("lost the leader Lease; reconcilers stopped");
+    }
+}
+
+async fn run_reconcilers(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    let subnets: Api<Subnet> = Api::all(ctx.client.clone());
+    let pools: Api<IpPool> = Api::all(ctx.client.clone());
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    Controller::new(subnets, watcher::Config::default().any_semantic())
+        .owns(pools, watcher::Config::default().labels(LABEL_SUBNET))
+        .graceful_shutdown_on(stopped)
+        .run(
+            |subnet, ctx: Arc<Context>| async move {
+                let timer = ctx.metrics.reconcile_started("subnet");
+                let result = subnet::reconcile(subnet, ctx.clone()).await;
+                timer.finish(result.as_ref().err().map(Error::metric_label));
+                result
+            },
+            |subnet, error, _ctx| {
+                warn!(subnet = %kube::ResourceExt::name_any(subnet.as_ref()), %error, "reconcile failed");
+                Action::requeue(Duration::from_secs(2))
+            },
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the controller");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,458 @@
+//! Turning a Subnet and the IPPools that exist into the writes that make them agree (pure).
+//!
+//! The engine ([`crate::ipam::split_subnet`]) decides *what* each pool should own; this module
+//! decides *in which order* to write it, because the order is what keeps an address from being
+//! offered by two pools at once (see the split module's docs). A plan happens in two rounds:
+//!
+//! 1. Losses: every pool that gives addresses away (or starts draining) is cut down to what it
+//!    keeps, and nothing else is written. A pool that both loses and gains only loses here.
+//! 2. Once no pool has anything to give away (the next reconcile, on fresh state): gains,
+//!    creations and deletions of drained, empty pools.
+//!
+//! Every write is conditional on the `resourceVersion` the plan was computed from, so an agent
+//! that allocated in the meantime makes the write fail and the plan is recomputed; and an address
+//! only ever joins a pool after every other pool has let go of it.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use kube::ResourceExt;
+
+use crate::crd::{IpPool, IpPoolSpec, Subnet};
+use crate::ipam::{CurrentPool, IpSet, IpamError, SplitRequest, SubnetAddresses, split_subnet};
+
+/// Why a Subnet cannot be split into pools; the message is written into the Subnet's status.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("spec.subnet {value:?} is not a CIDR: write it like 10.6.0.0/16 or fd00:6::/64")]
+    Cidr { value: String },
+    #[error("spec.gateway {value:?} is not an IP address: write it like 10.6.0.1")]
+    Gateway { value: String },
+    #[error("IPPool {pool} has an unparsable allocation key {key:?}: delete that entry")]
+    AllocationKey { pool: String, key: String },
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+}
+
+/// One write to the API server.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PoolWrite {
+    /// New `ips` / `draining` for an existing pool: a pure loss in round 1, a pure gain in 2.
+    Update(PoolSpecChange),
+    /// Create a pool that does not exist yet.
+    Create { name: String, spec: IpPoolSpec },
+    /// Delete a drained, empty pool; conditional so a racing allocation aborts it.
+    Delete {
+        name: String,
+        resource_version: String,
+    },
+}
+
+/// New `ips` / `draining` for an existing pool, conditional on the version the plan saw.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolSpecChange {
+    pub name: String,
+    pub resource_version: String,
+    pub ips: Vec<String>,
+    pub draining: bool,
+}
+
+/// The status counters a pool should show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolCounters {
+    pub name: String,
+    pub resource_version: String,
+    pub allocated: i64,
+    pub unallocated: i64,
+    pub total: i64,
+}
+
+/// Everything the controller should do for one Subnet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubnetPlan {
+    /// The effective gateway (spec or default), for the Subnet status.
+    pub gateway: IpAddr,
+    /// Addresses the Subnet can hand out.
+    pub total: i64,
+    /// Addresses allocated across the Subnet's pools.
+    pub allocated: i64,
+    /// Spec writes of this round (see the module docs); empty when the pools match the split.
+    pub writes: Vec<PoolWrite>,
+    /// Status counters of pools whose shown counters are stale (only meaningful once `writes`
+    /// is empty: they are computed from the current specs).
+    pub counters: Vec<PoolCounters>,
+}
+
+/// Parses a Subnet's addressing (`spec.subnet`, `gateway`, `ips`, `excludeIPs`).
+pub fn subnet_addresses(subnet: &Subnet) -> Result<SubnetAddresses, PlanError> {
+    let spec = &subnet.spec;
+    let cidr: IpNet = spec.subnet.parse().map_err(|_| PlanError::Cidr {
+        value: spec.subnet.clone(),
+    })?;
+    let gateway = spec
+        .gateway
+        .as_deref()
+        .map(|value| {
+            value.parse::<IpAddr>().map_err(|_| PlanError::Gateway {
+                value: value.to_string(),
+            })
+        })
+        .transpose()?;
+    Ok(SubnetAddresses::parse(
+        cidr,
+        gateway,
+        &spec.ips,
+        &spec.exclude_ips,
+    )?)
+}
+
+/// The addresses a pool's `status.allocations` holds.
+pub fn allocated_addresses(pool: &IpPool) -> Result<IpSet, PlanError> {
+    let keys = pool
+        .status
+        .as_ref()
+        .map(|status| status.allocations.keys().collect::<Vec<_>>())
+        .unwrap_or_default();
+    let mut allocated = IpSet::new();
+    for key in keys {
+        let address: IpAddr = key.parse().map_err(|_| PlanError::AllocationKey {
+            pool: pool.name_any(),
+            key: key.clone(),
+        })?;
+        allocated = allocated.union(&IpSet::parse_ranges(&[address.to_string()])?);
+    }
+    Ok(allocated)
+}
+
+/// Computes the writes and counters that bring `pools` (the Subnet's existing IPPools, found by
+/// label) in line with `subnet`. Pools whose names are not `<subnet>-<index>` are ignored.
+pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, PlanError> {
+    let subnet_name = subnet.name_any();
+    let addresses = subnet_addresses(subnet)?;
+    let mut current = Vec::with_capacity(pools.len());
+    let mut existing = Vec::with_capacity(pools.len());
+    for pool in pools {
+        let name = pool.name_any();
+        let Some((owner, index)) = crate::ipam::parse_pool_name(&name) else {
+            continue;
+        };
+        if owner != subnet_name {
+            continue;
+        }
+        let ranges = IpSet::parse_ranges(&pool.spec.ips)?;
+        let allocated = allocated_addresses(pool)?;
+        current.push(CurrentPool {
+            index,
+            ranges,
+            allocated,
+        });
+        existing.push((index, pool));
+    }
+    let plans = split_subnet(&SplitRequest {
+        subnet: &subnet_name,
+        effective: addresses.effective(),
+        replicas: u32::from(subnet.spec.replicas),
+        pools: &current,
+    })?;
+
+    let mut losses = Vec::new();
+    let mut gains = Vec::new();
+    let mut counters = Vec::new();
+    let mut allocated_total: u128 = 0;
+    for plan in &plans {
+        allocated_total += plan.allocated.len();
+        let found = existing.iter().find(|(index, _)| *index == plan.index);
+        let Some((_, pool)) = found else {
+            if !plan.deletable {
+                gains.push(PoolWrite::Create {
+                    name: plan.name.clone(),
+                    spec: IpPoolSpec {
+                        subnet: subnet_name.clone(),
+                        cidr: addresses.cidr().to_string(),
+                        gateway: Some(addresses.gateway().to_string()),
+                        ips: plan.ranges.to_range_strings(),
+                        draining: plan.draining,
+                    },
+                });
+            }
+            continue;
+        };
+        let resource_version = pool.resource_version().unwrap_or_default();
+        if plan.deletable {
+            gains.push(PoolWrite::Delete {
+                name: plan.name.clone(),
+                resource_version,
+            });
+            continue;
+        }
+        let current_ranges = current
+            .iter()
+            .find(|pool| pool.index == plan.index)
+            .map(|pool| pool.ranges.clone())
+            .unwrap_or_default();
+        let starts_draining = plan.draining && !pool.spec.draining;
+        if !current_ranges.is_subset(&plan.ranges) || starts_draining {
+            losses.push(PoolWrite::Update(PoolSpecChange {
+                name: plan.name.clone(),
+                resource_version,
+                ips: current_ranges.intersect(&plan.ranges).to_range_strings(),
+                draining: plan.draining,
+            }));
+        } else if current_ranges != plan.ranges || pool.spec.draining != plan.draining {
+            gains.push(PoolWrite::Update(PoolSpecChange {
+                name: plan.name.clone(),
+                resource_version,
+                ips: plan.ranges.to_range_strings(),
+                draining: plan.draining,
+            }));
+        } else {
+            let wanted = counters_for(
+                &plan.name,
+                &resource_version,
+                plan.allocated.len(),
+                plan.free().len(),
+            );
+            let shown = pool.status.as_ref().map(|status| {
+                (
+                    status.allocated_ip_count,
+                    status.unallocated_ip_count,
+                    status.total_ip_count,
+                )
+            });
+            if shown != Some((wanted.allocated, wanted.unallocated, wanted.total)) {
+                counters.push(wanted);
+            }
+        }
+    }
+    let writes = if losses.is_empty() { gains } else { losses };
+    Ok(SubnetPlan {
+        gateway: addresses.gateway(),
+        total: saturating_i64(addresses.effective().len()),
+        allocated: saturating_i64(allocated_total),
+        writes,
+        counters,
+    })
+}
+
+fn counters_for(name: &str, resource_version: &str, allocated: u128, free: u128) -> PoolCounters {
+    PoolCounters {
+        name: name.to_string(),
+        resource_version: resource_version.to_string(),
+        allocated: saturating_i64(allocated),
+        unallocated: saturating_i64(free),
+        total: saturating_i64(allocated + free),
+    }
+}
+
+/// IPv6 pools can hold more than `i64::MAX` addresses; the counters then show the maximum.
+fn saturating_i64(count: u128) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kube::api::ObjectMeta;
+
+    use super::*;
+    use crate::crd::{IpAllocation, IpPoolStatus, SubnetSpec};
+
+    fn seed_subnet(replicas: u16) -> Subnet {
+        let spec: SubnetSpec = serde_json::from_value(serde_json::json!({
+            "subnet": "10.6.0.0/16",
+            "gateway": "10.6.0.1",
+            "ips": ["10.6.153.100-10.6.153.255"],
+            "replicas": replicas,
+        }))
+        .expect("seed 000 Subnet spec parses");
+        Subnet::new("subnet", spec)
+    }
+
+    /// Materialises the pools a plan creates, as the API server would store them.
+    fn created(plan: &SubnetPlan) -> Vec<IpPool> {
+        plan.writes
+            .iter()
+            .map(|write| match write {
+                PoolWrite::Create { name, spec } => IpPool {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        resource_version: Some("1".into()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: spec.clone(),
+                    status: None,
+                },
+                other => panic!("expected only creations, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn allocate(pool: &mut IpPool, address: &str) {
+        pool.status
+            .get_or_insert_with(IpPoolStatus::default)
+            .allocations
+            .insert(
+                address.to_string(),
+                IpAllocation {
+                    endpoint: "default/pod".into(),
+                    interface: "eth0".into(),
+                    pod_uid: "uid".into(),
+                    node: "node1".into(),
+                },
+            );
+    }
+
+    fn apply(pools: &mut Vec<IpPool>, writes: &[PoolWrite]) {
+        for write in writes {
+            match write {
+                PoolWrite::Update(change) => {
+                    let pool = pools
+                        .iter_mut()
+                        .find(|pool| pool.name_any() == change.name)
+                        .expect("updated pool exists");
+                    pool.spec.ips = change.ips.clone();
+                    pool.spec.draining = change.draining;
+                }
+                PoolWrite::Create { .. } => pools.extend(created(&SubnetPlan {
+                    writes: vec![write.clone()],
+                    ..empty_plan()
+                })),
+                PoolWrite::Delete { name, .. } => pools.retain(|pool| &pool.name_any() != name),
+            }
+        }
+    }
+
+    fn empty_plan() -> SubnetPlan {
+        SubnetPlan {
+            gateway: "10.6.0.1".parse().expect("address"),
+            total: 0,
+            allocated: 0,
+            writes: Vec::new(),
+            counters: Vec::new(),
+        }
+    }
+
+    /// Reconciles until nothing is left to write, checking that no round ever lets two pools
+    /// offer the same address.
+    fn converge(subnet: &Subnet, pools: &mut Vec<IpPool>) -> SubnetPlan {
+        for _ in 0..5 {
+            let plan = plan_pools(subnet, pools).expect("plan");
+            if plan.writes.is_empty() {
+                return plan;
+            }
+            apply(pools, &plan.writes);
+            let mut seen = IpSet::new();
+            for pool in pools.iter() {
+                let ranges = IpSet::parse_ranges(&pool.spec.ips).expect("ranges");
+                assert!(
+                    seen.intersect(&ranges).is_empty(),
+                    "an address is in two pools"
+                );
+                seen = seen.union(&ranges);
+            }
+        }
+        panic!("the plan did not converge in 5 rounds");
+    }
+
+    #[test]
+    fn seed_000_subnet_creates_three_pools_of_52() {
+        let subnet = seed_subnet(3);
+        let plan = plan_pools(&subnet, &[]).expect("plan");
+        let pools = created(&plan);
+        let ips: Vec<_> = pools.iter().map(|pool| pool.spec.ips.clone()).collect();
+        assert_eq!(
+            ips,
+            [
+                vec!["10.6.153.100-10.6.153.151".to_string()],
+                vec!["10.6.153.152-10.6.153.203".to_string()],
+                vec!["10.6.153.204-10.6.153.255".to_string()],
+            ]
+        );
+        let names: Vec<_> = pools.iter().map(ResourceExt::name_any).collect();
+        assert_eq!(names, ["subnet-0", "subnet-1", "subnet-2"]);
+        assert_eq!(plan.total, 156);
+        assert_eq!(pools[0].spec.gateway.as_deref(), Some("10.6.0.1"));
+        assert_eq!(pools[0].spec.cidr, "10.6.0.0/16");
+    }
+
+    #[test]
+    fn settled_pools_only_need_their_counters() {
+        let subnet = seed_subnet(3);
+        let mut pools = created(&plan_pools(&subnet, &[]).expect("plan"));
+        allocate(&mut pools[1], "10.6.153.160");
+        let plan = plan_pools(&subnet, &pools).expect("plan");
+        assert!(plan.writes.is_empty());
+        assert_eq!(plan.allocated, 1);
+        let counters: BTreeMap<_, _> = plan
+            .counters
+            .iter()
+            .map(|c| (c.name.as_str(), (c.allocated, c.unallocated, c.total)))
+            .collect();
+        assert_eq!(counters["subnet-1"], (1, 51, 52));
+        assert_eq!(counters["subnet-0"], (0, 52, 52));
+    }
+
+    #[test]
+    fn scale_down_drains_a_busy_pool_and_never_moves_its_address() {
+        let mut pools = created(&plan_pools(&seed_subnet(3), &[]).expect("plan"));
+        allocate(&mut pools[2], "10.6.153.250");
+        let plan = converge(&seed_subnet(2), &mut pools);
+        let drained = pools
+            .iter()
+            .find(|pool| pool.name_any() == "subnet-2")
+            .expect("a pool with an allocation is kept");
+        assert!(drained.spec.draining);
+        assert_eq!(drained.spec.ips, ["10.6.153.250"]);
+        assert_eq!(plan.total, 156);
+        let active: u128 = pools
+            .iter()
+            .filter(|pool| !pool.spec.draining)
+            .map(|pool| IpSet::parse_ranges(&pool.spec.ips).expect("ranges").len())
+            .sum();
+        assert_eq!(
+            active, 155,
+            "every free address is offered by an active pool"
+        );
+
+        // Released: the drained pool goes away.
+        pools[2].status = None;
+        converge(&seed_subnet(2), &mut pools);
+        assert_eq!(pools.len(), 2);
+    }
+
+    #[test]
+    fn scale_up_rebalances_in_loss_then_gain_rounds() {
+        let mut pools = created(&plan_pools(&seed_subnet(3), &[]).expect("plan"));
+        let first = plan_pools(&seed_subnet(5), &pools).expect("plan");
+        assert!(
+            first
+                .writes
+                .iter()
+                .all(|write| matches!(write, PoolWrite::Update(_))),
+            "the first round only takes addresses away: {:?}",
+            first.writes
+        );
+        converge(&seed_subnet(5), &mut pools);
+        let sizes: Vec<u128> = pools
+            .iter()
+            .map(|pool| IpSet::parse_ranges(&pool.spec.ips).expect("ranges").len())
+            .collect();
+        assert_eq!(sizes.iter().sum::<u128>(), 156);
+        assert!(
+            sizes.iter().all(|size| (31..=32).contains(size)),
+            "{sizes:?}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_subnet_is_reported_not_split() {
+        let mut subnet = seed_subnet(3);
+        subnet.spec.subnet = "10.6.0.0".into();
+        let error = plan_pools(&subnet, &[]).expect_err("not a CIDR");
+        assert!(
+            error.to_string().contains("write it like 10.6.0.0/16"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Health, readiness and Prometheus metrics, served over HTTP by the controller and the agent.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use kube::ResourceExt;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::crd::IpPool;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReconcileLabels {
+    controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    controller: String,
+    error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+    subnet: String,
+}
+
+/// The process's metrics, rendered in the Prometheus text format at `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ReconcileLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    durations: Family<ReconcileLabels, Histogram>,
+    pool_total: Family<PoolLabels, Gauge>,
+    pool_allocated: Family<PoolLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("virtnet");
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let failures = Family::<FailureLabels, Counter>::default();
+        let durations = Family::<ReconcileLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])
+        });
+        let pool_total = Family::<PoolLabels, Gauge>::default();
+        let pool_allocated = Family::<PoolLabels, Gauge>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            durations.clone(),
+        );
+        registry.register(
+            "ippool_total_ips",
+            "Addresses in an IPPool",
+            pool_total.clone(),
+        );
+        registry.register(
+            "ippool_allocated_ips",
+            "Allocated addresses in an IPPool",
+            pool_allocated.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            durations,
+            pool_total,
+            pool_allocated,
+        }
+    }
+}
+
+/// Measures one reconcile; [`ReconcileTimer::finish`] records its outcome.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    labels: ReconcileLabels,
+    started: Instant,
+}
+
+impl ReconcileTimer<'_> {
+    /// Records the duration and, when `failure` names an error label, a failure.
+    pub fn finish(self, failure: Option<&str>) {
+        self.metrics
+            .durations
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(error) = failure {
+            self.metrics
+                .failures
+                .get_or_create(&FailureLabels {
+                    controller: self.labels.controller.clone(),
+                    error: error.to_string(),
+                })
+                .inc();
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a reconcile of `controller` and starts timing it.
+    pub fn reconcile_started(&self, controller: &str) -> ReconcileTimer<'_> {
+        let labels = ReconcileLabels {
+            controller: controller.to_string(),
+        };
+        self.reconciles.get_or_create(&labels).inc();
+        ReconcileTimer {
+            metrics: self,
+            labels,
+            started: Instant::now(),
+        }
+    }
+
+    /// Updates the per-pool gauges from a pool's status counters.
+    pub fn observe_pool(&self, pool: &IpPool) {
+        let labels = PoolLabels {
+            pool: pool.name_any(),
+            subnet: pool.spec.subnet.clone(),
+        };
+        let (total, allocated) = pool.status.as_ref().map_or((0, 0), |status| {
+            (status.total_ip_count, status.allocated_ip_count)
+        });
+        self.pool_total.get_or_create(&labels).set(total);
+        self.pool_allocated.get_or_create(&labels).set(allocated);
+    }
+
+    fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// Readiness flag shared between the work loops and `/readyz`.
+#[derive(Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Marks the process ready (or not) for `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone)]
+struct ServerState {
+    metrics: Arc<Metrics>,
+    health: Health,
+}
+
+/// Binds `address` and returns the server future serving `/healthz`, `/readyz` and `/metrics`.
+pub async fn serve(
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Health,
+) -> std::io::Result<impl Future<Output = std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(ServerState { metrics, health });
+    Ok(async move { axum::serve(listener, router).await })
+}
+
+async fn readyz(State(state): State<ServerState>) -> (StatusCode, &'static str) {
+    if state.health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics_text(State(state): State<ServerState>) -> (StatusCode, String) {
+    match state.metrics.render() {
+        Ok(text) => (StatusCode::OK, text),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+    }
+}
