@@ -24,3 +24,20 @@ tools:
 ## bench: performance figures, each reported as a ratio against a baseline measured in the same run
 bench:
 	$(CARGO) bench --workspace --locked
+
+# ---- local cluster harness (e2e/src/cluster) ----
+.PHONY: e2e sandbox sandbox-down
+
+## e2e: only the end-to-end suite; brings its own cluster up and tears it down (needs root)
+e2e: tools
+	$(CARGO) test -p virtnet-e2e --test e2e --locked
+
+## sandbox: build VirtNet, bring a 3-node cluster up, install VirtNet, apply the sample workloads,
+## leave it running and print its KUBECONFIG
+sandbox: tools
+	$(CARGO) build --workspace --locked
+	bash e2e/tools/sandbox up
+
+## sandbox-down: tear the sandbox down (fine when there is none)
+sandbox-down:
+	bash e2e/tools/sandbox down

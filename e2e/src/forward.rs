@@ -63,10 +63,7 @@ async fn forward_one(
 }
 
 /// Opens a TCP connection from inside namespace `netns`.
-async fn connect_in_netns(
-    netns: PathBuf,
-    upstream: SocketAddr,
-) -> Result<TcpStream, ForwardError> {
+async fn connect_in_netns(netns: PathBuf, upstream: SocketAddr) -> Result<TcpStream, ForwardError> {
     let connect_netns = netns.clone();
     let connected = tokio::task::spawn_blocking(move || {
         run_in_netns(connect_netns, move || {

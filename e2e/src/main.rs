@@ -10,8 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, DEFAULT_BIN_DIR, DEFAULT_NODES, Layout, teardown},
+    cluster::{Cluster, ClusterOptions, DEFAULT_NODES, Layout, default_bin_dir, teardown},
     forward,
+    kubelet::{self, KubeletArgs},
     naming::ClusterNames,
     netns::named_netns_path,
 };
@@ -35,8 +36,9 @@ enum Commands {
         /// Defaults to /tmp/virtnet-e2e/<name>.
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        #[arg(long, default_value = DEFAULT_BIN_DIR)]
-        bin_dir: PathBuf,
+        /// Defaults to $VIRTNET_E2E_CACHE/bin, else /var/cache/virtnet-e2e/bin.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
     },
     /// Tear a cluster down: processes, network namespaces, mounts, state directory. Succeeds
     /// when there is nothing to remove.
@@ -60,6 +62,8 @@ enum Commands {
         #[arg(long)]
         address_file: Option<PathBuf>,
     },
+    /// Run the kubelet stand-in of one node (inside that node's network namespace).
+    Kubelet(KubeletArgs),
 }
 
 #[tokio::main]
@@ -86,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
                 name: name.clone(),
                 nodes,
                 state_dir,
-                bin_dir,
+                bin_dir: bin_dir.unwrap_or_else(default_bin_dir),
                 harness_binary,
             })
             .await?;
@@ -112,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
             }
             forward::serve(listener, named_netns_path(&netns), upstream).await?;
         }
+        Commands::Kubelet(args) => kubelet::run(args).await?,
     }
     Ok(())
 }

@@ -17,7 +17,10 @@ pub fn named_netns_path(name: &str) -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("cannot open network namespace {path}: {source} (does `ip netns list` show it?)")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot enter network namespace {path}: {source} (this needs root / CAP_SYS_ADMIN)")]
     Enter { path: PathBuf, source: nix::Error },
     #[error("the thread working inside network namespace {path} panicked")]

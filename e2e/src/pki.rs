@@ -19,7 +19,10 @@ pub enum PkiError {
     #[error("cannot generate {what}: {source}")]
     Generate { what: String, source: rcgen::Error },
     #[error("cannot write {path}: {source} (is the state directory writable?)")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A certificate and its private key, as PEM files.
@@ -108,7 +111,11 @@ impl CertificateAuthority {
         self.issue(identity.file_stem, params)
     }
 
-    fn issue(&self, file_stem: &str, mut params: CertificateParams) -> Result<CertAndKey, PkiError> {
+    fn issue(
+        &self,
+        file_stem: &str,
+        mut params: CertificateParams,
+    ) -> Result<CertAndKey, PkiError> {
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

@@ -26,7 +26,10 @@ const EXIT_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("cannot open log file {path}: {source}")]
-    Log { path: PathBuf, source: std::io::Error },
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start {component} (`{command}`): {source}")]
     Spawn {
         component: String,
@@ -39,9 +42,15 @@ pub enum ProcessError {
         source: NetnsError,
     },
     #[error("cannot write pid file {path}: {source}")]
-    PidFile { path: PathBuf, source: std::io::Error },
+    PidFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read the pid directory {path}: {source}")]
-    PidDir { path: PathBuf, source: std::io::Error },
+    PidDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// One long-running component of the cluster.
@@ -56,7 +65,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(name: impl Into<String>, netns: Option<String>, program: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        netns: Option<String>,
+        program: impl Into<PathBuf>,
+    ) -> Self {
         Self {
             name: name.into(),
             netns,
@@ -186,8 +199,7 @@ pub fn stop_recorded(pid_dir: &Path) -> Result<(), ProcessError> {
         }
     }
     let deadline = Instant::now() + EXIT_WAIT;
-    while groups.iter().any(|&pid| process_start_time(pid).is_some()) && Instant::now() < deadline
-    {
+    while groups.iter().any(|&pid| process_start_time(pid).is_some()) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     Ok(())

@@ -107,7 +107,12 @@ fn add_netns(netns: &str) -> Result<(), CommandError> {
     ip(netns, &["link", "set", "lo", "up"])
 }
 
-fn add_address(netns: &str, nic: &str, address: IpAddr, prefix_len: u8) -> Result<(), CommandError> {
+fn add_address(
+    netns: &str,
+    nic: &str,
+    address: IpAddr,
+    prefix_len: u8,
+) -> Result<(), CommandError> {
     let cidr = format!("{address}/{prefix_len}");
     // `nodad`: an IPv6 address stays tentative (unusable) for a second or two otherwise.
     let dad_flag: &[&str] = if address.is_ipv6() { &["nodad"] } else { &[] };

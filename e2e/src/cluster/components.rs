@@ -168,10 +168,14 @@ pub fn scheduler(bins: &Binaries, netns: &str, kubeconfig: &Path) -> Daemon {
 /// Kubeconfig plus the delegated authentication/authorization of the component's own health
 /// and metrics endpoints, which otherwise log warnings and allow nothing.
 fn delegated_auth_flags(kubeconfig: &Path) -> Vec<String> {
-    ["kubeconfig", "authentication-kubeconfig", "authorization-kubeconfig"]
-        .iter()
-        .map(|flag| format!("--{flag}={}", kubeconfig.display()))
-        .collect()
+    [
+        "kubeconfig",
+        "authentication-kubeconfig",
+        "authorization-kubeconfig",
+    ]
+    .iter()
+    .map(|flag| format!("--{flag}={}", kubeconfig.display()))
+    .collect()
 }
 
 pub fn kube_proxy(bins: &Binaries, netns: &str, node: &str, kubeconfig: &Path) -> Daemon {

@@ -27,13 +27,13 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 
+use self::components::Binaries;
 pub use self::{
     components::{APISERVER_PORT, SERVICE_CLUSTER_IP_RANGE},
     layout::{DEFAULT_STATE_PARENT, Layout},
     node_cni::{NodeDirs, POD_RANGE_FIRST, POD_RANGE_LAST, node_pod_range},
     teardown::teardown,
 };
-use self::components::Binaries;
 use crate::{
     command::{self, CommandError},
     kubeconfig::{self, KubeconfigError},
@@ -43,8 +43,13 @@ use crate::{
     topology::{CONTROL_PLANE_IP, Topology, node_ip},
 };
 
-/// Where `e2e/tools/install` links the third-party binaries.
-pub const DEFAULT_BIN_DIR: &str = "/var/cache/virtnet-e2e/bin";
+/// Where `e2e/tools/install` links the third-party binaries: `$VIRTNET_E2E_CACHE/bin`, the same
+/// variable the install script reads, or /var/cache/virtnet-e2e/bin.
+pub fn default_bin_dir() -> PathBuf {
+    std::env::var_os("VIRTNET_E2E_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/virtnet-e2e"), PathBuf::from)
+        .join("bin")
+}
 pub const DEFAULT_NODES: usize = 3;
 /// Enough for any test; more would only split the pod range into slivers on a 2-core machine.
 pub const MAX_NODES: usize = 16;
@@ -114,6 +119,11 @@ pub enum ClusterError {
         last: String,
         logs: PathBuf,
     },
+    #[error("{source}\n\ncomponent logs (the cluster has been torn down):\n{logs}")]
+    StartFailed {
+        source: Box<ClusterError>,
+        logs: String,
+    },
     #[error("pod {pod} has no UID yet: wait until the apiserver has created it")]
     PodWithoutUid { pod: String },
     #[error(
@@ -144,7 +154,7 @@ impl ClusterOptions {
             name: name.into(),
             nodes: DEFAULT_NODES,
             state_dir: None,
-            bin_dir: PathBuf::from(DEFAULT_BIN_DIR),
+            bin_dir: default_bin_dir(),
             harness_binary: harness_binary.into(),
         }
     }
@@ -211,7 +221,16 @@ impl Cluster {
             },
             harness_binary: options.harness_binary,
         };
-        let client = starting.start().await?;
+        let client = match starting.start().await {
+            Ok(client) => client,
+            Err(error) => {
+                // The state directory goes with the teardown; keep what explains the failure.
+                return Err(ClusterError::StartFailed {
+                    source: Box::new(error),
+                    logs: dump_logs(&starting.guard.layout.logs, LOG_TAIL_LINES),
+                });
+            }
+        };
         tracing::info!(
             cluster = starting.guard.names.cluster(),
             elapsed = ?started.elapsed(),
@@ -272,7 +291,11 @@ impl Cluster {
     }
 
     /// Runs `program args...` inside `pod`'s network namespace and returns its stdout.
-    pub fn exec_in_pod_netns(&self, pod: &Pod, program_and_args: &[&str]) -> Result<String, ClusterError> {
+    pub fn exec_in_pod_netns(
+        &self,
+        pod: &Pod,
+        program_and_args: &[&str],
+    ) -> Result<String, ClusterError> {
         let netns = self.pod_netns(pod)?;
         Ok(command::run_stdout(
             Command::new("ip")
@@ -356,7 +379,12 @@ struct StartingCluster {
 
 impl StartingCluster {
     async fn start(&mut self) -> Result<Client, ClusterError> {
-        for dir in [&self.guard.layout.pki, &self.guard.layout.logs, &self.guard.layout.pids, &self.guard.layout.nodes] {
+        for dir in [
+            &self.guard.layout.pki,
+            &self.guard.layout.logs,
+            &self.guard.layout.pids,
+            &self.guard.layout.nodes,
+        ] {
             fs::create_dir_all(dir).map_err(|source| ClusterError::StateDir {
                 path: dir.clone(),
                 source,
@@ -394,7 +422,8 @@ impl StartingCluster {
             },
         )
         .await?;
-        let expected: BTreeSet<String> = (1..=self.nodes).map(|i| self.guard.names.node(i)).collect();
+        let expected: BTreeSet<String> =
+            (1..=self.nodes).map(|i| self.guard.names.node(i)).collect();
         wait_for(
             &format!("{} Ready nodes", self.nodes),
             NODES_READY_TIMEOUT,
@@ -463,7 +492,10 @@ impl StartingCluster {
                 groups: &["system:nodes"],
             })?;
             kubeconfig::write(
-                &self.guard.layout.component_kubeconfig(&format!("kubelet-{node}")),
+                &self
+                    .guard
+                    .layout
+                    .component_kubeconfig(&format!("kubelet-{node}")),
                 &server,
                 ca.cert_path(),
                 &user,
@@ -501,7 +533,9 @@ impl StartingCluster {
                 &self.guard.layout.forwarder_address,
             ),
         ];
-        daemons.iter().try_for_each(|daemon| self.start_daemon(daemon))
+        daemons
+            .iter()
+            .try_for_each(|daemon| self.start_daemon(daemon))
     }
 
     fn start_controllers(&mut self, pki: &ControlPlanePki) -> Result<(), ClusterError> {
@@ -510,7 +544,10 @@ impl StartingCluster {
             components::controller_manager(
                 &self.bins,
                 &netns,
-                &self.guard.layout.component_kubeconfig("kube-controller-manager"),
+                &self
+                    .guard
+                    .layout
+                    .component_kubeconfig("kube-controller-manager"),
                 pki.ca.cert_path(),
                 &pki.service_account,
             ),
@@ -520,7 +557,9 @@ impl StartingCluster {
                 &self.guard.layout.component_kubeconfig("kube-scheduler"),
             ),
         ];
-        daemons.iter().try_for_each(|daemon| self.start_daemon(daemon))
+        daemons
+            .iter()
+            .try_for_each(|daemon| self.start_daemon(daemon))
     }
 
     fn start_nodes(&mut self) -> Result<(), ClusterError> {
@@ -541,7 +580,10 @@ impl StartingCluster {
                 &netns,
                 &node,
                 node_ip(index),
-                &self.guard.layout.component_kubeconfig(&format!("kubelet-{node}")),
+                &self
+                    .guard
+                    .layout
+                    .component_kubeconfig(&format!("kubelet-{node}")),
                 &dirs,
                 &pod_netns_prefix,
             );

@@ -149,7 +149,10 @@ pub fn deleting_a_deployment_removes_its_pods_and_their_netns(suite: &Suite) -> 
         anyhow::Ok(())
     })?;
 
-    let leftover: Vec<&String> = pod_netns.iter().filter(|netns| netns_exists(netns)).collect();
+    let leftover: Vec<&String> = pod_netns
+        .iter()
+        .filter(|netns| netns_exists(netns))
+        .collect();
     ensure!(
         leftover.is_empty(),
         "pod network namespaces left after their pods were deleted: {leftover:?}"
