@@ -78,11 +78,6 @@ impl Daemon {
         }
     }
 
-    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
-
     pub fn args<I, A>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = A>,

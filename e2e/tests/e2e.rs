@@ -4,6 +4,8 @@
 //!
 //! Without root or without the third-party binaries (`e2e/tools/install` builds them) every test
 //! is reported as ignored, with the reason.
+#[path = "e2e/cluster.rs"]
+mod cluster;
 #[path = "e2e/pod_network.rs"]
 mod pod_network;
 #[path = "e2e/support.rs"]
@@ -17,7 +19,10 @@ use std::{
 
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use support::Suite;
-use virtnet_e2e::cluster::{Cluster, ClusterOptions};
+use virtnet_e2e::{
+    cluster::{Cluster, ClusterError, ClusterOptions, Layout, teardown},
+    naming::ClusterNames,
+};
 
 /// Every namespace of the suite's cluster starts with `e2e-`; a sandbox (`sandbox-`) coexists.
 const CLUSTER_NAME: &str = "e2e";
@@ -26,6 +31,10 @@ const CLUSTER_NAME: &str = "e2e";
 type TestBody = fn(&Suite) -> anyhow::Result<()>;
 
 const TESTS: &[(&str, TestBody)] = &[
+    (
+        "kubectl_in_the_root_namespace_sees_every_node_ready",
+        cluster::kubectl_in_the_root_namespace_sees_every_node_ready,
+    ),
     (
         "deployment_pods_ping_across_nodes_and_gateway",
         pod_network::deployment_pods_ping_across_nodes_and_gateway,
@@ -65,6 +74,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail_all(&args, &format!("cannot start tokio: {error}")),
     };
+    tear_down_on_interrupt(&runtime);
     let cluster = match runtime.block_on(Cluster::up(options)) {
         Ok(cluster) => cluster,
         Err(error) => return fail_all(&args, &format!("the cluster did not come up: {error}")),
@@ -92,6 +102,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Ctrl-C would otherwise leave the cluster running (its components have sessions of their own,
+/// out of reach of the terminal's signal) until the next run cleans it up.
+fn tear_down_on_interrupt(runtime: &tokio::runtime::Runtime) {
+    runtime.spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("e2e: interrupted; tearing the cluster down");
+            let torn_down = ClusterNames::new(CLUSTER_NAME)
+                .map_err(ClusterError::from)
+                .and_then(|names| teardown(&names, &Layout::for_cluster(None, CLUSTER_NAME)));
+            if let Err(error) = torn_down {
+                eprintln!("e2e: {error}");
+            }
+            std::process::exit(130);
+        }
+    });
 }
 
 /// Why the suite cannot run here, if it cannot.

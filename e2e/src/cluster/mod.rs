@@ -29,9 +29,8 @@ use kube::{
 
 use self::components::Binaries;
 pub use self::{
-    components::{APISERVER_PORT, SERVICE_CLUSTER_IP_RANGE},
     layout::{DEFAULT_STATE_PARENT, Layout},
-    node_cni::{NodeDirs, POD_RANGE_FIRST, POD_RANGE_LAST, node_pod_range},
+    node_cni::{NodeDirs, POD_RANGE_FIRST, POD_RANGE_LAST},
     teardown::teardown,
 };
 use crate::{
