@@ -2,5 +2,10 @@
 //!
 //! - [`crd`]: the `virtnet.io/v1alpha1` custom resources (Subnet, IPPool, Endpoint).
 //! - [`ipam`]: the pure IPAM engine (range arithmetic, pool splitting, allocation decisions).
+//! - [`controller`]: `virtnet controller` (Subnet → IPPools, status, leader election).
+//! - [`observability`] and [`telemetry`]: health/metrics endpoints and logs.
+pub mod controller;
 pub mod crd;
 pub mod ipam;
+pub mod observability;
+pub mod telemetry;

@@ -1,4 +1,7 @@
-use clap::{Parser, Subcommand};
+use std::{fs, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 
 /// VirtNet: underlay networking for Kubernetes pods and KubeVirt VMs.
 #[derive(Parser)]
@@ -10,13 +13,55 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller: Subnet → IPPools, fixed addresses, garbage collection (leader elected).
+    Controller {
+        #[command(flatten)]
+        args: virtnet::controller::ControllerArgs,
+        /// Log line format.
+        #[arg(long, env = "VIRTNET_LOG_FORMAT", value_enum, default_value_t)]
+        log_format: virtnet::telemetry::LogFormat,
+    },
     /// Print the CustomResourceDefinitions as YAML (or write them into a directory).
-    Crdgen,
+    Crdgen(CrdgenArgs),
+}
+
+#[derive(Args)]
+struct CrdgenArgs {
+    /// Write one file per CRD into this directory (e.g. chart/crds) instead of printing one
+    /// multi-document YAML stream to stdout.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crdgen => Ok(()),
+        Command::Crdgen(args) => crdgen(args),
+        Command::Controller { args, log_format } => {
+            virtnet::telemetry::init(log_format);
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(virtnet::controller::run(args))
+                .context("virtnet controller failed")
+        }
     }
+}
+
+fn crdgen(args: CrdgenArgs) -> anyhow::Result<()> {
+    let manifests = virtnet::crd::crd_manifests().context("rendering the CRDs as YAML")?;
+    match args.out {
+        Some(dir) => {
+            for manifest in &manifests {
+                let path = dir.join(&manifest.file_name);
+                fs::write(&path, &manifest.yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        None => {
+            for manifest in &manifests {
+                print!("---\n{}", manifest.yaml);
+            }
+        }
+    }
+    Ok(())
 }
