@@ -20,6 +20,9 @@ enum Command {
         /// Log line format.
         #[arg(long, env = "VIRTNET_LOG_FORMAT", value_enum, default_value_t)]
         log_format: virtnet::telemetry::LogFormat,
+        /// Log level: error, warn, info, debug or trace.
+        #[arg(long, env = "VIRTNET_LOG_LEVEL", default_value = "info")]
+        log_level: String,
     },
     /// Print the CustomResourceDefinitions as YAML (or write them into a directory).
     Crdgen(CrdgenArgs),
@@ -37,8 +40,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crdgen(args) => crdgen(args),
-        Command::Controller { args, log_format } => {
-            virtnet::telemetry::init(log_format);
+        Command::Controller {
+            args,
+            log_format,
+            log_level,
+        } => {
+            virtnet::telemetry::init(log_format, &log_level);
             tokio::runtime::Runtime::new()
                 .context("starting the async runtime")?
                 .block_on(virtnet::controller::run(args))

@@ -12,9 +12,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber at `level` (e.g. `info`, `debug`); a `RUST_LOG` directive,
+/// when set, wins (for per-module debugging).
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry

@@ -77,8 +77,15 @@ pub struct ControllerArgs {
     #[arg(long, env = "POD_NAME", default_value = "virtnet-controller")]
     pub identity: String,
     /// Address of the /healthz, /readyz and /metrics endpoint.
-    #[arg(long, env = "VIRTNET_METRICS_ADDRESS", default_value = "0.0.0.0:9680")]
-    pub metrics_address: SocketAddr,
+    #[arg(long, env = "VIRTNET_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_address: SocketAddr,
+    /// Lease (in --namespace) that elects the active replica.
+    #[arg(
+        long,
+        env = "VIRTNET_LEADER_ELECTION_LEASE",
+        default_value = "virtnet-controller"
+    )]
+    pub leader_election_lease: String,
 }
 
 /// What every reconcile gets.
@@ -87,8 +94,6 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
 }
-
-const LEASE_NAME: &str = "virtnet-controller";
 
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(args: ControllerArgs) -> Result<(), Error> {
@@ -100,10 +105,10 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
 
     let metrics = Arc::new(Metrics::default());
     let health = Health::default();
-    let server = crate::observability::serve(args.metrics_address, metrics.clone(), health.clone())
+    let server = crate::observability::serve(args.http_address, metrics.clone(), health.clone())
         .await
         .map_err(|source| Error::Serve {
-            address: args.metrics_address,
+            address: args.http_address,
             source,
         })?;
     tokio::spawn(server);
@@ -121,14 +126,15 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         metrics,
     });
 
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
-        .with_namespace(&args.namespace)
-        .with_identity(&args.identity)
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await
-        .map_err(|error| Error::LeaderElection(error.to_string()))?;
+    let manager =
+        kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.leader_election_lease)
+            .with_namespace(&args.namespace)
+            .with_identity(&args.identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .map_err(|error| Error::LeaderElection(error.to_string()))?;
     let (mut leading, lease_task) = manager.watch().await;
 
     let shutdown = shutdown_signal();

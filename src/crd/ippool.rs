@@ -6,10 +6,15 @@
 //! Agents allocate by adding one entry to `status.allocations`, a map keyed by address: the claim
 //! is a small JSON merge patch of `status.allocations.<ip>` carrying the resourceVersion the agent
 //! read, so a concurrent claim of the same pool fails with 409 Conflict and is retried, and no
-//! writer rewrites (or races on) a blob of every record. The whole object must still fit etcd's
-//! request limit (1.5 MiB by default). The tests below measure a record at about 150 bytes, so a
-//! pool holds about 10 000 allocations at most: Subnets larger than that need enough `replicas`
-//! to keep each shard below it.
+//! writer rewrites (or races on) a blob of every record.
+//!
+//! The cost is that the whole object is stored and re-encoded on every claim, and must fit etcd's
+//! request limit (1.5 MiB by default). An allocation takes about 150 bytes of status plus about 80
+//! bytes of `managedFields` (the apiserver records every map key a patch set): measured against
+//! kube-apiserver 1.34 at 229 bytes per allocation, and modelled by the tests below. So a pool
+//! holds at most about 6 800 allocations, and claims slow down as it fills (0.5 s per GET+PATCH at
+//! 3 000 allocations on a busy 2-core machine): the controller should choose `replicas` so that
+//! each shard stays at a few thousand addresses.
 
 use std::collections::BTreeMap;
 
@@ -216,24 +221,32 @@ mod tests {
         const ETCD_DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
         const ALLOCATIONS_IN_A_FULL_SLASH_16: u32 = 65_534;
         let network_base = u32::from(Ipv4Addr::new(10, 6, 0, 0));
+        let addresses: Vec<String> = (1..=ALLOCATIONS_IN_A_FULL_SLASH_16)
+            .map(|host| Ipv4Addr::from(network_base + host).to_string())
+            .collect();
         let full_status = IpPoolStatus {
-            allocations: (1..=ALLOCATIONS_IN_A_FULL_SLASH_16)
-                .map(|host| {
-                    (
-                        Ipv4Addr::from(network_base + host).to_string(),
-                        allocation(host),
-                    )
-                })
+            allocations: (1..)
+                .zip(&addresses)
+                .map(|(host, address)| (address.clone(), allocation(host)))
                 .collect(),
             allocated_ip_count: i64::from(ALLOCATIONS_IN_A_FULL_SLASH_16),
             unallocated_ip_count: 0,
             total_ip_count: i64::from(ALLOCATIONS_IN_A_FULL_SLASH_16),
         };
+        // What the apiserver adds to metadata.managedFields for keys set by merge patches.
+        let managed_fields = json!({"f:status": {"f:allocations": addresses
+            .iter()
+            .map(|address| (format!("f:{address}"), json!({".": {}, "f:endpoint": {}, "f:interface": {}, "f:node": {}, "f:podUID": {}})))
+            .collect::<serde_json::Map<_, _>>()}});
         let status_bytes = serde_json::to_vec(&full_status)
             .expect("status serializes")
             .len();
-        let bytes_per_allocation = status_bytes / ALLOCATIONS_IN_A_FULL_SLASH_16 as usize;
-        let allocations_within_etcd_limit = ETCD_DEFAULT_MAX_REQUEST_BYTES / bytes_per_allocation;
+        let managed_fields_bytes = serde_json::to_vec(&managed_fields)
+            .expect("fields serialize")
+            .len();
+        let per_allocation = |bytes: usize| bytes / addresses.len();
+        let stored_per_allocation = per_allocation(status_bytes + managed_fields_bytes);
+        let allocations_within_etcd_limit = ETCD_DEFAULT_MAX_REQUEST_BYTES / stored_per_allocation;
 
         let claim = json!({
             "metadata": {"resourceVersion": "123456789"},
@@ -246,13 +259,17 @@ mod tests {
         let claim_bytes = serde_json::to_vec(&claim).expect("patch serializes").len();
 
         println!(
-            "IPPool status with {ALLOCATIONS_IN_A_FULL_SLASH_16} allocations: {status_bytes} bytes \
-             ({bytes_per_allocation} per allocation; {allocations_within_etcd_limit} fit in etcd's default \
-             1.5 MiB request limit); one claim merge patch: {claim_bytes} bytes"
+            "IPPool status with {} allocations: {status_bytes} bytes ({} per allocation), plus \
+             {managed_fields_bytes} bytes of managedFields: {stored_per_allocation} bytes stored per \
+             allocation, so {allocations_within_etcd_limit} fit in etcd's default 1.5 MiB request limit; \
+             one claim merge patch: {claim_bytes} bytes",
+            addresses.len(),
+            per_allocation(status_bytes),
         );
         assert!(
-            (130..=170).contains(&bytes_per_allocation),
-            "the IPPool docs quote about 150 bytes per allocation; measured {bytes_per_allocation}"
+            (130..=170).contains(&per_allocation(status_bytes))
+                && (200..=260).contains(&stored_per_allocation),
+            "the IPPool docs quote about 150 bytes of status and 230 bytes stored per allocation"
         );
         assert!(
             status_bytes > ETCD_DEFAULT_MAX_REQUEST_BYTES,

@@ -11,7 +11,8 @@ use super::rules;
 
 /// Desired state of a Subnet (cluster scoped; `kubectl get sb`).
 ///
-/// The effective address set is `ips` minus `excludeIPs` minus the gateway.
+/// The addresses handed out are `ips` minus `excludeIPs`, the gateway, and the network and
+/// (IPv4) broadcast addresses.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "virtnet.io",
@@ -153,7 +154,8 @@ pub struct SubnetStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
 
-    /// Addresses available for allocation: `ips` minus `excludeIPs` minus the gateway.
+    /// Addresses available for allocation: `ips` minus `excludeIPs`, the gateway, and the network
+    /// and (IPv4) broadcast addresses.
     #[serde(rename = "totalIPCount", default)]
     pub total_ip_count: i64,
 
