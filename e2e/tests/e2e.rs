@@ -25,7 +25,12 @@ use virtnet_e2e::{
 };
 
 /// Every namespace of the suite's cluster starts with `e2e-`; a sandbox (`sandbox-`) coexists.
-const CLUSTER_NAME: &str = "e2e";
+/// `VIRTNET_E2E_CLUSTER` picks another name, so that two suites can run side by side.
+const DEFAULT_CLUSTER_NAME: &str = "e2e";
+
+fn cluster_name() -> String {
+    std::env::var("VIRTNET_E2E_CLUSTER").unwrap_or_else(|_| DEFAULT_CLUSTER_NAME.to_owned())
+}
 
 /// A test body: it gets the running cluster and returns what went wrong, if anything.
 type TestBody = fn(&Suite) -> anyhow::Result<()>;
@@ -64,7 +69,7 @@ fn main() -> ExitCode {
     if args.list || !selected {
         return ignore_all(&args, "no test selected");
     }
-    let options = ClusterOptions::new(CLUSTER_NAME, env!("CARGO_BIN_EXE_virtnet-e2e"));
+    let options = ClusterOptions::new(cluster_name(), env!("CARGO_BIN_EXE_virtnet-e2e"));
     if let Some(reason) = skip_reason(&options) {
         eprintln!("e2e: every test ignored: {reason}");
         return ignore_all(&args, &reason);
@@ -110,9 +115,10 @@ fn tear_down_on_interrupt(runtime: &tokio::runtime::Runtime) {
     runtime.spawn(async {
         if tokio::signal::ctrl_c().await.is_ok() {
             eprintln!("e2e: interrupted; tearing the cluster down");
-            let torn_down = ClusterNames::new(CLUSTER_NAME)
+            let name = cluster_name();
+            let torn_down = ClusterNames::new(&name)
                 .map_err(ClusterError::from)
-                .and_then(|names| teardown(&names, &Layout::for_cluster(None, CLUSTER_NAME)));
+                .and_then(|names| teardown(&names, &Layout::for_cluster(None, &name)));
             if let Err(error) = torn_down {
                 eprintln!("e2e: {error}");
             }
