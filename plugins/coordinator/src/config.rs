@@ -5,7 +5,6 @@ use virtnet_cni::env::check_interface_name;
 use virtnet_cni::logging::LogSettings;
 use virtnet_cni::{CniError, NetworkConfig};
 
-pub const DEFAULT_HOST_RULE_TABLE: u32 = 500;
 /// 253, 254 and 255 are the kernel's `default`, `main` and `local` tables and 0 is "unspecified",
 /// so none of them may hold the coordinator's host routes.
 const FIRST_TABLE_ABOVE_RESERVED: u32 = 256;
@@ -37,19 +36,38 @@ impl Mode {
     }
 }
 
+/// The KubeVirt network binding of a virt-launcher pod, from `kubevirtBinding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubevirtBinding {
+    /// passt: the pod keeps its address, MAC and default route; the coordinator works as usual.
+    Passt,
+    /// bridge: the pod's MAC moves into the VM, which macvlan cannot carry; refused.
+    Bridge,
+}
+
+impl KubevirtBinding {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "passt" => Some(Self::Passt),
+            "bridge" => Some(Self::Bridge),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoordinatorConfig {
     pub mode: Mode,
     /// Service CIDRs the pod reaches through the host (kube-proxy runs there).
     pub service_cidrs: Vec<IpNet>,
-    /// The host routing table for routes to pods, looked up by a host `ip rule`.
-    pub host_rule_table: u32,
     /// The pod interface that carries the default route; the first interface when unset.
     pub pod_default_route_nic: Option<String>,
     pub detect_ip_conflict: bool,
     pub detect_gateway: bool,
     /// The host-side veth MTU; inherited from the pod interface when unset.
     pub veth_host_mtu: Option<u32>,
+    /// Set for a KubeVirt virt-launcher pod (by the agent or the NAD).
+    pub kubevirt_binding: Option<KubevirtBinding>,
     pub logging: LogSettings,
 }
 
@@ -76,19 +94,19 @@ impl CoordinatorConfig {
                 },
             )?
             .unwrap_or_default();
-        let host_rule_table = fields
-            .get(
-                "hostRuleTable",
-                "a routing table number in 1..=252 or 256..=2147483648, e.g. 500 (0 and 253-255 \
+        // Host routes to pods live in the main table and die with the host veth, so no host
+        // `ip rule` is ever needed; the seed's key is still validated, for drop-in migration.
+        fields.get(
+            "hostRuleTable",
+            "a routing table number in 1..=252 or 256..=2147483648, e.g. 500 (0 and 253-255 \
                  are reserved by the kernel)",
-                |value| {
-                    let table = u32::try_from(value.as_u64()?).ok()?;
-                    let allowed = (1..=LAST_TABLE_BELOW_RESERVED).contains(&table)
-                        || (FIRST_TABLE_ABOVE_RESERVED..=MAX_HOST_RULE_TABLE).contains(&table);
-                    allowed.then_some(table)
-                },
-            )?
-            .unwrap_or(DEFAULT_HOST_RULE_TABLE);
+            |value| {
+                let table = u32::try_from(value.as_u64()?).ok()?;
+                let allowed = (1..=LAST_TABLE_BELOW_RESERVED).contains(&table)
+                    || (FIRST_TABLE_ABOVE_RESERVED..=MAX_HOST_RULE_TABLE).contains(&table);
+                allowed.then_some(table)
+            },
+        )?;
         let pod_default_route_nic = fields
             .get(
                 "podDefaultRouteNIC",
@@ -111,6 +129,10 @@ impl CoordinatorConfig {
                     .filter(|mtu| (MIN_MTU..=MAX_MTU).contains(mtu))
             },
         )?;
+        let kubevirt_binding =
+            fields.get("kubevirtBinding", "one of \"passt\", \"bridge\"", |value| {
+                value.as_str().and_then(KubevirtBinding::parse)
+            })?;
         // Seed conflists set this so the coordinator could ask the agent for the Service CIDR;
         // serviceCIDRs replaces that, so the key is accepted (for drop-in migration) and unused.
         fields.string("coordinator_unix_socket_path", "a path string")?;
@@ -119,11 +141,11 @@ impl CoordinatorConfig {
         Ok(Self {
             mode,
             service_cidrs,
-            host_rule_table,
             pod_default_route_nic,
             detect_ip_conflict,
             detect_gateway,
             veth_host_mtu,
+            kubevirt_binding,
             logging,
         })
     }
@@ -153,11 +175,11 @@ mod tests {
             CoordinatorConfig {
                 mode: Mode::Auto,
                 service_cidrs: Vec::new(),
-                host_rule_table: DEFAULT_HOST_RULE_TABLE,
                 pod_default_route_nic: None,
                 detect_ip_conflict: false,
                 detect_gateway: false,
                 veth_host_mtu: None,
+                kubevirt_binding: None,
                 logging: LogSettings::default(),
             }
         );
@@ -174,6 +196,7 @@ mod tests {
             "detectIPConflict": true,
             "detectGateway": true,
             "vethHostMTU": 9000,
+            "kubevirtBinding": "passt",
             "coordinator_unix_socket_path": "/var/run/virtnet/virtnet.sock",
             "log_level": "trace",
             "log_output_file_path": "/var/log/virtnet/virtnet-coordinator.log",
@@ -183,7 +206,7 @@ mod tests {
             config.service_cidrs,
             ["10.96.0.0/12".parse::<IpNet>()?, "fd00:96::/108".parse()?]
         );
-        assert_eq!(config.host_rule_table, 256);
+        assert_eq!(config.kubevirt_binding, Some(KubevirtBinding::Passt));
         assert_eq!(config.pod_default_route_nic.as_deref(), Some("net1"));
         assert!(config.detect_ip_conflict && config.detect_gateway);
         assert_eq!(config.veth_host_mtu, Some(9000));
@@ -193,11 +216,8 @@ mod tests {
 
     #[test]
     fn host_rule_table_bounds() -> Result<(), CniError> {
-        for table in [1, 252, 256, 500, 1 << 31] {
-            assert_eq!(
-                parse(json!({"hostRuleTable": table}))?.host_rule_table,
-                table
-            );
+        for table in [1_u32, 252, 256, 500, 1 << 31] {
+            parse(json!({"hostRuleTable": table}))?;
         }
         for table in [
             json!(0),

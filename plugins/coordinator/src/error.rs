@@ -22,14 +22,50 @@ pub enum CoordinatorError {
          \"default_subnet\": \"subnet\"}}"
     )]
     NoIps,
+
+    #[error(
+        "prevResult gives interface {0:?} no IP; check that the interface plugin's ipam section \
+         assigns one to CNI_IFNAME"
+    )]
+    NoIpsOnInterface(String),
+
+    #[error(
+        "the KubeVirt bridge binding moves the pod's MAC into the VM, which a macvlan interface \
+         cannot carry; use the passt binding (or drop kubevirtBinding if this is not a VM pod)"
+    )]
+    KubevirtBridge,
+
+    #[error(
+        "host link {0:?} already exists, left by an earlier attachment of this container that \
+         was not deleted; run CNI DEL for it or `ip link del {0}`"
+    )]
+    HostVethExists(String),
+
+    #[error(
+        "the pod interface is named \"veth0\", the name virtnet-coordinator gives the pod end of \
+         its veth; let the interface plugin use another CNI_IFNAME such as eth0"
+    )]
+    PodVethNameTaken,
+
+    #[error(
+        "pod interface {0:?} is not the default-route NIC and its name does not end in a number \
+         0..=152, which picks its policy routing table (100 + N); name it like net1, or set \
+         podDefaultRouteNIC"
+    )]
+    UnnumberedInterface(String),
 }
 
 impl CoordinatorError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::MissingPrevResult | Self::NoInterfaces | Self::NoIps => {
-                ErrorCode::INVALID_NETWORK_CONFIG
-            }
+            Self::MissingPrevResult
+            | Self::NoInterfaces
+            | Self::NoIps
+            | Self::NoIpsOnInterface(_)
+            | Self::KubevirtBridge
+            | Self::PodVethNameTaken
+            | Self::UnnumberedInterface(_) => ErrorCode::INVALID_NETWORK_CONFIG,
+            Self::HostVethExists(_) => ErrorCode::IO_FAILURE,
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod error;
+pub mod plan;
 
 use virtnet_cni::env::{Attachment, Detachment};
 use virtnet_cni::logging::LogSettings;
