@@ -1,6 +1,7 @@
 //! The network config the runtime passes on stdin: the standard CNI keys, typed, and the
 //! plugin's own keys left for the plugin to read with a [`FieldReader`].
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::CniError;
@@ -9,8 +10,10 @@ use crate::result::CniResult;
 use crate::version::{CniVersion, supported_list};
 
 /// An attachment the runtime still uses, listed in a GC request's `cni.dev/valid-attachments`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GcAttachment {
+    #[serde(rename = "containerID")]
     pub container_id: String,
     pub ifname: String,
 }

@@ -1,6 +1,7 @@
 //! CNI plumbing shared by VirtNet's plugins. No Kubernetes dependency, so the plugin binaries
 //! stay small and start fast.
 //!
+//! - [`agent_api`]: the HTTP+JSON API between the IPAM plugin and the node agent.
 //! - [`skel`]: the entry point. [`skel::run`] reads the environment and stdin, validates them,
 //!   dispatches to a [`skel::Plugin`] and prints the result or error JSON.
 //! - [`env`]: `CNI_*` variables and `CNI_ARGS` → [`env::Inputs`], validated per command.
@@ -14,6 +15,7 @@
 //! - [`logging`]: `log_level` / `log_file` settings; logs go to stderr or a file, never stdout.
 //! - `testing` (feature `testing`): run a plugin binary like a runtime does, for integration tests.
 
+pub mod agent_api;
 pub mod config;
 pub mod env;
 pub mod error;

@@ -4,7 +4,14 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1;
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
 use virtnet_cni::CniResult;
+use virtnet_cni::agent_api as api;
 use virtnet_cni::config::GcAttachment;
 use virtnet_cni::env::{Attachment, CniArgs, Detachment};
 
@@ -102,22 +109,159 @@ impl fmt::Display for AgentRequest<'_> {
     }
 }
 
+impl AgentRequest<'_> {
+    /// The HTTP method, path and JSON body that carry this request to the agent.
+    fn wire(&self) -> Result<(Method, &'static str, Vec<u8>), serde_json::Error> {
+        let post = |path, body: Result<Vec<u8>, _>| body.map(|body| (Method::POST, path, body));
+        match *self {
+            Self::Allocate {
+                attachment,
+                pod,
+                subnets,
+            } => post(
+                api::ALLOCATE_PATH,
+                serde_json::to_vec(&api::AllocateRequest {
+                    container_id: attachment.container_id.clone(),
+                    ifname: attachment.ifname.clone(),
+                    netns: attachment.netns.to_string_lossy().into_owned(),
+                    pod: pod.to_api(),
+                    default_subnets: subnets.to_vec(),
+                }),
+            ),
+            Self::Release { detachment } => post(
+                api::RELEASE_PATH,
+                serde_json::to_vec(&api::ReleaseRequest {
+                    container_id: detachment.container_id.clone(),
+                    ifname: detachment.ifname.clone(),
+                    pod: PodRef::from_args(&detachment.args).ok().map(PodRef::to_api),
+                }),
+            ),
+            Self::Check { attachment } => post(
+                api::CHECK_PATH,
+                serde_json::to_vec(&api::CheckRequest {
+                    container_id: attachment.container_id.clone(),
+                    ifname: attachment.ifname.clone(),
+                    pod: PodRef::from_args(&attachment.args).ok().map(PodRef::to_api),
+                }),
+            ),
+            Self::GarbageCollect { valid_attachments } => post(
+                api::GC_PATH,
+                serde_json::to_vec(&api::GcRequest {
+                    valid_attachments: valid_attachments.to_vec(),
+                }),
+            ),
+            Self::Status => Ok((Method::GET, api::STATUS_PATH, Vec::new())),
+        }
+    }
+
+    /// Reads the agent's success body: the addresses for Allocate, nothing for the rest.
+    fn decode(&self, body: &[u8]) -> Result<CniResult, serde_json::Error> {
+        match self {
+            Self::Allocate { .. } => {
+                serde_json::from_slice::<api::AllocateResponse>(body).map(CniResult::from)
+            }
+            _ => serde_json::from_slice::<api::Empty>(body).map(|_| CniResult::default()),
+        }
+    }
+}
+
+impl PodRef<'_> {
+    fn to_api(self) -> api::PodRef {
+        api::PodRef {
+            namespace: self.namespace.to_owned(),
+            name: self.name.to_owned(),
+            uid: self.uid.map(str::to_owned),
+        }
+    }
+}
+
 impl AgentEndpoint {
-    /// Sends `request` to the node agent and returns its answer: the addresses, routes and DNS
-    /// for Allocate, an empty result for everything else.
-    ///
-    /// AGENT CLIENT: this is the one function that talks to the agent. It is not written yet
-    /// (the agent's API lands with the agent); until then every request reports the agent as
-    /// unreachable, which the runtime retries. Callers have validated the config and the
-    /// environment before they get here.
+    /// Sends `request` to the node agent (HTTP/1.1 + JSON over its unix socket, see
+    /// [`virtnet_cni::agent_api`]) and returns its answer: the addresses, routes and DNS for
+    /// Allocate, an empty result for everything else. The whole exchange, connecting included,
+    /// is bounded by `timeout`. Callers have validated the config and the environment.
     pub fn send(&self, request: &AgentRequest<'_>) -> Result<CniResult, IpamError> {
         tracing::debug!(
             socket = %self.socket.display(),
             timeout_ms = self.timeout.as_millis(),
             "asking the VirtNet agent to {request}"
         );
-        Err(IpamError::AgentUnreachable {
+        let (method, path, body) = request.wire().map_err(|error| self.protocol(&error))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(IpamError::Runtime)?;
+        let (status, answer) = runtime
+            // The timer must be created inside the runtime.
+            .block_on(async {
+                tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await
+            })
+            .map_err(|_| IpamError::AgentTimeout {
+                socket: self.socket.clone(),
+                timeout_ms: self.timeout.as_millis(),
+            })??;
+        tracing::debug!(%status, "the VirtNet agent answered");
+        if status == StatusCode::OK {
+            return request
+                .decode(&answer)
+                .map_err(|error| self.protocol(&error));
+        }
+        let error: api::ApiError = serde_json::from_slice(&answer).map_err(|error| {
+            self.protocol(&format!(
+                "HTTP {status} with a body that is not an agent error ({error}): {}",
+                String::from_utf8_lossy(&answer)
+            ))
+        })?;
+        Err(IpamError::Agent(error))
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), IpamError> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|cause| {
+            IpamError::AgentUnreachable {
+                socket: self.socket.clone(),
+                cause,
+            }
+        })?;
+        let dropped = |cause: hyper::Error| IpamError::AgentDropped {
             socket: self.socket.clone(),
-        })
+            cause,
+        };
+        let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(dropped)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!("connection to the VirtNet agent ended: {error}");
+            }
+        });
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "virtnet-agent")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| self.protocol(&error))?;
+        let response = sender.send_request(request).await.map_err(dropped)?;
+        let status = response.status();
+        let answer = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(dropped)?
+            .to_bytes();
+        Ok((status, answer))
+    }
+
+    fn protocol(&self, details: &dyn fmt::Display) -> IpamError {
+        IpamError::AgentProtocol {
+            socket: self.socket.clone(),
+            details: details.to_string(),
+        }
     }
 }

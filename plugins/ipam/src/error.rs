@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use virtnet_cni::agent_api as api;
 use virtnet_cni::{CniError, ErrorCode};
 
 /// Everything virtnet-ipam itself can reject or fail at; malformed fields are reported by
@@ -47,7 +48,41 @@ pub enum IpamError {
          this node?",
         socket.display()
     )]
-    AgentUnreachable { socket: PathBuf },
+    AgentUnreachable {
+        socket: PathBuf,
+        cause: std::io::Error,
+    },
+
+    #[error(
+        "the VirtNet agent at {} did not answer within {timeout_ms} ms; check the agent's logs \
+         (kubectl -n kube-system logs on this node's virtnet-agent pod) or raise ipam.timeout_ms",
+        socket.display()
+    )]
+    AgentTimeout { socket: PathBuf, timeout_ms: u128 },
+
+    #[error(
+        "the VirtNet agent at {} dropped the request; check the agent's logs, it may have \
+         restarted",
+        socket.display()
+    )]
+    AgentDropped {
+        socket: PathBuf,
+        cause: hyper::Error,
+    },
+
+    #[error(
+        "the VirtNet agent at {} answered something virtnet-ipam cannot read ({details}); \
+         install the virtnet-ipam binary from the same VirtNet release as the agent",
+        socket.display()
+    )]
+    AgentProtocol { socket: PathBuf, details: String },
+
+    /// The agent refused or failed the request; its message says what to do.
+    #[error(transparent)]
+    Agent(api::ApiError),
+
+    #[error("cannot start virtnet-ipam's I/O runtime: {0}")]
+    Runtime(std::io::Error),
 
     /// STATUS reports any failure as "not available", as the spec asks.
     #[error(transparent)]
@@ -55,6 +90,16 @@ pub enum IpamError {
 }
 
 impl IpamError {
+    /// The underlying cause, reported as the CNI error's `details`.
+    fn cause(&self) -> Option<String> {
+        match self {
+            Self::AgentUnreachable { cause, .. } | Self::Runtime(cause) => Some(cause.to_string()),
+            Self::AgentDropped { cause, .. } => Some(cause.to_string()),
+            Self::NotAvailable(inner) => inner.cause(),
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::MissingIpamSection
@@ -64,7 +109,12 @@ impl IpamError {
             | Self::EmptySubnetList
             | Self::DuplicateSubnet { .. } => ErrorCode::INVALID_NETWORK_CONFIG,
             Self::MissingPodIdentity { .. } => ErrorCode::INVALID_ENVIRONMENT,
-            Self::AgentUnreachable { .. } => ErrorCode::TRY_AGAIN_LATER,
+            Self::AgentUnreachable { .. }
+            | Self::AgentTimeout { .. }
+            | Self::AgentDropped { .. } => ErrorCode::TRY_AGAIN_LATER,
+            Self::AgentProtocol { .. } => ErrorCode::AGENT_PROTOCOL,
+            Self::Agent(error) => error.kind.code(),
+            Self::Runtime(_) => ErrorCode::IO_FAILURE,
             Self::NotAvailable(_) => ErrorCode::NOT_AVAILABLE,
         }
     }
@@ -72,6 +122,10 @@ impl IpamError {
 
 impl From<IpamError> for CniError {
     fn from(error: IpamError) -> Self {
-        Self::new(error.code(), error.to_string())
+        let cni = Self::new(error.code(), error.to_string());
+        match error.cause() {
+            Some(cause) => cni.with_details(cause),
+            None => cni,
+        }
     }
 }

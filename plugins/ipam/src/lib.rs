@@ -8,9 +8,10 @@
 //! ```
 //!
 //! Every command validates the environment and the whole `ipam` section first, then asks the
-//! node agent over its unix socket ([`agent::AgentEndpoint::send`]). That client is not written
-//! yet, so today every command that reaches the agent fails with code 11 (try again later;
-//! STATUS: code 50), naming the socket.
+//! node agent over its unix socket ([`agent::AgentEndpoint::send`], the API is
+//! [`virtnet_cni::agent_api`]). An unreachable, slow or crashed agent is code 11 (try again
+//! later; STATUS: code 50); the agent's own refusals keep their codes (pool exhausted 100,
+//! Subnet not found 101, ...). ADD prints the addresses, routes and DNS in the caller's version.
 
 pub mod agent;
 pub mod config;

@@ -1,0 +1,318 @@
+//! The plugin ↔ node agent API: HTTP/1.1 with JSON bodies over the agent's unix socket.
+//!
+//! | request | path | body | success (200) |
+//! |---|---|---|---|
+//! | ADD | `POST /v1/allocate` | [`AllocateRequest`] | [`AllocateResponse`] |
+//! | DEL | `POST /v1/release` | [`ReleaseRequest`] | [`Empty`] |
+//! | CHECK | `POST /v1/check` | [`CheckRequest`] | [`Empty`] |
+//! | GC | `POST /v1/gc` | [`GcRequest`] | [`Empty`] |
+//! | STATUS | `GET /v1/status` | none | [`Empty`] |
+//!
+//! Any other status carries an [`ApiError`], whose [`ErrorKind`] decides the CNI error code the
+//! plugin prints. The types are plain serde structs so both sides share them without either
+//! pulling in the other's dependencies (no Kubernetes client here).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::config::GcAttachment;
+use crate::error::{CniError, ErrorCode};
+use crate::result::{CniResult, Dns, IpConfig, Route};
+
+pub const ALLOCATE_PATH: &str = "/v1/allocate";
+pub const RELEASE_PATH: &str = "/v1/release";
+pub const CHECK_PATH: &str = "/v1/check";
+pub const GC_PATH: &str = "/v1/gc";
+pub const STATUS_PATH: &str = "/v1/status";
+
+/// The pod an attachment belongs to, from `CNI_ARGS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// ADD: one address from each Subnet (or from the pod's annotations, which win), for this
+/// interface of this container. Replaying it returns the same addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllocateRequest {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub pod: PodRef,
+    /// The Subnets from the CNI config (`default_subnet` / `default_subnets`).
+    pub default_subnets: Vec<String>,
+}
+
+/// One allocated address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllocatedIp {
+    /// The address with the prefix length of its Subnet, e.g. `10.6.153.101/16`.
+    pub address: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
+    /// The IPPool that recorded the allocation.
+    pub pool: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiRoute {
+    pub dst: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gw: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiDns {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+/// ADD's answer: the addresses and the routes (the default route via the Subnet's gateway plus
+/// the Subnet's extra routes) and DNS the pod gets on this interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllocateResponse {
+    pub ips: Vec<AllocatedIp>,
+    #[serde(default)]
+    pub routes: Vec<ApiRoute>,
+    #[serde(default)]
+    pub dns: ApiDns,
+}
+
+/// DEL: give back what this interface holds; nothing held is success. The pod is known only
+/// when the runtime still passes `CNI_ARGS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReleaseRequest {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// CHECK: the agent still records an allocation for this interface of this container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CheckRequest {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// GC (CNI 1.1): release every allocation on this node except these attachments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GcRequest {
+    pub valid_attachments: Vec<GcAttachment>,
+}
+
+/// The body of a success that carries nothing (DEL, CHECK, GC, STATUS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// What went wrong on the agent's side, in terms the plugin maps to a CNI error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorKind {
+    /// Every IPPool of the requested Subnet is fully allocated.
+    PoolExhausted,
+    /// The Subnet (or IPPool) named in the config or an annotation does not exist.
+    SubnetNotFound,
+    /// The address is already in use on the underlay.
+    IpConflict,
+    /// The request or the pod's annotations are wrong; retrying will not help.
+    InvalidRequest,
+    /// CHECK: the agent records no (or another) allocation for this interface.
+    NotAllocated,
+    /// The agent cannot serve right now (caches not synced, API server unreachable); retry.
+    NotReady,
+    /// Anything else; the message says what.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::PoolExhausted => ErrorCode::POOL_EXHAUSTED,
+            Self::SubnetNotFound => ErrorCode::SUBNET_NOT_FOUND,
+            Self::IpConflict => ErrorCode::IP_CONFLICT,
+            Self::InvalidRequest => ErrorCode::INVALID_NETWORK_CONFIG,
+            Self::NotAllocated => ErrorCode::CONTAINER_UNKNOWN,
+            Self::NotReady | Self::Internal => ErrorCode::TRY_AGAIN_LATER,
+        }
+    }
+}
+
+/// The body of every non-200 answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    /// What is wrong and what the user should do, e.g. "Subnet \"subnet\" has no free address;
+    /// add an IPPool range or free addresses".
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for CniError {
+    fn from(error: ApiError) -> Self {
+        Self::new(error.kind.code(), error.message)
+    }
+}
+
+impl From<AllocateResponse> for CniResult {
+    /// An IPAM plugin's result: addresses without an interface index (the interface plugin
+    /// fills that in), routes and DNS.
+    fn from(response: AllocateResponse) -> Self {
+        Self {
+            interfaces: Vec::new(),
+            ips: response
+                .ips
+                .into_iter()
+                .map(|ip| IpConfig {
+                    address: ip.address,
+                    gateway: ip.gateway,
+                    interface: None,
+                })
+                .collect(),
+            routes: response
+                .routes
+                .into_iter()
+                .map(|route| Route::new(route.dst, route.gw))
+                .collect(),
+            dns: Dns {
+                nameservers: response.dns.nameservers,
+                domain: response.dns.domain,
+                search: response.dns.search,
+                options: response.dns.options,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::version::CniVersion;
+
+    #[test]
+    fn allocate_request_wire_format() -> Result<(), Box<dyn Error>> {
+        let request = AllocateRequest {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+            netns: "/var/run/netns/cni-1".into(),
+            pod: PodRef {
+                namespace: "default".into(),
+                name: "web-0".into(),
+                uid: None,
+            },
+            default_subnets: vec!["subnet".into()],
+        };
+        let wire = serde_json::to_value(&request)?;
+        assert_eq!(
+            wire,
+            json!({
+                "containerID": "abc", "ifname": "eth0", "netns": "/var/run/netns/cni-1",
+                "pod": {"namespace": "default", "name": "web-0"},
+                "defaultSubnets": ["subnet"],
+            })
+        );
+        assert_eq!(serde_json::from_value::<AllocateRequest>(wire)?, request);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_so_version_skew_is_visible() {
+        let skewed = json!({"ips": [], "routes": [], "dns": {}, "leaseSeconds": 30});
+        assert!(serde_json::from_value::<AllocateResponse>(skewed).is_err());
+    }
+
+    #[test]
+    fn gc_request_uses_the_cni_attachment_keys() -> Result<(), Box<dyn Error>> {
+        let wire = json!({"validAttachments": [{"containerID": "abc", "ifname": "eth0"}]});
+        let request: GcRequest = serde_json::from_value(wire.clone())?;
+        assert_eq!(request.valid_attachments[0].container_id, "abc");
+        assert_eq!(serde_json::to_value(&request)?, wire);
+        Ok(())
+    }
+
+    #[test]
+    fn error_kinds_map_to_cni_codes() -> Result<(), Box<dyn Error>> {
+        for (kind, code) in [
+            ("poolExhausted", ErrorCode::POOL_EXHAUSTED),
+            ("subnetNotFound", ErrorCode::SUBNET_NOT_FOUND),
+            ("ipConflict", ErrorCode::IP_CONFLICT),
+            ("invalidRequest", ErrorCode::INVALID_NETWORK_CONFIG),
+            ("notAllocated", ErrorCode::CONTAINER_UNKNOWN),
+            ("notReady", ErrorCode::TRY_AGAIN_LATER),
+            ("internal", ErrorCode::TRY_AGAIN_LATER),
+        ] {
+            let error: ApiError =
+                serde_json::from_value(json!({"kind": kind, "message": "what to do"}))?;
+            let cni = CniError::from(error);
+            assert_eq!((cni.code, cni.msg.as_str()), (code, "what to do"), "{kind}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn allocate_response_becomes_an_ipam_result() -> Result<(), Box<dyn Error>> {
+        let response: AllocateResponse = serde_json::from_value(json!({
+            "ips": [
+                {"address": "10.6.153.101/16", "gateway": "10.6.0.1", "pool": "subnet-0"},
+                {"address": "fd00:6::65/64", "pool": "subnet-v6-0"},
+            ],
+            "routes": [{"dst": "0.0.0.0/0", "gw": "10.6.0.1"}, {"dst": "10.7.0.0/16", "gw": "10.6.0.254"}],
+            "dns": {"nameservers": ["10.96.0.10"]},
+        }))?;
+        let result = CniResult::from(response);
+        let written = serde_json::to_value(result.versioned(CniVersion::V0_3_1))?;
+        assert_eq!(
+            written,
+            json!({
+                "cniVersion": "0.3.1",
+                "ips": [
+                    {"version": "4", "address": "10.6.153.101/16", "gateway": "10.6.0.1"},
+                    {"version": "6", "address": "fd00:6::65/64"},
+                ],
+                "routes": [{"dst": "0.0.0.0/0", "gw": "10.6.0.1"}, {"dst": "10.7.0.0/16", "gw": "10.6.0.254"}],
+                "dns": {"nameservers": ["10.96.0.10"]},
+            })
+        );
+        Ok(())
+    }
+}
