@@ -32,6 +32,11 @@ struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReclaimLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     pool: String,
     subnet: String,
@@ -45,6 +50,7 @@ pub struct Metrics {
     durations: Family<ReconcileLabels, Histogram>,
     pool_total: Family<PoolLabels, Gauge>,
     pool_allocated: Family<PoolLabels, Gauge>,
+    reclaims: Family<ReclaimLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,6 +63,7 @@ impl Default for Metrics {
         });
         let pool_total = Family::<PoolLabels, Gauge>::default();
         let pool_allocated = Family::<PoolLabels, Gauge>::default();
+        let reclaims = Family::<ReclaimLabels, Counter>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -78,6 +85,11 @@ impl Default for Metrics {
             "Allocated addresses in an IPPool",
             pool_allocated.clone(),
         );
+        registry.register(
+            "ip_reclaims",
+            "Addresses returned to their pool by the controller, by reason",
+            reclaims.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -85,6 +97,7 @@ impl Default for Metrics {
             durations,
             pool_total,
             pool_allocated,
+            reclaims,
         }
     }
 }
@@ -140,6 +153,15 @@ impl Metrics {
         });
         self.pool_total.get_or_create(&labels).set(total);
         self.pool_allocated.get_or_create(&labels).set(allocated);
+    }
+
+    /// Counts one address returned to its pool for `reason`.
+    pub fn address_reclaimed(&self, reason: &str) {
+        self.reclaims
+            .get_or_create(&ReclaimLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     fn render(&self) -> Result<String, std::fmt::Error> {

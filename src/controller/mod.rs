@@ -7,13 +7,19 @@
 //! Reconcilers:
 //! - [`subnet`]: Subnet → IPPools (balanced, drained on scale-down, never revoking an address in
 //!   use; the plan is [`pools::plan_pools`]) and the Subnet/IPPool status counters.
+//! - [`endpoint`]: the Endpoint lifecycle and garbage collection (the state machine is
+//!   [`lifecycle::decide`]; its table is in [`lifecycle`]'s docs) and the periodic sweep of
+//!   every pool's allocations.
 
+mod endpoint;
+mod lifecycle;
 pub mod pools;
 mod subnet;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::StreamExt;
+use k8s_openapi::jiff::SignedDuration;
 use kube::{
     Api, Client,
     api::ListParams,
@@ -44,6 +50,11 @@ pub enum Error {
     CrdsMissing(kube::Error),
     #[error("Subnet {0} has no uid yet; it will be retried")]
     MissingUid(String),
+    #[error(
+        "IPPool {pool} kept changing while releasing {address}; it will be retried \
+         (if this persists, look for another writer hammering the pool)"
+    )]
+    PoolContended { pool: String, address: String },
     #[error("leader election failed: {0}; check RBAC for coordination.k8s.io leases")]
     LeaderElection(String),
     #[error("cannot serve health and metrics on {address}: {source}")]
@@ -61,6 +72,7 @@ impl Error {
             Self::Kube(_) => "kube",
             Self::CrdsMissing(_) => "crds_missing",
             Self::MissingUid(_) => "missing_uid",
+            Self::PoolContended { .. } => "pool_contended",
             Self::LeaderElection(_) => "leader_election",
             Self::Serve { .. } => "serve",
         }
@@ -86,6 +98,40 @@ pub struct ControllerArgs {
         default_value = "virtnet-controller"
     )]
     pub leader_election_lease: String,
+    /// StatefulSet replicas keep their addresses until scaled down or deleted.
+    #[arg(long, env = "VIRTNET_FIXED_IP_STATEFULSET", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fixed_ip_statefulset: bool,
+    /// KubeVirt VMs keep their addresses until the VirtualMachine is deleted.
+    #[arg(long, env = "VIRTNET_FIXED_IP_KUBEVIRT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fixed_ip_kubevirt: bool,
+    /// Seconds a Terminating pod's node may be NotReady before its addresses are reclaimed.
+    #[arg(long, env = "VIRTNET_NODE_NOT_READY_GRACE", default_value_t = 300)]
+    pub node_not_ready_grace_seconds: i64,
+    /// Seconds a pod may stay Terminating past its deletion deadline before its addresses are
+    /// reclaimed.
+    #[arg(long, env = "VIRTNET_TERMINATING_GRACE", default_value_t = 60)]
+    pub terminating_grace_seconds: i64,
+    /// Seconds a pool allocation may go unlisted by any Endpoint before the sweep reclaims it.
+    #[arg(long, env = "VIRTNET_ORPHAN_GRACE", default_value_t = 30)]
+    pub orphan_grace_seconds: i64,
+    /// Seconds between full sweeps of every pool and Endpoint.
+    #[arg(long, env = "VIRTNET_GC_INTERVAL", default_value_t = 60)]
+    pub gc_interval_seconds: u64,
+}
+
+impl ControllerArgs {
+    fn endpoint_config(&self) -> endpoint::Config {
+        endpoint::Config {
+            lifecycle: lifecycle::Settings {
+                fixed_ip_statefulset: self.fixed_ip_statefulset,
+                fixed_ip_kubevirt: self.fixed_ip_kubevirt,
+                node_not_ready_grace: SignedDuration::from_secs(self.node_not_ready_grace_seconds),
+                terminating_grace: SignedDuration::from_secs(self.terminating_grace_seconds),
+                orphan_grace: SignedDuration::from_secs(self.orphan_grace_seconds),
+            },
+            sweep_interval: Duration::from_secs(self.gc_interval_seconds.max(1)),
+        }
+    }
 }
 
 /// What every reconcile gets.
@@ -93,6 +139,7 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    pub endpoints: endpoint::Config,
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -124,6 +171,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             },
         ),
         metrics,
+        endpoints: args.endpoint_config(),
     });
 
     let manager =
@@ -173,10 +221,14 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
 async fn run_reconcilers(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     let subnets: Api<Subnet> = Api::all(ctx.client.clone());
     let pools: Api<IpPool> = Api::all(ctx.client.clone());
+    let mut stop_endpoints = stop.clone();
     let stopped = async move {
         let _ = stop.wait_for(|stop| *stop).await;
     };
-    Controller::new(subnets, watcher::Config::default().any_semantic())
+    let endpoints = endpoint::run(ctx.clone(), async move {
+        let _ = stop_endpoints.wait_for(|stop| *stop).await;
+    });
+    let subnets = Controller::new(subnets, watcher::Config::default().any_semantic())
         .owns(pools, watcher::Config::default().labels(LABEL_SUBNET))
         .graceful_shutdown_on(stopped)
         .run(
@@ -192,8 +244,8 @@ async fn run_reconcilers(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
             },
             ctx,
         )
-        .for_each(|_| async {})
-        .await;
+        .for_each(|_| async {});
+    tokio::join!(subnets, endpoints);
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,675 @@
+//! The Endpoint reconciler: gathers the facts [`super::lifecycle::decide`] needs from watch
+//! caches, releases what it decides to release, and sweeps every pool periodically.
+//!
+//! Caches (reflectors) of Endpoints, Pods, Nodes, StatefulSets and, when the CRD is installed,
+//! KubeVirt VirtualMachines feed one queue of triggers: a change to any of them queues the
+//! Endpoints it may affect; a timer (and leadership start) queues a full sweep. The queue is
+//! worked serially, so two releases of one Endpoint never race each other; races with the agent
+//! are settled in the API server by resourceVersion and podUID guards.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{Node, Pod},
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+        Preconditions,
+    },
+    runtime::{
+        WatchStreamExt,
+        events::EventType,
+        reflector::{ObjectRef, Store, store::Writer},
+        watcher,
+    },
+};
+use serde_json::json;
+use tokio::{sync::mpsc, task::JoinSet};
+use tracing::{info, warn};
+
+use super::{
+    Context, Error,
+    lifecycle::{
+        AllocationRef, Decision, NodeView, OWNER_STATEFULSET, OWNER_VIRTUAL_MACHINE, Observed,
+        OwnerView, PodState, PodView, Reason, Settings, StatefulSetView, VirtualMachineView,
+        decide, plan_orphans, release_patch, sticky_owner,
+    },
+};
+use crate::{
+    crd::{Endpoint, FINALIZER_ENDPOINT, IpPool},
+    ipam::{KUBEVIRT_API_GROUP, KUBEVIRT_VM_NAME_LABEL},
+};
+
+/// How many times a pool write is retried on a resourceVersion conflict before giving up.
+const CONFLICT_RETRIES: usize = 8;
+/// Delay before an Endpoint whose reconcile failed is tried again.
+const RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// Settings of the Endpoint reconciler.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub lifecycle: Settings,
+    /// Interval of the full sweep (also run when leadership starts).
+    pub sweep_interval: Duration,
+}
+
+enum Trigger {
+    Endpoint(ObjectRef<Endpoint>),
+    Sweep,
+}
+
+/// The watch caches the decisions read.
+struct Caches {
+    endpoints: Store<Endpoint>,
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    statefulsets: Store<StatefulSet>,
+    /// `None` when the KubeVirt CRDs are not installed.
+    vms: Option<(Store<DynamicObject>, ApiResource)>,
+}
+
+/// Runs the Endpoint reconciler until `stopped` resolves.
+pub async fn run(ctx: Arc<Context>, stopped: impl Future<Output = ()>) {
+    let (sender, mut receiver) = mpsc::channel(4096);
+    let mut tasks = JoinSet::new();
+    let caches = start_caches(&ctx, &sender, &mut tasks).await;
+    let ready = async {
+        caches.endpoints.wait_until_ready().await.ok();
+        caches.pods.wait_until_ready().await.ok();
+        caches.nodes.wait_until_ready().await.ok();
+        caches.statefulsets.wait_until_ready().await.ok();
+        if let Some((vms, _)) = &caches.vms {
+            vms.wait_until_ready().await.ok();
+        }
+    };
+    tokio::pin!(stopped);
+    tokio::select! {
+        () = ready => {},
+        () = &mut stopped => return,
+    }
+    let interval = ctx.endpoints.sweep_interval;
+    let ticker = sender.clone();
+    tasks.spawn(async move {
+        let mut timer = tokio::time::interval(interval);
+        loop {
+            timer.tick().await;
+            if ticker.send(Trigger::Sweep).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut worker = Worker {
+        ctx,
+        caches,
+        retry: sender,
+        suspects: BTreeMap::new(),
+    };
+    loop {
+        let trigger = tokio::select! {
+            trigger = receiver.recv() => trigger,
+            () = &mut stopped => None,
+        };
+        match trigger {
+            Some(Trigger::Endpoint(endpoint)) => worker.reconcile(&endpoint).await,
+            Some(Trigger::Sweep) => worker.sweep().await,
+            None => break,
+        }
+    }
+    tasks.shutdown().await;
+}
+
+/// Starts one reflector per watched kind; each change queues the Endpoints it affects.
+async fn start_caches(
+    ctx: &Context,
+    sender: &mpsc::Sender<Trigger>,
+    tasks: &mut JoinSet<()>,
+) -> Caches {
+    let client = &ctx.client;
+    let endpoints = cache(
+        tasks,
+        sender,
+        Api::<Endpoint>::all(client.clone()),
+        Writer::default(),
+        |endpoint| vec![ObjectRef::from_obj(&endpoint)],
+    );
+    let pods = cache(
+        tasks,
+        sender,
+        Api::<Pod>::all(client.clone()),
+        Writer::default(),
+        |pod| endpoints_of_pod(&pod),
+    );
+    let nodes = cache(
+        tasks,
+        sender,
+        Api::<Node>::all(client.clone()),
+        Writer::default(),
+        {
+            let endpoints = endpoints.clone();
+            move |node| {
+                select_endpoints(&endpoints, |endpoint| endpoint.spec.node == node.name_any())
+            }
+        },
+    );
+    let statefulsets = cache(
+        tasks,
+        sender,
+        Api::<StatefulSet>::all(client.clone()),
+        Writer::default(),
+        {
+            let endpoints = endpoints.clone();
+            move |statefulset| {
+                select_endpoints(&endpoints, |endpoint| {
+                    endpoint.spec.owner_kind == OWNER_STATEFULSET
+                        && endpoint.spec.owner_name == statefulset.name_any()
+                        && endpoint.namespace() == statefulset.namespace()
+                })
+            }
+        },
+    );
+    let vm_resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(KUBEVIRT_API_GROUP, "v1", OWNER_VIRTUAL_MACHINE),
+        "virtualmachines",
+    );
+    let vm_api = Api::<DynamicObject>::all_with(client.clone(), &vm_resource);
+    let vms = match vm_api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Some((
+            cache(
+                tasks,
+                sender,
+                vm_api,
+                Writer::new(vm_resource.clone()),
+                |vm| {
+                    let namespace = vm.namespace().unwrap_or_default();
+                    vec![ObjectRef::new(&vm.name_any()).within(&namespace)]
+                },
+            ),
+            vm_resource,
+        )),
+        Err(error) => {
+            info!(%error, "KubeVirt VirtualMachines are not served; VM addresses are kept until their CRD is installed and the controller restarted");
+            None
+        }
+    };
+    Caches {
+        endpoints,
+        pods,
+        nodes,
+        statefulsets,
+        vms,
+    }
+}
+
+/// Starts a reflector of `api` into a new store; each applied or deleted object queues the
+/// Endpoints `affected` names.
+fn cache<K>(
+    tasks: &mut JoinSet<()>,
+    sender: &mpsc::Sender<Trigger>,
+    api: Api<K>,
+    writer: Writer<K>,
+    affected: impl Fn(K) -> Vec<ObjectRef<Endpoint>> + Send + 'static,
+) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
+{
+    let store = writer.as_reader();
+    let sender = sender.clone();
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    tasks.spawn(forward(stream, sender, affected));
+    store
+}
+
+async fn forward<K>(
+    stream: impl Stream<Item = Result<K, watcher::Error>>,
+    sender: mpsc::Sender<Trigger>,
+    affected: impl Fn(K) -> Vec<ObjectRef<Endpoint>>,
+) {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        let object = match event {
+            Ok(object) => object,
+            Err(error) => {
+                warn!(%error, "watch failed; retrying with backoff");
+                continue;
+            }
+        };
+        for endpoint in affected(object) {
+            if sender.send(Trigger::Endpoint(endpoint)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn select_endpoints(
+    endpoints: &Store<Endpoint>,
+    matches: impl Fn(&Endpoint) -> bool,
+) -> Vec<ObjectRef<Endpoint>> {
+    endpoints
+        .state()
+        .iter()
+        .filter(|endpoint| matches(endpoint))
+        .map(|endpoint| ObjectRef::from_obj(endpoint.as_ref()))
+        .collect()
+}
+
+/// The Endpoints a pod may hold: its own name, and its VM's for a virt-launcher pod.
+fn endpoints_of_pod(pod: &Pod) -> Vec<ObjectRef<Endpoint>> {
+    let namespace = pod.namespace().unwrap_or_default();
+    let vm = pod.labels().get(KUBEVIRT_VM_NAME_LABEL).cloned();
+    std::iter::once(pod.name_any())
+        .chain(vm)
+        .map(|name| ObjectRef::new(&name).within(&namespace))
+        .collect()
+}
+
+struct Worker {
+    ctx: Arc<Context>,
+    caches: Caches,
+    retry: mpsc::Sender<Trigger>,
+    /// Unlisted allocations and when the sweep first saw them.
+    suspects: BTreeMap<AllocationRef, Timestamp>,
+}
+
+impl Worker {
+    async fn reconcile(&mut self, reference: &ObjectRef<Endpoint>) {
+        let Some(endpoint) = self.caches.endpoints.get(reference) else {
+            return;
+        };
+        let timer = self.ctx.metrics.reconcile_started("endpoint");
+        let result = self.reconcile_endpoint(&endpoint).await;
+        timer.finish(result.as_ref().err().map(Error::metric_label));
+        if let Err(error) = result {
+            warn!(endpoint = %reference, %error, "reconcile failed; retrying");
+            let retry = self.retry.clone();
+            let reference = reference.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(RETRY_DELAY).await;
+                let _ = retry.send(Trigger::Endpoint(reference)).await;
+            });
+        }
+    }
+
+    async fn reconcile_endpoint(&self, endpoint: &Endpoint) -> Result<(), Error> {
+        let observed = self.observe(endpoint);
+        match decide(
+            &endpoint.name_any(),
+            &endpoint.spec,
+            &observed,
+            &self.ctx.endpoints.lifecycle,
+        ) {
+            Decision::Keep => Ok(()),
+            Decision::Release(reason) => self.release(endpoint, reason).await,
+        }
+    }
+
+    fn observe(&self, endpoint: &Endpoint) -> Observed {
+        let settings = &self.ctx.endpoints.lifecycle;
+        let namespace = endpoint.namespace().unwrap_or_default();
+        let spec = &endpoint.spec;
+        let owner = match sticky_owner(spec, settings) {
+            Some(OWNER_STATEFULSET) => OwnerView::StatefulSet(
+                self.caches
+                    .statefulsets
+                    .get(&ObjectRef::new(&spec.owner_name).within(&namespace))
+                    .map(|statefulset| statefulset_view(&statefulset)),
+            ),
+            Some(_) => {
+                OwnerView::VirtualMachine(self.virtual_machine(&namespace, &spec.owner_name))
+            }
+            None => OwnerView::NotSticky,
+        };
+        // A VM's Endpoint is named after the VM: find its launcher pod by UID.
+        let pod = if spec.sticky && spec.owner_kind == OWNER_VIRTUAL_MACHINE {
+            self.caches
+                .pods
+                .find(|pod| pod.metadata.uid.as_deref() == Some(spec.pod_uid.as_str()))
+        } else {
+            self.caches
+                .pods
+                .get(&ObjectRef::new(&endpoint.name_any()).within(&namespace))
+        };
+        let pod = match pod {
+            None => PodView::Gone,
+            Some(pod) if pod.metadata.uid.as_deref() != Some(spec.pod_uid.as_str()) => {
+                PodView::Replaced
+            }
+            Some(pod) => PodView::Present(pod_state(&pod)),
+        };
+        let node = self
+            .caches
+            .nodes
+            .get(&ObjectRef::new(&spec.node))
+            .map_or(NodeView::Gone, |node| node_view(&node));
+        Observed {
+            pod,
+            node,
+            owner,
+            now: Timestamp::now(),
+        }
+    }
+
+    /// The VM, or (when KubeVirt is not served) a VM presumed to exist: never release a VM's
+    /// address on the strength of a cache that cannot see VMs.
+    fn virtual_machine(&self, namespace: &str, name: &str) -> Option<VirtualMachineView> {
+        let Some((vms, resource)) = &self.caches.vms else {
+            return Some(VirtualMachineView { deleting: false });
+        };
+        vms.get(&ObjectRef::new_with(name, resource.clone()).within(namespace))
+            .map(|vm| VirtualMachineView {
+                deleting: vm.metadata.deletion_timestamp.is_some(),
+            })
+    }
+
+    /// Returns the Endpoint's addresses to their pools, then lets the Endpoint go.
+    async fn release(&self, endpoint: &Endpoint, reason: Reason) -> Result<(), Error> {
+        let holder = format!(
+            "{}/{}",
+            endpoint.namespace().unwrap_or_default(),
+            endpoint.name_any()
+        );
+        let mut released = Vec::new();
+        for (pool, address) in endpoint_addresses(endpoint) {
+            let allocation = AllocationRef {
+                pool: pool.to_string(),
+                address: address.to_string(),
+                endpoint: holder.clone(),
+                pod_uid: endpoint.spec.pod_uid.clone(),
+            };
+            if self.release_allocation(&allocation, reason).await? {
+                released.push(format!("{address} ({pool})"));
+            }
+        }
+        if !released.is_empty() {
+            info!(endpoint = %holder, reason = reason.as_str(), addresses = ?released, "addresses released");
+            let note = format!("released {}: {}", released.join(", "), reason.as_str());
+            self.ctx
+                .publish(endpoint, EventType::Normal, reason.as_str(), &note)
+                .await;
+        }
+        self.let_go(endpoint).await
+    }
+
+    /// Removes one pool record if it still names its holder; `true` when it did.
+    async fn release_allocation(
+        &self,
+        allocation: &AllocationRef,
+        reason: Reason,
+    ) -> Result<bool, Error> {
+        let pools: Api<IpPool> = Api::all(self.ctx.client.clone());
+        for _ in 0..CONFLICT_RETRIES {
+            let Some(pool) = pools.get_opt(&allocation.pool).await? else {
+                return Ok(false);
+            };
+            let Some(patch) = release_patch(
+                &pool,
+                &allocation.address,
+                &allocation.endpoint,
+                &allocation.pod_uid,
+            ) else {
+                return Ok(false);
+            };
+            match pools
+                .patch_status(
+                    &allocation.pool,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(pool) => {
+                    self.ctx.metrics.address_reclaimed(reason.as_str());
+                    self.ctx.metrics.observe_pool(&pool);
+                    return Ok(true);
+                }
+                Err(kube::Error::Api(status)) if status.is_conflict() => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(Error::PoolContended {
+            pool: allocation.pool.clone(),
+            address: allocation.address.clone(),
+        })
+    }
+
+    /// Deletes a released Endpoint, or removes the finalizer of one already being deleted;
+    /// both guarded by resourceVersion so a concurrent takeover by the agent wins.
+    async fn let_go(&self, endpoint: &Endpoint) -> Result<(), Error> {
+        let api: Api<Endpoint> = Api::namespaced(
+            self.ctx.client.clone(),
+            &endpoint.namespace().unwrap_or_default(),
+        );
+        let name = endpoint.name_any();
+        let result = if endpoint.metadata.deletion_timestamp.is_some() {
+            if !endpoint
+                .finalizers()
+                .iter()
+                .any(|f| f == FINALIZER_ENDPOINT)
+            {
+                return Ok(());
+            }
+            let remaining: Vec<&String> = endpoint
+                .finalizers()
+                .iter()
+                .filter(|finalizer| *finalizer != FINALIZER_ENDPOINT)
+                .collect();
+            let patch = json!({
+                "metadata": {
+                    "resourceVersion": endpoint.resource_version(),
+                    "finalizers": remaining,
+                },
+            });
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(drop)
+        } else {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: endpoint.resource_version(),
+                    uid: endpoint.uid(),
+                }),
+                ..DeleteParams::default()
+            };
+            api.delete(&name, &params).await.map(drop)
+        };
+        match result {
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            other => other.map_err(Error::from),
+        }
+    }
+
+    /// Releases unlisted allocations past their grace and reconciles every Endpoint.
+    async fn sweep(&mut self) {
+        let ctx = self.ctx.clone();
+        let timer = ctx.metrics.reconcile_started("sweep");
+        let result = self.sweep_orphans().await;
+        timer.finish(result.as_ref().err().map(Error::metric_label));
+        if let Err(error) = result {
+            warn!(%error, "sweep of pool allocations failed; the next sweep retries");
+        }
+        for endpoint in self.caches.endpoints.state() {
+            self.reconcile(&ObjectRef::from_obj(endpoint.as_ref()))
+                .await;
+        }
+    }
+
+    async fn sweep_orphans(&mut self) -> Result<(), Error> {
+        let client = self.ctx.client.clone();
+        // Fresh lists, not caches: a record must be judged against the latest Endpoints.
+        let pools = Api::<IpPool>::all(client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items;
+        let endpoints = Api::<Endpoint>::all(client)
+            .list(&ListParams::default())
+            .await?
+            .items;
+        let listed: BTreeSet<(String, String)> = endpoints
+            .iter()
+            .flat_map(endpoint_addresses)
+            .map(|(pool, address)| (pool.to_string(), address.to_string()))
+            .collect();
+        let allocations = pools.iter().flat_map(|pool| {
+            pool.status.iter().flat_map(move |status| {
+                status
+                    .allocations
+                    .iter()
+                    .map(move |(address, record)| AllocationRef {
+                        pool: pool.name_any(),
+                        address: address.clone(),
+                        endpoint: record.endpoint.clone(),
+                        pod_uid: record.pod_uid.clone(),
+                    })
+            })
+        });
+        let alive: BTreeSet<String> = self
+            .caches
+            .pods
+            .state()
+            .iter()
+            .filter(|pod| !pod_state(pod).terminal)
+            .filter_map(|pod| pod.uid())
+            .collect();
+        let plan = plan_orphans(
+            allocations,
+            &listed,
+            |uid| alive.contains(uid),
+            &self.suspects,
+            Timestamp::now(),
+            self.ctx.endpoints.lifecycle.orphan_grace,
+        );
+        self.suspects = plan.suspects;
+        for allocation in &plan.release {
+            if self
+                .release_allocation(allocation, Reason::OrphanAllocation)
+                .await?
+            {
+                warn!(pool = %allocation.pool, address = %allocation.address, endpoint = %allocation.endpoint, "released an allocation no Endpoint lists");
+                if let Some(pool) = pools.iter().find(|pool| pool.name_any() == allocation.pool) {
+                    let note = format!(
+                        "released {} of {} (pod {}): no Endpoint lists it",
+                        allocation.address, allocation.endpoint, allocation.pod_uid
+                    );
+                    self.ctx
+                        .publish(
+                            pool,
+                            EventType::Warning,
+                            Reason::OrphanAllocation.as_str(),
+                            &note,
+                        )
+                        .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `(pool, address)` of every address an Endpoint lists (the prefix length stripped).
+fn endpoint_addresses(endpoint: &Endpoint) -> impl Iterator<Item = (&str, &str)> {
+    endpoint.spec.interfaces.iter().flat_map(|interface| {
+        [
+            (&interface.ipv4_pool, &interface.ipv4),
+            (&interface.ipv6_pool, &interface.ipv6),
+        ]
+        .into_iter()
+        .filter_map(|(pool, address)| {
+            let address = address.as_deref()?;
+            let address = address.split_once('/').map_or(address, |(ip, _)| ip);
+            Some((pool.as_deref()?, address))
+        })
+    })
+}
+
+fn pod_state(pod: &Pod) -> PodState {
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|status| status.phase.as_deref());
+    PodState {
+        terminal: matches!(phase, Some("Succeeded" | "Failed")),
+        deletion: pod.metadata.deletion_timestamp.as_ref().map(|time| time.0),
+    }
+}
+
+fn node_view(node: &Node) -> NodeView {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .and_then(|conditions| conditions.iter().find(|c| c.type_ == "Ready"));
+    match ready {
+        Some(condition) if condition.status != "True" => NodeView::NotReadySince(
+            condition
+                .last_transition_time
+                .as_ref()
+                .map_or_else(Timestamp::now, |time| time.0),
+        ),
+        _ => NodeView::Ready,
+    }
+}
+
+fn statefulset_view(statefulset: &StatefulSet) -> StatefulSetView {
+    let spec = statefulset.spec.as_ref();
+    StatefulSetView {
+        deleting: statefulset.metadata.deletion_timestamp.is_some(),
+        replicas: spec.and_then(|spec| spec.replicas).unwrap_or(1),
+        ordinals_start: spec
+            .and_then(|spec| spec.ordinals.as_ref())
+            .and_then(|ordinals| ordinals.start)
+            .unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn endpoint_addresses_strip_prefixes_and_skip_unpooled_families() {
+        let endpoint: Endpoint = serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "Endpoint",
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {
+                "interfaces": [
+                    {"interface": "eth0", "ipv4Pool": "a", "ipv4": "10.0.0.1/24", "ipv6Pool": "b", "ipv6": "fd00::1/64"},
+                    {"interface": "net1", "ipv4": "10.1.0.1/24"},
+                ],
+                "ownerKind": "Pod", "ownerName": "p", "node": "n", "podUID": "u", "containerID": "c",
+            },
+        }))
+        .expect("endpoint deserializes");
+        assert_eq!(
+            endpoint_addresses(&endpoint).collect::<Vec<_>>(),
+            vec![("a", "10.0.0.1"), ("b", "fd00::1")]
+        );
+    }
+
+    #[test]
+    fn virt_launcher_pods_trigger_their_vm_endpoint_too() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "virt-launcher-vm1-abcde", "namespace": "vms",
+                         "labels": {KUBEVIRT_VM_NAME_LABEL: "vm1"}},
+        }))
+        .expect("pod deserializes");
+        let names: Vec<_> = endpoints_of_pod(&pod).into_iter().map(|r| r.name).collect();
+        assert_eq!(names, vec!["virt-launcher-vm1-abcde", "vm1"]);
+    }
+}

@@ -1,0 +1,643 @@
+//! The Endpoint lifecycle: when the addresses of an Endpoint go back to their pools.
+//!
+//! [`decide`] is a pure function of one Endpoint and what the caches show about its holder; the
+//! reconciler in [`super::endpoint`] gathers the facts and applies the decision. The rule it
+//! never breaks: **an address whose holder is alive is never released**. A sticky owner (a valid
+//! StatefulSet replica or an existing VirtualMachine) keeps the addresses whatever its pod does;
+//! once the owner no longer keeps them, they still wait until the pod that uses them is dead.
+//!
+//! The holder pod is the pod whose UID is the Endpoint's `podUID` (looked up by the Endpoint's
+//! name, or for a VirtualMachine among the namespace's pods by UID). "Dead" is, first match wins:
+//!
+//! | Holder pod (and its node)                                             | Pod verdict           |
+//! |-----------------------------------------------------------------------|-----------------------|
+//! | no pod of that name (force-deleted, or deleted and DEL never came)    | dead: `PodDeleted`    |
+//! | a pod of that name with another UID (recreated under the same name)   | dead: `PodReplaced`   |
+//! | phase Succeeded or Failed                                             | dead: `PodCompleted`  |
+//! | its node object is gone                                               | dead: `NodeGone`      |
+//! | Terminating, and its node NotReady for longer than the NotReady grace | dead: `NodeNotReady`  |
+//! | Terminating for longer than the terminating grace after its deadline  | dead: `PodStuckTerminating` |
+//! | anything else (Pending, Running, Terminating within grace, NotReady node but not evicted) | alive |
+//!
+//! A pod on a NotReady node that nobody has evicted may still run (a network partition), so it
+//! counts as alive; the node lifecycle controller evicts it (makes it Terminating) after its
+//! toleration, and then the NotReady grace applies.
+//!
+//! The decision, with the sticky owner first:
+//!
+//! | Endpoint                                   | Owner state                                    | Pod verdict | Decision                           |
+//! |--------------------------------------------|------------------------------------------------|-------------|------------------------------------|
+//! | sticky StatefulSet, retention on           | exists, not deleting, ordinal in `[start, start+replicas)` | any | Keep                       |
+//! | sticky StatefulSet, retention on           | ordinal outside the range (scaled down)        | dead        | Release `StatefulSetScaledDown`    |
+//! | sticky StatefulSet, retention on           | gone or deleting (incl. orphan cascade)        | dead        | Release `StatefulSetDeleted`       |
+//! | sticky VirtualMachine, retention on        | exists, not deleting (pod/VMI deleted, restart, migration) | any | Keep                   |
+//! | sticky VirtualMachine, retention on        | gone or deleting                               | dead        | Release `VirtualMachineDeleted`    |
+//! | sticky, owner no longer keeps it           | —                                              | alive       | Keep (until the pod dies)          |
+//! | not sticky, or its retention switched off  | —                                              | dead        | Release (the pod verdict's reason) |
+//! | not sticky, or its retention switched off  | —                                              | alive       | Keep                               |
+//!
+//! Releases are guarded in the pools: a record is removed only while it still names this
+//! Endpoint and its `podUID`, so a same-name pod that took the address over is never robbed.
+//!
+//! The sweep adds one more rule ([`plan_orphans`]): an allocation that no Endpoint lists, seen
+//! unlisted for longer than the orphan grace (the agent writes the pool before the Endpoint), and
+//! whose pod is not alive, is released with reason `OrphanAllocation`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+use crate::crd::{EndpointSpec, IpPool};
+
+/// The owner kinds (as the agent records them in `spec.ownerKind`) whose addresses are sticky.
+pub const OWNER_STATEFULSET: &str = "StatefulSet";
+/// See [`OWNER_STATEFULSET`].
+pub const OWNER_VIRTUAL_MACHINE: &str = "VirtualMachine";
+
+/// Switches and grace periods of the lifecycle.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// StatefulSet replicas keep their addresses until scaled down or deleted.
+    pub fixed_ip_statefulset: bool,
+    /// KubeVirt VMs keep their addresses until the VirtualMachine is deleted.
+    pub fixed_ip_kubevirt: bool,
+    /// How long a Terminating pod's node may be NotReady before its addresses are reclaimed.
+    pub node_not_ready_grace: SignedDuration,
+    /// How long a pod may stay Terminating past its deletion deadline.
+    pub terminating_grace: SignedDuration,
+    /// How long an allocation may be unlisted by any Endpoint before the sweep reclaims it.
+    pub orphan_grace: SignedDuration,
+}
+
+/// Why addresses were released (metric label and Event reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    PodDeleted,
+    PodReplaced,
+    PodCompleted,
+    PodStuckTerminating,
+    NodeGone,
+    NodeNotReady,
+    StatefulSetScaledDown,
+    StatefulSetDeleted,
+    VirtualMachineDeleted,
+    OrphanAllocation,
+}
+
+impl Reason {
+    /// The reason in UpperCamelCase, as Events and metrics show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PodDeleted => "PodDeleted",
+            Self::PodReplaced => "PodReplaced",
+            Self::PodCompleted => "PodCompleted",
+            Self::PodStuckTerminating => "PodStuckTerminating",
+            Self::NodeGone => "NodeGone",
+            Self::NodeNotReady => "NodeNotReady",
+            Self::StatefulSetScaledDown => "StatefulSetScaledDown",
+            Self::StatefulSetDeleted => "StatefulSetDeleted",
+            Self::VirtualMachineDeleted => "VirtualMachineDeleted",
+            Self::OrphanAllocation => "OrphanAllocation",
+        }
+    }
+}
+
+/// What to do with one Endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Keep,
+    Release(Reason),
+}
+
+/// The holder pod as the cache shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodView {
+    /// No such pod.
+    Gone,
+    /// A pod of the Endpoint's name exists, with another UID.
+    Replaced,
+    Present(PodState),
+}
+
+/// The parts of a present pod that matter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodState {
+    /// Phase Succeeded or Failed.
+    pub terminal: bool,
+    /// `metadata.deletionTimestamp`: when the pod should be gone.
+    pub deletion: Option<Timestamp>,
+}
+
+/// The node of the Endpoint (`spec.node`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeView {
+    Gone,
+    Ready,
+    /// Not Ready (False or Unknown) since this transition.
+    NotReadySince(Timestamp),
+}
+
+/// The sticky owner as the cache shows it (`None` inside: not found).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerView {
+    /// Not looked up: the Endpoint is not sticky, or its retention is off.
+    NotSticky,
+    StatefulSet(Option<StatefulSetView>),
+    VirtualMachine(Option<VirtualMachineView>),
+}
+
+/// A StatefulSet's deletion state and ordinal range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatefulSetView {
+    pub deleting: bool,
+    pub replicas: i32,
+    /// `spec.ordinals.start` (0 when unset).
+    pub ordinals_start: i32,
+}
+
+/// A VirtualMachine's deletion state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtualMachineView {
+    pub deleting: bool,
+}
+
+/// Everything [`decide`] looks at besides the Endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed {
+    pub pod: PodView,
+    pub node: NodeView,
+    pub owner: OwnerView,
+    pub now: Timestamp,
+}
+
+/// Which sticky owner, if any, the Endpoint's addresses follow under `settings`.
+pub fn sticky_owner(spec: &EndpointSpec, settings: &Settings) -> Option<&'static str> {
+    if !spec.sticky {
+        return None;
+    }
+    match spec.owner_kind.as_str() {
+        OWNER_STATEFULSET if settings.fixed_ip_statefulset => Some(OWNER_STATEFULSET),
+        OWNER_VIRTUAL_MACHINE if settings.fixed_ip_kubevirt => Some(OWNER_VIRTUAL_MACHINE),
+        _ => None,
+    }
+}
+
+/// Decides one Endpoint (named `name`); see the module docs for the table.
+pub fn decide(
+    name: &str,
+    spec: &EndpointSpec,
+    observed: &Observed,
+    settings: &Settings,
+) -> Decision {
+    let pod_dead = pod_verdict(observed, settings);
+    let owner_gone = match observed.owner {
+        OwnerView::NotSticky => return pod_dead.map_or(Decision::Keep, Decision::Release),
+        OwnerView::StatefulSet(statefulset) => statefulset_verdict(name, spec, statefulset),
+        OwnerView::VirtualMachine(Some(vm)) if !vm.deleting => None,
+        OwnerView::VirtualMachine(_) => Some(Reason::VirtualMachineDeleted),
+    };
+    match (owner_gone, pod_dead) {
+        (Some(reason), Some(_)) => Decision::Release(reason),
+        _ => Decision::Keep,
+    }
+}
+
+/// `Some(reason)` when the holder pod is dead.
+fn pod_verdict(observed: &Observed, settings: &Settings) -> Option<Reason> {
+    let pod = match observed.pod {
+        PodView::Gone => return Some(Reason::PodDeleted),
+        PodView::Replaced => return Some(Reason::PodReplaced),
+        PodView::Present(pod) => pod,
+    };
+    if pod.terminal {
+        return Some(Reason::PodCompleted);
+    }
+    if observed.node == NodeView::Gone {
+        return Some(Reason::NodeGone);
+    }
+    let deadline = pod.deletion?;
+    if let NodeView::NotReadySince(since) = observed.node
+        && observed.now.duration_since(since) >= settings.node_not_ready_grace
+    {
+        return Some(Reason::NodeNotReady);
+    }
+    (observed.now.duration_since(deadline) >= settings.terminating_grace)
+        .then_some(Reason::PodStuckTerminating)
+}
+
+/// `Some(reason)` when the StatefulSet no longer keeps replica `name`.
+fn statefulset_verdict(
+    name: &str,
+    spec: &EndpointSpec,
+    statefulset: Option<StatefulSetView>,
+) -> Option<Reason> {
+    let Some(statefulset) = statefulset.filter(|statefulset| !statefulset.deleting) else {
+        return Some(Reason::StatefulSetDeleted);
+    };
+    let ordinal = name
+        .strip_prefix(spec.owner_name.as_str())
+        .and_then(|rest| rest.strip_prefix('-'))
+        .and_then(|ordinal| ordinal.parse::<i64>().ok());
+    let start = i64::from(statefulset.ordinals_start);
+    let end = start + i64::from(statefulset.replicas);
+    match ordinal {
+        Some(ordinal) if (start..end).contains(&ordinal) => None,
+        _ => Some(Reason::StatefulSetScaledDown),
+    }
+}
+
+/// One allocation record of a pool: `status.allocations[address]` of `pool`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AllocationRef {
+    pub pool: String,
+    pub address: String,
+    /// The record's `endpoint` (`namespace/name`).
+    pub endpoint: String,
+    /// The record's `podUID`.
+    pub pod_uid: String,
+}
+
+/// What the sweep does with allocations that no Endpoint lists.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OrphanPlan {
+    /// Release these (guarded by their endpoint and podUID).
+    pub release: Vec<AllocationRef>,
+    /// Unlisted allocations still within their grace (or with a live pod), with when they
+    /// were first seen unlisted; the next sweep passes them back in.
+    pub suspects: BTreeMap<AllocationRef, Timestamp>,
+}
+
+/// Plans the release of unlisted allocations.
+///
+/// `listed` holds `(pool, address)` of every address some Endpoint lists; `pod_alive` tells
+/// whether the pod of a UID is alive; `suspects` is the previous sweep's
+/// [`OrphanPlan::suspects`].
+pub fn plan_orphans(
+    allocations: impl IntoIterator<Item = AllocationRef>,
+    listed: &BTreeSet<(String, String)>,
+    pod_alive: impl Fn(&str) -> bool,
+    suspects: &BTreeMap<AllocationRef, Timestamp>,
+    now: Timestamp,
+    grace: SignedDuration,
+) -> OrphanPlan {
+    let mut plan = OrphanPlan::default();
+    for allocation in allocations {
+        if listed.contains(&(allocation.pool.clone(), allocation.address.clone())) {
+            continue;
+        }
+        let first_seen = suspects.get(&allocation).copied().unwrap_or(now);
+        if now.duration_since(first_seen) >= grace && !pod_alive(&allocation.pod_uid) {
+            plan.release.push(allocation);
+        } else {
+            plan.suspects.insert(allocation, first_seen);
+        }
+    }
+    plan
+}
+
+/// The status merge patch that removes `address` from `pool` and updates its counters, guarded
+/// by the pool's resourceVersion; `None` when the record is gone or no longer names `endpoint`
+/// (`namespace/name`) with `pod_uid` (someone else holds the address now: leave it).
+pub fn release_patch(pool: &IpPool, address: &str, endpoint: &str, pod_uid: &str) -> Option<Value> {
+    let status = pool.status.as_ref()?;
+    let record = status.allocations.get(address)?;
+    if record.endpoint != endpoint || record.pod_uid != pod_uid {
+        return None;
+    }
+    let allocated = i64::try_from(status.allocations.len() - 1).unwrap_or(i64::MAX);
+    Some(json!({
+        "metadata": { "resourceVersion": pool.resource_version() },
+        "status": {
+            "allocations": { address: null },
+            "allocatedIPCount": allocated,
+            "unallocatedIPCount": (status.total_ip_count - allocated).max(0),
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: SignedDuration = SignedDuration::from_secs(300);
+
+    fn settings() -> Settings {
+        Settings {
+            fixed_ip_statefulset: true,
+            fixed_ip_kubevirt: true,
+            node_not_ready_grace: GRACE,
+            terminating_grace: SignedDuration::from_secs(60),
+            orphan_grace: SignedDuration::from_secs(30),
+        }
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).expect("valid timestamp")
+    }
+
+    fn spec(owner_kind: &str, owner_name: &str, sticky: bool) -> EndpointSpec {
+        EndpointSpec {
+            interfaces: Vec::new(),
+            owner_kind: owner_kind.into(),
+            owner_name: owner_name.into(),
+            node: "node1".into(),
+            pod_uid: "uid-1".into(),
+            container_id: "c1".into(),
+            sticky,
+        }
+    }
+
+    fn running() -> PodView {
+        PodView::Present(PodState::default())
+    }
+
+    fn terminating(deadline: i64) -> PodView {
+        PodView::Present(PodState {
+            terminal: false,
+            deletion: Some(at(deadline)),
+        })
+    }
+
+    fn observed(pod: PodView, owner: OwnerView) -> Observed {
+        Observed {
+            pod,
+            node: NodeView::Ready,
+            owner,
+            now: at(1000),
+        }
+    }
+
+    fn ordinary(pod: PodView) -> Decision {
+        decide(
+            "web-7d9f-abcde",
+            &spec("ReplicaSet", "web-7d9f", false),
+            &observed(pod, OwnerView::NotSticky),
+            &settings(),
+        )
+    }
+
+    fn statefulset(replicas: i32, ordinals_start: i32, deleting: bool) -> OwnerView {
+        OwnerView::StatefulSet(Some(StatefulSetView {
+            deleting,
+            replicas,
+            ordinals_start,
+        }))
+    }
+
+    fn replica(name: &str, pod: PodView, owner: OwnerView) -> Decision {
+        decide(
+            name,
+            &spec(OWNER_STATEFULSET, "db", true),
+            &observed(pod, owner),
+            &settings(),
+        )
+    }
+
+    fn vm(pod: PodView, owner: Option<VirtualMachineView>) -> Decision {
+        decide(
+            "vm1",
+            &spec(OWNER_VIRTUAL_MACHINE, "vm1", true),
+            &observed(pod, OwnerView::VirtualMachine(owner)),
+            &settings(),
+        )
+    }
+
+    #[test]
+    fn running_and_pending_pods_keep_their_addresses() {
+        assert_eq!(ordinary(running()), Decision::Keep);
+    }
+
+    #[test]
+    fn deleted_or_force_deleted_pod_releases() {
+        assert_eq!(
+            ordinary(PodView::Gone),
+            Decision::Release(Reason::PodDeleted)
+        );
+    }
+
+    #[test]
+    fn succeeded_or_failed_pod_releases() {
+        let done = PodView::Present(PodState {
+            terminal: true,
+            deletion: None,
+        });
+        assert_eq!(ordinary(done), Decision::Release(Reason::PodCompleted));
+    }
+
+    #[test]
+    fn same_name_pod_with_a_new_uid_releases_the_old_holder_only() {
+        // The pool records are guarded by the old podUID, so the new pod keeps whatever it got.
+        assert_eq!(
+            ordinary(PodView::Replaced),
+            Decision::Release(Reason::PodReplaced)
+        );
+    }
+
+    #[test]
+    fn terminating_pod_keeps_until_past_its_grace() {
+        assert_eq!(ordinary(terminating(990)), Decision::Keep);
+        assert_eq!(
+            ordinary(terminating(900)),
+            Decision::Release(Reason::PodStuckTerminating)
+        );
+    }
+
+    #[test]
+    fn pod_on_a_deleted_node_releases() {
+        let mut facts = observed(running(), OwnerView::NotSticky);
+        facts.node = NodeView::Gone;
+        let decision = decide("p", &spec("Pod", "p", false), &facts, &settings());
+        assert_eq!(decision, Decision::Release(Reason::NodeGone));
+    }
+
+    #[test]
+    fn evicted_pod_on_a_node_not_ready_beyond_grace_releases() {
+        let decide_at = |pod, since| {
+            let mut facts = observed(pod, OwnerView::NotSticky);
+            facts.node = NodeView::NotReadySince(at(since));
+            decide("p", &spec("Pod", "p", false), &facts, &settings())
+        };
+        // Evicted (Terminating, deadline just passed) and NotReady for 400 s > 300 s.
+        assert_eq!(
+            decide_at(terminating(990), 600),
+            Decision::Release(Reason::NodeNotReady)
+        );
+        // NotReady for only 100 s: not yet.
+        assert_eq!(decide_at(terminating(990), 900), Decision::Keep);
+        // Not evicted: may still run behind a partition.
+        assert_eq!(decide_at(running(), 0), Decision::Keep);
+    }
+
+    #[test]
+    fn statefulset_pod_restarted_or_rescheduled_keeps() {
+        for pod in [PodView::Gone, PodView::Replaced, running(), terminating(0)] {
+            assert_eq!(
+                replica("db-2", pod, statefulset(3, 0, false)),
+                Decision::Keep
+            );
+        }
+    }
+
+    #[test]
+    fn statefulset_scaled_down_releases_ordinals_at_or_above_replicas() {
+        assert_eq!(
+            replica("db-2", PodView::Gone, statefulset(2, 0, false)),
+            Decision::Release(Reason::StatefulSetScaledDown)
+        );
+        assert_eq!(
+            replica("db-1", PodView::Gone, statefulset(2, 0, false)),
+            Decision::Keep
+        );
+        // Still terminating within its grace: the pod still uses the address.
+        assert_eq!(
+            replica("db-2", terminating(990), statefulset(2, 0, false)),
+            Decision::Keep
+        );
+    }
+
+    #[test]
+    fn statefulset_ordinals_start_is_honoured() {
+        let owner = statefulset(2, 5, false);
+        assert_eq!(replica("db-6", PodView::Gone, owner), Decision::Keep);
+        for name in ["db-4", "db-7", "db-x", "other-5"] {
+            assert_eq!(
+                replica(name, PodView::Gone, owner),
+                Decision::Release(Reason::StatefulSetScaledDown),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn statefulset_deleted_or_orphan_cascaded_releases_once_the_pod_is_dead() {
+        for owner in [OwnerView::StatefulSet(None), statefulset(3, 0, true)] {
+            assert_eq!(
+                replica("db-0", PodView::Gone, owner),
+                Decision::Release(Reason::StatefulSetDeleted)
+            );
+            // Orphan cascade leaves the pod running: it keeps the address until it dies.
+            assert_eq!(replica("db-0", running(), owner), Decision::Keep);
+        }
+    }
+
+    #[test]
+    fn virtual_machine_keeps_across_pod_and_vmi_deletion_restart_and_migration() {
+        let exists = Some(VirtualMachineView { deleting: false });
+        // Launcher pod deleted, VMI deleted, VM restarted: the recorded pod is gone.
+        assert_eq!(vm(PodView::Gone, exists), Decision::Keep);
+        // Live migration: the source pod still runs while the target takes over.
+        assert_eq!(vm(running(), exists), Decision::Keep);
+    }
+
+    #[test]
+    fn virtual_machine_deleted_releases_once_its_launcher_is_dead() {
+        for owner in [None, Some(VirtualMachineView { deleting: true })] {
+            assert_eq!(
+                vm(PodView::Gone, owner),
+                Decision::Release(Reason::VirtualMachineDeleted)
+            );
+            assert_eq!(vm(running(), owner), Decision::Keep);
+        }
+    }
+
+    #[test]
+    fn retention_switched_off_treats_sticky_endpoints_like_ordinary_pods() {
+        let off = Settings {
+            fixed_ip_statefulset: false,
+            fixed_ip_kubevirt: false,
+            ..settings()
+        };
+        for kind in [OWNER_STATEFULSET, OWNER_VIRTUAL_MACHINE] {
+            let spec = spec(kind, "db", true);
+            assert_eq!(sticky_owner(&spec, &off), None);
+            assert_eq!(sticky_owner(&spec, &settings()), Some(kind));
+            let facts = observed(PodView::Gone, OwnerView::NotSticky);
+            assert_eq!(
+                decide("db-0", &spec, &facts, &off),
+                Decision::Release(Reason::PodDeleted)
+            );
+        }
+        assert_eq!(
+            sticky_owner(&spec(OWNER_STATEFULSET, "db", false), &settings()),
+            None
+        );
+    }
+
+    #[test]
+    fn release_patch_removes_only_a_record_that_still_names_the_holder() {
+        let pool: IpPool = serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": "pool-0", "resourceVersion": "42"},
+            "spec": {"subnet": "s", "cidr": "10.0.0.0/24"},
+            "status": {
+                "allocations": {
+                    "10.0.0.1": {"endpoint": "default/p", "interface": "eth0", "podUID": "old", "node": "n"},
+                    "10.0.0.2": {"endpoint": "default/q", "interface": "eth0", "podUID": "q", "node": "n"},
+                },
+                "allocatedIPCount": 2, "unallocatedIPCount": 8, "totalIPCount": 10,
+            },
+        }))
+        .expect("pool deserializes");
+        assert_eq!(
+            release_patch(&pool, "10.0.0.1", "default/p", "old"),
+            Some(json!({
+                "metadata": {"resourceVersion": "42"},
+                "status": {
+                    "allocations": {"10.0.0.1": null},
+                    "allocatedIPCount": 1,
+                    "unallocatedIPCount": 9,
+                },
+            }))
+        );
+        // A same-name pod took the address over, another Endpoint holds it, or it is free.
+        assert_eq!(release_patch(&pool, "10.0.0.1", "default/p", "new"), None);
+        assert_eq!(release_patch(&pool, "10.0.0.2", "default/p", "old"), None);
+        assert_eq!(release_patch(&pool, "10.0.0.3", "default/p", "old"), None);
+    }
+
+    fn allocation(address: &str, uid: &str) -> AllocationRef {
+        AllocationRef {
+            pool: "pool-0".into(),
+            address: address.into(),
+            endpoint: "default/p".into(),
+            pod_uid: uid.into(),
+        }
+    }
+
+    #[test]
+    fn unlisted_allocations_are_released_after_the_grace_unless_their_pod_lives() {
+        let grace = settings().orphan_grace;
+        let listed = BTreeSet::from([("pool-0".to_string(), "10.0.0.1".to_string())]);
+        let all = || {
+            [
+                allocation("10.0.0.1", "a"),
+                allocation("10.0.0.2", "dead"),
+                allocation("10.0.0.3", "alive"),
+            ]
+        };
+        let alive = |uid: &str| uid == "alive";
+        // First sighting: both unlisted ones become suspects, nothing is released.
+        let first = plan_orphans(all(), &listed, alive, &BTreeMap::new(), at(0), grace);
+        assert!(first.release.is_empty());
+        assert_eq!(first.suspects.len(), 2);
+        // Within the grace: still suspects.
+        let early = plan_orphans(all(), &listed, alive, &first.suspects, at(10), grace);
+        assert!(early.release.is_empty());
+        // Past the grace: the dead pod's allocation goes, the live pod's stays a suspect.
+        let late = plan_orphans(all(), &listed, alive, &early.suspects, at(31), grace);
+        assert_eq!(late.release, vec![allocation("10.0.0.2", "dead")]);
+        assert_eq!(
+            late.suspects.keys().cloned().collect::<Vec<_>>(),
+            vec![allocation("10.0.0.3", "alive")]
+        );
+        // Once listed (the agent's Endpoint arrived), a suspect is forgotten.
+        let listed_all: BTreeSet<_> = all()
+            .into_iter()
+            .map(|allocation| (allocation.pool, allocation.address))
+            .collect();
+        let settled = plan_orphans(all(), &listed_all, alive, &late.suspects, at(40), grace);
+        assert_eq!(settled, OrphanPlan::default());
+    }
+}
