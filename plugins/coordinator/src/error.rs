@@ -53,6 +53,9 @@ pub enum CoordinatorError {
          podDefaultRouteNIC"
     )]
     UnnumberedInterface(String),
+
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
 }
 
 impl CoordinatorError {
@@ -65,7 +68,7 @@ impl CoordinatorError {
             | Self::KubevirtBridge
             | Self::PodVethNameTaken
             | Self::UnnumberedInterface(_) => ErrorCode::INVALID_NETWORK_CONFIG,
-            Self::HostVethExists(_) => ErrorCode::IO_FAILURE,
+            Self::HostVethExists(_) | Self::Netlink(_) => ErrorCode::IO_FAILURE,
         }
     }
 }

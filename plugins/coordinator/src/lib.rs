@@ -1,18 +1,18 @@
 //! virtnet-coordinator: the chained CNI plugin that runs after the pod's underlay interface
-//! plugin (macvlan) and, in time, wires the pod to its host and to Services.
+//! plugin (macvlan) and wires the pod to its node and to Services, and routes extra NICs.
 //!
-//! What it does **today**:
-//! - validates the environment, its own keys ([`config::CoordinatorConfig`]) and, for ADD and
-//!   CHECK, the `prevResult` (at least one interface and one IP, well-formed addresses);
-//! - ADD prints `prevResult` unchanged, converted to the config's `cniVersion`;
-//! - CHECK, DEL, GC and STATUS succeed without touching anything.
+//! - ADD validates the environment, its keys ([`config::CoordinatorConfig`]) and `prevResult`,
+//!   reads the node's addresses, plans ([`plan`]) and applies ([`netlink`]) the changes, rolling
+//!   back on failure, then prints `prevResult` unchanged (in the config's `cniVersion`).
+//! - DEL removes what ADD added, found from the container id and interface name alone; it
+//!   succeeds when things, or the pod netns, are already gone.
+//! - CHECK validates `prevResult`; GC and STATUS succeed.
 //!
-//! The host veth, routes, `ip rule`s in `hostRuleTable`, neighbour entries, conflict and
-//! gateway detection come with the netlink layer; every setting they need is already parsed and
-//! validated here, so a conflist that works today keeps working then.
+//! Not yet: IP conflict and gateway detection (`detectIPConflict`, `detectGateway` are parsed).
 
 pub mod config;
 pub mod error;
+pub mod netlink;
 pub mod plan;
 
 use virtnet_cni::env::{Attachment, Detachment};
@@ -20,8 +20,10 @@ use virtnet_cni::logging::LogSettings;
 use virtnet_cni::skel::{Call, Plugin};
 use virtnet_cni::{CniError, CniResult, NetworkConfig};
 
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, Mode};
 use crate::error::CoordinatorError;
+use crate::netlink::{Netlink, NetlinkError};
+use crate::plan::{Op, Target, plan_add, plan_del};
 
 pub const PLUGIN_NAME: &str = "virtnet-coordinator";
 
@@ -44,22 +46,57 @@ impl Plugin for CoordinatorPlugin {
         call: &Call<'_, CoordinatorConfig>,
         attachment: &Attachment,
     ) -> Result<CniResult, CniError> {
-        let pod_interfaces = chained_result(call.network)?;
-        tracing::debug!(
-            mode = ?call.config.mode,
-            netns = %attachment.netns.display(),
-            "host wiring is not implemented yet; passing prevResult through unchanged"
-        );
-        Ok(pod_interfaces)
+        let prev = chained_result(call.network)?;
+        let config = call.config;
+        if config.mode == Mode::Disabled {
+            return Ok(prev);
+        }
+        if config.service_cidrs.is_empty() {
+            tracing::warn!(
+                "serviceCIDRs is not set: the pod reaches its node but not Service ClusterIPs \
+                 through it; set serviceCIDRs, e.g. [\"10.96.0.0/12\"]"
+            );
+        }
+        let target = Target {
+            container_id: &attachment.container_id,
+            ifname: &attachment.ifname,
+        };
+        let netlink = Netlink::open(Some(&attachment.netns)).map_err(CoordinatorError::from)?;
+        let node = netlink.node_snapshot().map_err(CoordinatorError::from)?;
+        let ops = plan_add(config, target, &prev, &node)?;
+        apply_all(&netlink, &ops).map_err(CoordinatorError::from)?;
+        Ok(prev)
     }
 
     fn del(
         &self,
-        _call: &Call<'_, CoordinatorConfig>,
-        _detachment: &Detachment,
+        call: &Call<'_, CoordinatorConfig>,
+        detachment: &Detachment,
     ) -> Result<(), CniError> {
-        // ADD changes nothing yet, so there is nothing to undo.
-        Ok(())
+        let target = Target {
+            container_id: &detachment.container_id,
+            ifname: &detachment.ifname,
+        };
+        let teardowns = plan_del(call.config, target)?;
+        if teardowns.is_empty() {
+            return Ok(());
+        }
+        // A pod netns that is already gone took the pod side with it: tear down the node side.
+        let netlink = match Netlink::open(detachment.netns.as_deref()) {
+            Err(NetlinkError::OpenNetns { .. } | NetlinkError::EnterNetns { .. }) => {
+                Netlink::open(None)
+            }
+            opened => opened,
+        }
+        .map_err(CoordinatorError::from)?;
+        let mut first_error = None;
+        for teardown in &teardowns {
+            if let Err(error) = netlink.teardown(teardown) {
+                tracing::warn!(%error, "DEL continues with the next step");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), |error| Err(CoordinatorError::from(error).into()))
     }
 
     fn check(
@@ -77,6 +114,22 @@ impl Plugin for CoordinatorPlugin {
     fn status(&self, _call: &Call<'_, CoordinatorConfig>) -> Result<(), CniError> {
         Ok(())
     }
+}
+
+/// Applies `ops` in order; on the first failure, takes back what was done (including the
+/// failed step, which may have half-happened) so a failed ADD leaves nothing behind.
+fn apply_all(netlink: &Netlink, ops: &[Op]) -> Result<(), NetlinkError> {
+    for (index, op) in ops.iter().enumerate() {
+        if let Err(error) = netlink.apply(op) {
+            for undo in ops[..=index].iter().rev().filter_map(Op::undo) {
+                if let Err(undo_error) = netlink.teardown(&undo) {
+                    tracing::warn!(%undo_error, "rolling back a failed ADD");
+                }
+            }
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 /// The interface plugin's result, which the coordinator needs to know what to wire up.

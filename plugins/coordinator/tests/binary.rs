@@ -41,12 +41,15 @@ fn macvlan_result() -> Value {
     })
 }
 
-/// The coordinator's entry of the README's conflist, as the runtime hands it over after macvlan.
+/// The coordinator's entry of the README's conflist, as the runtime hands it over after macvlan,
+/// in pass-through mode: these tests run without root and without the netns; the wiring itself
+/// is proven in `tests/netns.rs`.
 fn chained_config() -> Value {
     json!({
         "cniVersion": "0.3.1",
         "name": "macvlan",
         "type": "virtnet-coordinator",
+        "mode": "disabled",
         "prevResult": macvlan_result(),
     })
 }
@@ -355,7 +358,6 @@ fn add_converts_prev_result_to_the_requested_version() -> TestResult {
 fn add_accepts_every_documented_setting() -> TestResult {
     let mut config = chained_config();
     for (key, value) in [
-        ("mode", json!("underlay")),
         ("serviceCIDRs", json!(["10.96.0.0/12", "fd00:10:96::/112"])),
         ("hostRuleTable", json!(500)),
         ("podDefaultRouteNIC", json!("eth0")),
@@ -375,6 +377,19 @@ fn add_accepts_every_documented_setting() -> TestResult {
         macvlan_result()
     );
     Ok(())
+}
+
+#[test]
+fn add_into_a_missing_netns_fails_naming_it() -> TestResult {
+    rejects(
+        &add_env(),
+        &config_with("mode", json!("auto")),
+        ErrorCode::IO_FAILURE,
+        &[
+            "cannot open network namespace /var/run/netns/cni-1234",
+            "is the pod sandbox still running?",
+        ],
+    )
 }
 
 #[test]
