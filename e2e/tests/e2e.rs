@@ -6,6 +6,8 @@
 //! is reported as ignored, with the reason.
 #[path = "e2e/cluster.rs"]
 mod cluster;
+#[path = "e2e/gc.rs"]
+mod gc;
 #[path = "e2e/pod_network.rs"]
 mod pod_network;
 #[path = "e2e/support.rs"]
@@ -47,6 +49,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "deleting_a_deployment_removes_its_pods_and_their_netns",
         pod_network::deleting_a_deployment_removes_its_pods_and_their_netns,
+    ),
+    (
+        "controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones",
+        gc::controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones,
     ),
 ];
 
