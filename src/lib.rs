@@ -2,8 +2,10 @@
 //!
 //! - [`crd`]: the `virtnet.io/v1alpha1` custom resources (Subnet, IPPool, Endpoint).
 //! - [`ipam`]: the pure IPAM engine (range arithmetic, pool splitting, allocation decisions).
+//! - [`agent`]: `virtnet agent` (per-node allocation for virtnet-ipam over a unix socket).
 //! - [`controller`]: `virtnet controller` (Subnet → IPPools, status, leader election).
 //! - [`observability`] and [`telemetry`]: health/metrics endpoints and logs.
+pub mod agent;
 pub mod controller;
 pub mod crd;
 pub mod ipam;

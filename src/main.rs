@@ -24,6 +24,17 @@ enum Command {
         #[arg(long, env = "VIRTNET_LOG_LEVEL", default_value = "info")]
         log_level: String,
     },
+    /// Run the node agent: allocates addresses for virtnet-ipam over a unix socket.
+    Agent {
+        #[command(flatten)]
+        args: virtnet::agent::AgentArgs,
+        /// Log line format.
+        #[arg(long, env = "VIRTNET_LOG_FORMAT", value_enum, default_value_t)]
+        log_format: virtnet::telemetry::LogFormat,
+        /// Log level: error, warn, info, debug or trace.
+        #[arg(long, env = "VIRTNET_LOG_LEVEL", default_value = "info")]
+        log_level: String,
+    },
     /// Print the CustomResourceDefinitions as YAML (or write them into a directory).
     Crdgen(CrdgenArgs),
 }
@@ -50,6 +61,17 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?
                 .block_on(virtnet::controller::run(args))
                 .context("virtnet controller failed")
+        }
+        Command::Agent {
+            args,
+            log_format,
+            log_level,
+        } => {
+            virtnet::telemetry::init(log_format, &log_level);
+            tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(virtnet::agent::run(args))
+                .context("virtnet agent failed")
         }
     }
 }

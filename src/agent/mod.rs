@@ -1,0 +1,215 @@
+//! `virtnet agent`: one per node, serves virtnet-ipam over a unix socket.
+//!
+//! The agent keeps watch-fed caches (reflectors) of Subnets, IPPools, Namespaces, Endpoints, its
+//! own Node and the Pods on its node. ADD is a decision on the cache ([`plan::plan_allocation`]:
+//! the engine's selection, the address the holder already holds or a free one picked for this
+//! node) committed to the API server with a merge patch on the pool's status guarded by its
+//! resourceVersion; on a conflict the agent re-reads that pool and decides again (bounded,
+//! jittered backoff). There is no cluster-wide lock. The Endpoint is written next; if that fails
+//! the claimed addresses are released, and if the agent dies in between, the next ADD finds the
+//! address by its holder in the pool and reuses it.
+//!
+//! API: [`virtnet_cni::agent_api`]. `/healthz`, `/readyz` and `/metrics` are served on
+//! `--http-address` by [`crate::observability`].
+
+pub mod plan;
+mod service;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tracing::{info, warn};
+use virtnet_cni::agent_api::{
+    ALLOCATE_PATH, AllocateRequest, AllocateResponse, ApiError, CHECK_PATH, CheckRequest, Empty,
+    ErrorKind, GC_PATH, GcRequest, RELEASE_PATH, ReleaseRequest, STATUS_PATH,
+};
+
+use crate::observability::{Health, Metrics};
+use service::Agent;
+
+/// Errors that stop the agent; each tells the operator what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(
+        "the virtnet.io CRDs are not installed ({0}): apply chart/crds/ \
+         (kubectl apply -f chart/crds/) or install the Helm chart"
+    )]
+    CrdsMissing(kube::Error),
+    #[error(
+        "cannot listen on the plugin socket {}: {source}; the agent must run as root with \
+         /var/run/virtnet mounted from the host",
+        path.display()
+    )]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot serve health and metrics on {address}: {source}")]
+    Serve {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Settings of `virtnet agent`; the environment names are the ones the chart's DaemonSet sets.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// This node's name (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The unix socket virtnet-ipam connects to (created with mode 0600).
+    #[arg(
+        long,
+        env = "VIRTNET_SOCKET",
+        default_value = "/var/run/virtnet/agent.sock"
+    )]
+    pub socket: PathBuf,
+    /// Address of the /healthz, /readyz and /metrics endpoint.
+    #[arg(long, env = "VIRTNET_HTTP_ADDR", default_value = "0.0.0.0:9741")]
+    pub http_address: SocketAddr,
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(args: AgentArgs) -> Result<(), Error> {
+    let client = kube::Client::try_default().await?;
+    let health = Health::default();
+    let server = crate::observability::serve(
+        args.http_address,
+        Arc::new(Metrics::default()),
+        health.clone(),
+    )
+    .await
+    .map_err(|source| Error::Serve {
+        address: args.http_address,
+        source,
+    })?;
+    tokio::spawn(server);
+
+    let agent = Arc::new(Agent::start(client, args.node_name.clone()).await?);
+    let listener = bind_socket(&args.socket)?;
+    health.set_ready(true);
+    info!(node = %args.node_name, socket = %args.socket.display(), "serving virtnet-ipam");
+    let router = Router::new()
+        .route(ALLOCATE_PATH, post(allocate))
+        .route(RELEASE_PATH, post(release))
+        .route(CHECK_PATH, post(check))
+        .route(GC_PATH, post(gc))
+        .route(STATUS_PATH, get(status))
+        .with_state(agent);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|source| Error::Socket {
+            path: args.socket.clone(),
+            source,
+        })?;
+    if let Err(error) = std::fs::remove_file(&args.socket) {
+        warn!(%error, "could not remove the plugin socket");
+    }
+    Ok(())
+}
+
+/// Binds the plugin socket (replacing a stale one from a previous run) with mode 0600.
+fn bind_socket(path: &PathBuf) -> Result<tokio::net::UnixListener, Error> {
+    let failed = |source| Error::Socket {
+        path: path.clone(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(failed)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(failed(error)),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(failed)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = terminate => {},
+    }
+}
+
+/// An [`ApiError`] as an HTTP answer.
+struct Refusal(ApiError);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let status = match self.0.kind {
+            ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::SubnetNotFound | ErrorKind::NotAllocated => StatusCode::NOT_FOUND,
+            ErrorKind::PoolExhausted | ErrorKind::IpConflict => StatusCode::CONFLICT,
+            ErrorKind::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        Self(error)
+    }
+}
+
+async fn allocate(
+    State(agent): State<Arc<Agent>>,
+    Json(request): Json<AllocateRequest>,
+) -> Result<Json<AllocateResponse>, Refusal> {
+    Ok(Json(agent.allocate(&request).await?))
+}
+
+async fn release(
+    State(agent): State<Arc<Agent>>,
+    Json(request): Json<ReleaseRequest>,
+) -> Result<Json<Empty>, Refusal> {
+    agent
+        .release(&request.container_id, &request.ifname, request.pod.as_ref())
+        .await?;
+    Ok(Json(Empty {}))
+}
+
+async fn check(
+    State(agent): State<Arc<Agent>>,
+    Json(request): Json<CheckRequest>,
+) -> Result<Json<Empty>, Refusal> {
+    agent.check(&request).await?;
+    Ok(Json(Empty {}))
+}
+
+async fn gc(
+    State(agent): State<Arc<Agent>>,
+    Json(request): Json<GcRequest>,
+) -> Result<Json<Empty>, Refusal> {
+    agent.gc(&request).await?;
+    Ok(Json(Empty {}))
+}
+
+async fn status() -> Json<Empty> {
+    // Requests are served only once every cache has synced.
+    Json(Empty {})
+}

@@ -1,0 +1,779 @@
+//! The agent's decisions, as pure functions over cached objects: who the holder is, which
+//! Subnet and address an interface gets, the patches that claim and release an address, the
+//! Endpoint that records it, and the answer the plugin prints.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as KubeLabelSelector;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+use virtnet_cni::agent_api::{
+    AllocateResponse, AllocatedIp, ApiDns, ApiError, ApiRoute, ErrorKind,
+};
+
+use crate::controller::pools::{PlanError, subnet_addresses};
+use crate::crd::{EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
+use crate::ipam::{
+    AllocationHolder, AllocationKey, IpFamily, IpSet, IpamError, LabelRequirement, LabelSelector,
+    NamespaceDefaultSubnet, OwnerRef, PodFacts, PodIpamAnnotations, PoolState, Selection,
+    SelectionRequest, SelectorOperator, SubnetFacts, allocate_in_pools, find_static_pool,
+    parse_pool_name, select_for_interface,
+};
+
+/// Why an allocation cannot be decided; each maps to an [`ErrorKind`] for the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanFailure {
+    #[error("pod {namespace}/{name} is not in the agent's cache yet; the runtime retries the ADD")]
+    PodNotCached { namespace: String, name: String },
+    #[error(
+        "pod {namespace}/{name} has uid {cached} but the runtime asked for uid {requested}: the \
+         pod was re-created; the runtime retries the ADD for the new pod"
+    )]
+    PodUidMismatch {
+        namespace: String,
+        name: String,
+        cached: String,
+        requested: String,
+    },
+    #[error("Subnet {subnet}: {source}; fix the Subnet's spec")]
+    BadSubnet { subnet: String, source: PlanError },
+    #[error("IPPool {pool}: {source}; fix or delete the pool so the controller re-creates it")]
+    BadPool { pool: String, source: PlanError },
+    #[error(
+        "Subnet {subnet} has no IPPool yet; is virtnet-controller running? It creates the pools"
+    )]
+    NoPools { subnet: String },
+    #[error(
+        "IPPool {pool} named by the pod's annotation does not exist; name an existing pool \
+         (kubectl get ippools)"
+    )]
+    UnknownPool { pool: String },
+    #[error(
+        "a Subnet selector uses the operator {operator:?}; use In, NotIn, Exists or DoesNotExist"
+    )]
+    BadSelector { operator: String },
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+}
+
+impl PlanFailure {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::PodNotCached { .. } | Self::PodUidMismatch { .. } | Self::NoPools { .. } => {
+                ErrorKind::NotReady
+            }
+            Self::BadSubnet { .. } | Self::BadPool { .. } | Self::BadSelector { .. } => {
+                ErrorKind::Internal
+            }
+            Self::UnknownPool { .. } | Self::Ipam(IpamError::UnknownSubnet { .. }) => {
+                ErrorKind::SubnetNotFound
+            }
+            Self::Ipam(IpamError::PoolExhausted { .. } | IpamError::SubnetExhausted { .. }) => {
+                ErrorKind::PoolExhausted
+            }
+            Self::Ipam(IpamError::StaticAddressInUse { .. }) => ErrorKind::IpConflict,
+            Self::Ipam(_) => ErrorKind::InvalidRequest,
+        }
+    }
+}
+
+impl From<PlanFailure> for ApiError {
+    fn from(failure: PlanFailure) -> Self {
+        Self::new(failure.kind(), failure.to_string())
+    }
+}
+
+/// The facts about the pod that decide its allocation key.
+pub fn pod_facts(pod: &Pod) -> PodFacts {
+    PodFacts {
+        namespace: pod.namespace().unwrap_or_default(),
+        name: pod.name_any(),
+        uid: pod.uid().unwrap_or_default(),
+        owners: pod
+            .owner_references()
+            .iter()
+            .map(|owner| OwnerRef {
+                kind: owner.kind.clone(),
+                name: owner.name.clone(),
+                api_group: owner
+                    .api_version
+                    .split_once('/')
+                    .map(|(group, _)| group.to_owned())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        labels: pod.labels().clone(),
+    }
+}
+
+/// `namespace/name` of the Endpoint recording `key`'s allocations, as IPPool records name it.
+pub fn endpoint_ref(key: &AllocationKey) -> String {
+    format!("{}/{}", key.namespace(), key.endpoint_name())
+}
+
+/// Whether a pool record belongs to `holder`: same Endpoint and interface, and for a per-pod
+/// key the same pod UID (a sticky key keeps its address across pod UIDs).
+pub fn record_is_held_by(record: &IpAllocation, holder: &AllocationHolder) -> bool {
+    record.endpoint == endpoint_ref(&holder.key)
+        && record.interface == holder.interface
+        && match &holder.key {
+            AllocationKey::Pod { uid, .. } => &record.pod_uid == uid,
+            AllocationKey::StatefulSetPod { .. } | AllocationKey::VirtualMachine { .. } => true,
+        }
+}
+
+/// The engine's model of `pool`, seen from `holder`: records that belong to it become its
+/// holder, every other record an opaque holder that can never equal it.
+pub fn pool_state(pool: &IpPool, holder: &AllocationHolder) -> Result<PoolState, PlanFailure> {
+    let name = pool.name_any();
+    let bad = |source: PlanError| PlanFailure::BadPool {
+        pool: name.clone(),
+        source,
+    };
+    let (subnet, index) =
+        parse_pool_name(&name).ok_or_else(|| PlanFailure::UnknownPool { pool: name.clone() })?;
+    let ranges = IpSet::parse_ranges(&pool.spec.ips).map_err(|error| bad(error.into()))?;
+    let mut state = PoolState::new(subnet, index, ranges);
+    state.draining = pool.spec.draining;
+    for (address, record) in pool.status.iter().flat_map(|status| &status.allocations) {
+        let address: IpAddr = address.parse().map_err(|_| {
+            bad(PlanError::AllocationKey {
+                pool: name.clone(),
+                key: address.clone(),
+            })
+        })?;
+        let held_by = if record_is_held_by(record, holder) {
+            holder.clone()
+        } else {
+            AllocationHolder {
+                key: AllocationKey::Pod {
+                    namespace: String::new(),
+                    name: record.endpoint.clone(),
+                    uid: format!("{}/{}", record.pod_uid, record.interface),
+                },
+                interface: record.interface.clone(),
+            }
+        };
+        state.allocations.insert(address, held_by);
+    }
+    Ok(state)
+}
+
+/// Everything one interface's decision reads from the caches.
+pub struct AllocationInput<'a> {
+    pub pod: &'a Pod,
+    pub namespace: Option<&'a Namespace>,
+    pub node: &'a str,
+    pub node_labels: &'a BTreeMap<String, String>,
+    pub interface: &'a str,
+    pub cni_default_subnets: &'a [String],
+    pub subnets: &'a [Subnet],
+    pub pools: &'a [IpPool],
+}
+
+/// One address to hold: from which pool (at which resourceVersion), and whether the pool
+/// already records it for this holder (a replayed ADD, or an agent that crashed before writing
+/// the Endpoint).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub pool: String,
+    pub resource_version: String,
+    pub address: IpAddr,
+    pub cidr: IpNet,
+    pub gateway: IpAddr,
+    pub subnet: String,
+    pub already_held: bool,
+}
+
+/// The decision for one interface: the holder, and one claim per family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllocationPlan {
+    pub holder: AllocationHolder,
+    pub claims: Vec<Claim>,
+}
+
+fn subnet_facts(subnet: &Subnet) -> Result<SubnetFacts, PlanFailure> {
+    Ok(SubnetFacts {
+        name: subnet.name_any(),
+        addresses: subnet_addresses(subnet).map_err(|source| PlanFailure::BadSubnet {
+            subnet: subnet.name_any(),
+            source,
+        })?,
+        default: subnet.spec.default,
+        namespace_selector: subnet
+            .spec
+            .namespace_selector
+            .as_ref()
+            .map(label_selector)
+            .transpose()?,
+        node_selector: subnet
+            .spec
+            .node_selector
+            .as_ref()
+            .map(label_selector)
+            .transpose()?,
+    })
+}
+
+/// The engine's selector for a Kubernetes one; an unknown operator makes the Subnet unusable.
+fn label_selector(selector: &KubeLabelSelector) -> Result<LabelSelector, PlanFailure> {
+    let match_expressions = selector
+        .match_expressions
+        .iter()
+        .flatten()
+        .map(|expression| {
+            let operator = match expression.operator.as_str() {
+                "In" => SelectorOperator::In,
+                "NotIn" => SelectorOperator::NotIn,
+                "Exists" => SelectorOperator::Exists,
+                "DoesNotExist" => SelectorOperator::DoesNotExist,
+                other => {
+                    return Err(PlanFailure::BadSelector {
+                        operator: other.to_owned(),
+                    });
+                }
+            };
+            Ok(LabelRequirement {
+                key: expression.key.clone(),
+                operator,
+                values: expression.values.clone().unwrap_or_default(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(LabelSelector {
+        match_labels: selector.match_labels.clone().unwrap_or_default(),
+        match_expressions,
+    })
+}
+
+/// Decides the addresses of one interface: selection by the engine, then the address the
+/// holder already holds, or a free one picked for this node.
+pub fn plan_allocation(input: &AllocationInput<'_>) -> Result<AllocationPlan, PlanFailure> {
+    let facts = pod_facts(input.pod);
+    let holder = AllocationHolder {
+        key: AllocationKey::for_pod(&facts, true),
+        interface: input.interface.to_owned(),
+    };
+    let annotations = PodIpamAnnotations::parse(input.pod.annotations())?;
+    let empty = BTreeMap::new();
+    let namespace_annotations = input.namespace.map_or(&empty, |ns| ns.annotations());
+    let namespace_default = NamespaceDefaultSubnet::parse(namespace_annotations)?;
+    // A Subnet with a broken spec is left out of selection (the controller reports it).
+    let subnets: Vec<SubnetFacts> = input
+        .subnets
+        .iter()
+        .filter_map(|subnet| subnet_facts(subnet).ok())
+        .collect();
+    let selection = select_for_interface(&SelectionRequest {
+        interface: input.interface,
+        pod: &annotations,
+        namespace_default: namespace_default.as_ref(),
+        namespace_labels: input.namespace.map_or(&empty, |ns| ns.labels()),
+        node_labels: input.node_labels,
+        cni_default_subnets: input.cni_default_subnets,
+        subnets: &subnets,
+    })?;
+    let claims = [selection.ipv4, selection.ipv6]
+        .into_iter()
+        .flatten()
+        .map(|selection| claim(input, &subnets, &holder, &selection))
+        .collect::<Result<_, _>>()?;
+    Ok(AllocationPlan { holder, claims })
+}
+
+fn claim(
+    input: &AllocationInput<'_>,
+    subnets: &[SubnetFacts],
+    holder: &AllocationHolder,
+    selection: &Selection,
+) -> Result<Claim, PlanFailure> {
+    let candidates: Vec<&str> = match selection {
+        Selection::StaticAddress { subnet, .. } | Selection::Pool { subnet, .. } => {
+            vec![subnet]
+        }
+        Selection::Subnets { subnets, .. } => subnets.iter().map(String::as_str).collect(),
+    };
+    let mut last_failure = None;
+    for name in candidates {
+        let Some(subnet) = subnets.iter().find(|facts| facts.name == name) else {
+            continue;
+        };
+        match claim_in_subnet(input, subnet, holder, selection) {
+            Ok(claim) => return Ok(claim),
+            Err(failure) => last_failure = Some(failure),
+        }
+    }
+    Err(last_failure.unwrap_or_else(|| {
+        PlanFailure::Ipam(IpamError::NoSubnetForInterface {
+            interface: holder.interface.clone(),
+        })
+    }))
+}
+
+fn claim_in_subnet(
+    input: &AllocationInput<'_>,
+    subnet: &SubnetFacts,
+    holder: &AllocationHolder,
+    selection: &Selection,
+) -> Result<Claim, PlanFailure> {
+    let objects: Vec<&IpPool> = input
+        .pools
+        .iter()
+        .filter(|pool| pool.spec.subnet == subnet.name)
+        .filter(|pool| match selection {
+            Selection::Pool { pool: wanted, .. } => &pool.name_any() == wanted,
+            _ => true,
+        })
+        .collect();
+    if objects.is_empty() {
+        return Err(match selection {
+            Selection::Pool { pool, .. } => PlanFailure::UnknownPool { pool: pool.clone() },
+            _ => PlanFailure::NoPools {
+                subnet: subnet.name.clone(),
+            },
+        });
+    }
+    let mut states = objects
+        .iter()
+        .map(|pool| pool_state(pool, holder))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addresses = &subnet.addresses;
+    let held = states
+        .iter()
+        .enumerate()
+        .find_map(|(position, pool)| pool.address_of(holder).map(|address| (position, address)));
+    let (position, address) = match (held, selection) {
+        (Some(held), _) => held,
+        (None, Selection::StaticAddress { address, .. }) => {
+            let position = find_static_pool(&states, addresses, holder, *address)?;
+            states[position].allocate_static(addresses, holder.clone(), *address)?;
+            (position, *address)
+        }
+        (None, _) => allocate_in_pools(&mut states, addresses, holder.clone(), input.node)?,
+    };
+    Ok(Claim {
+        pool: objects[position].name_any(),
+        resource_version: objects[position].resource_version().unwrap_or_default(),
+        address,
+        cidr: addresses.cidr(),
+        gateway: addresses.gateway(),
+        subnet: subnet.name.clone(),
+        already_held: held.is_some(),
+    })
+}
+
+/// The record a pool keeps for a claimed address.
+pub fn allocation_record(holder: &AllocationHolder, pod_uid: &str, node: &str) -> IpAllocation {
+    IpAllocation {
+        endpoint: endpoint_ref(&holder.key),
+        interface: holder.interface.clone(),
+        pod_uid: pod_uid.to_owned(),
+        node: node.to_owned(),
+    }
+}
+
+/// The merge patch (on the status subresource) that records `address` for `record`, accepted
+/// only if the pool is still at `resource_version` — optimistic concurrency, no lock.
+pub fn claim_patch(resource_version: &str, address: IpAddr, record: &IpAllocation) -> Value {
+    json!({
+        "metadata": {"resourceVersion": resource_version},
+        "status": {"allocations": {address.to_string(): record}},
+    })
+}
+
+/// The merge patch that removes `address`, if the pool at `resource_version` still records it
+/// for `holder` (`None`: nothing of `holder`'s to remove).
+pub fn release_patch(pool: &IpPool, address: IpAddr, holder: &AllocationHolder) -> Option<Value> {
+    let record = pool
+        .status
+        .as_ref()?
+        .allocations
+        .get(&address.to_string())?;
+    record_is_held_by(record, holder).then(|| {
+        json!({
+            "metadata": {"resourceVersion": pool.resource_version().unwrap_or_default()},
+            "status": {"allocations": {address.to_string(): null}},
+        })
+    })
+}
+
+/// The Endpoint interface entry recording `claims`.
+pub fn endpoint_interface(interface: &str, claims: &[Claim]) -> EndpointInterface {
+    let mut entry = EndpointInterface {
+        interface: interface.to_owned(),
+        ipv4_pool: None,
+        ipv4: None,
+        ipv4_gateway: None,
+        ipv6_pool: None,
+        ipv6: None,
+        ipv6_gateway: None,
+        vlan: None,
+    };
+    for claim in claims {
+        let address = IpNet::new(claim.address, claim.cidr.prefix_len())
+            .map(|net| net.to_string())
+            .ok();
+        if claim.address.is_ipv4() {
+            entry.ipv4_pool = Some(claim.pool.clone());
+            entry.ipv4 = address;
+            entry.ipv4_gateway = Some(claim.gateway.to_string());
+        } else {
+            entry.ipv6_pool = Some(claim.pool.clone());
+            entry.ipv6 = address;
+            entry.ipv6_gateway = Some(claim.gateway.to_string());
+        }
+    }
+    entry
+}
+
+/// What the Endpoint of this pod should say after this ADD: `existing` (if any) with this
+/// interface's entry replaced and the current pod's identity.
+pub fn endpoint_spec(
+    existing: Option<&EndpointSpec>,
+    holder: &AllocationHolder,
+    interface: EndpointInterface,
+    pod: &PodFacts,
+    node: &str,
+    container_id: &str,
+) -> EndpointSpec {
+    let mut interfaces: Vec<EndpointInterface> = existing
+        .map(|spec| {
+            spec.interfaces
+                .iter()
+                .filter(|known| known.interface != interface.interface)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    interfaces.push(interface);
+    interfaces.sort_by(|a, b| a.interface.cmp(&b.interface));
+    let (owner_kind, owner_name) = match &holder.key {
+        AllocationKey::Pod { name, .. } => ("Pod", name.clone()),
+        AllocationKey::StatefulSetPod { name, .. } => (
+            "StatefulSet",
+            pod.owners
+                .iter()
+                .find(|owner| owner.kind == "StatefulSet")
+                .map_or_else(|| name.clone(), |owner| owner.name.clone()),
+        ),
+        AllocationKey::VirtualMachine { name, .. } => ("VirtualMachine", name.clone()),
+    };
+    EndpointSpec {
+        interfaces,
+        owner_kind: owner_kind.to_owned(),
+        owner_name,
+        node: node.to_owned(),
+        pod_uid: pod.uid.clone(),
+        container_id: container_id.to_owned(),
+        sticky: holder.key.is_sticky(),
+    }
+}
+
+/// The plugin's answer: the addresses with their gateways, a default route per family via the
+/// Subnet's gateway plus the Subnet's routes, and the Subnet's DNS (first Subnet with DNS wins).
+pub fn allocate_response(claims: &[Claim], subnets: &[Subnet]) -> AllocateResponse {
+    let mut response = AllocateResponse::default();
+    for claim in claims {
+        let address = IpNet::new(claim.address, claim.cidr.prefix_len()).unwrap_or(claim.cidr);
+        response.ips.push(AllocatedIp {
+            address,
+            gateway: Some(claim.gateway),
+            pool: claim.pool.clone(),
+        });
+        let default = match IpFamily::of(claim.address) {
+            IpFamily::V4 => IpNet::V4(Default::default()),
+            IpFamily::V6 => IpNet::V6(Default::default()),
+        };
+        response.routes.push(ApiRoute {
+            dst: default,
+            gw: Some(claim.gateway),
+        });
+        let Some(subnet) = subnets.iter().find(|s| s.name_any() == claim.subnet) else {
+            continue;
+        };
+        response
+            .routes
+            .extend(subnet.spec.routes.iter().filter_map(|route| {
+                Some(ApiRoute {
+                    dst: route.dst.parse().ok()?,
+                    gw: Some(route.gw.parse().ok()?),
+                })
+            }));
+        if let (true, Some(dns)) = (response.dns == ApiDns::default(), &subnet.spec.dns) {
+            response.dns = ApiDns {
+                nameservers: dns.nameservers.clone(),
+                domain: dns.domain.clone(),
+                search: dns.search.clone(),
+                options: dns.options.clone(),
+            };
+        }
+    }
+    response
+}
+
+/// The addresses an Endpoint interface records, with their pools.
+pub fn recorded_addresses(interface: &EndpointInterface) -> Vec<(String, IpAddr)> {
+    [
+        (&interface.ipv4_pool, &interface.ipv4),
+        (&interface.ipv6_pool, &interface.ipv6),
+    ]
+    .into_iter()
+    .filter_map(|(pool, address)| {
+        let address: IpNet = address.as_deref()?.parse().ok()?;
+        Some((pool.clone()?, address.addr()))
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn subnet(extra: Value) -> Subnet {
+        let mut spec = json!({"subnet": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ["10.6.153.100-10.6.153.255"], "replicas": 2});
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet",
+            "metadata": {"name": "subnet"}, "spec": spec,
+        }))
+        .expect("valid Subnet")
+    }
+
+    fn pool(index: u32, ips: &[&str], allocations: Value) -> IpPool {
+        serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": format!("subnet-{index}"), "resourceVersion": format!("{}", 10 + index)},
+            "spec": {"subnet": "subnet", "cidr": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ips},
+            "status": {"allocations": allocations},
+        }))
+        .expect("valid IPPool")
+    }
+
+    fn pod(name: &str, uid: &str, owner: Option<&str>, annotations: Value) -> Pod {
+        let owners = owner.map_or_else(Vec::new, |kind| {
+            vec![json!({"apiVersion": "apps/v1", "kind": kind, "name": "web", "uid": "o"})]
+        });
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "uid": uid,
+                         "ownerReferences": owners, "annotations": annotations},
+        }))
+        .expect("valid Pod")
+    }
+
+    fn plan(
+        pod: &Pod,
+        subnets: &[Subnet],
+        pools: &[IpPool],
+    ) -> Result<AllocationPlan, PlanFailure> {
+        plan_allocation(&AllocationInput {
+            pod,
+            namespace: None,
+            node: "node-1",
+            node_labels: &BTreeMap::new(),
+            interface: "eth0",
+            cni_default_subnets: &["subnet".to_owned()],
+            subnets,
+            pools,
+        })
+    }
+
+    fn seed_pools() -> Vec<IpPool> {
+        vec![
+            pool(0, &["10.6.153.100-10.6.153.177"], json!({})),
+            pool(1, &["10.6.153.178-10.6.153.255"], json!({})),
+        ]
+    }
+
+    #[test]
+    fn a_new_pod_gets_a_free_address_of_the_cni_default_subnet() -> Result<(), PlanFailure> {
+        let pod = pod("web-1", "uid-1", Some("ReplicaSet"), json!({}));
+        let plan = plan(&pod, &[subnet(json!({}))], &seed_pools())?;
+        let [claim] = plan.claims.as_slice() else {
+            panic!("one claim expected: {plan:?}")
+        };
+        let range: IpSet = IpSet::parse_ranges(&["10.6.153.100-10.6.153.255"])?;
+        assert!(range.contains(claim.address), "{claim:?}");
+        assert!(!claim.already_held);
+        assert_eq!(claim.gateway.to_string(), "10.6.0.1");
+        assert_eq!(claim.cidr.to_string(), "10.6.0.0/16");
+        assert_eq!(
+            claim.resource_version,
+            if claim.pool == "subnet-0" { "10" } else { "11" }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_replayed_add_finds_the_address_by_its_holder() -> Result<(), PlanFailure> {
+        let pod = pod("web-1", "uid-1", Some("ReplicaSet"), json!({}));
+        let mut pools = seed_pools();
+        pools[1] = pool(
+            1,
+            &["10.6.153.178-10.6.153.255"],
+            json!({"10.6.153.200": {"endpoint": "default/web-1", "interface": "eth0", "podUID": "uid-1", "node": "node-1"}}),
+        );
+        let plan = plan(&pod, &[subnet(json!({}))], &pools)?;
+        assert_eq!(plan.claims[0].address.to_string(), "10.6.153.200");
+        assert!(plan.claims[0].already_held);
+
+        // A same-name pod with another UID is another holder: it gets a different address.
+        let newer = self::pod("web-1", "uid-2", Some("ReplicaSet"), json!({}));
+        let other = self::plan(&newer, &[subnet(json!({}))], &pools)?;
+        assert_ne!(other.claims[0].address.to_string(), "10.6.153.200");
+        assert!(!other.claims[0].already_held);
+        Ok(())
+    }
+
+    #[test]
+    fn a_statefulset_pod_keeps_its_address_across_uids() -> Result<(), PlanFailure> {
+        let pools = vec![pool(
+            0,
+            &["10.6.153.100-10.6.153.255"],
+            json!({"10.6.153.150": {"endpoint": "default/web-0", "interface": "eth0", "podUID": "old", "node": "node-2"}}),
+        )];
+        let pod = pod("web-0", "new", Some("StatefulSet"), json!({}));
+        let plan = plan(&pod, &[subnet(json!({}))], &pools)?;
+        assert_eq!(plan.claims[0].address.to_string(), "10.6.153.150");
+        assert!(plan.claims[0].already_held && plan.holder.key.is_sticky());
+        Ok(())
+    }
+
+    #[test]
+    fn exhaustion_and_unknown_subnets_have_their_kinds() {
+        let full = vec![pool(
+            0,
+            &["10.6.153.100"],
+            json!({"10.6.153.100": {"endpoint": "default/a", "interface": "eth0", "podUID": "a", "node": "n"}}),
+        )];
+        let subnets = [subnet(json!({"ips": ["10.6.153.100"], "replicas": 1}))];
+        let pod = pod("web-1", "uid-1", None, json!({}));
+        let failure = plan(&pod, &subnets, &full).expect_err("exhausted");
+        assert_eq!(failure.kind(), ErrorKind::PoolExhausted, "{failure}");
+
+        let annotated = self::pod(
+            "web-2",
+            "uid-2",
+            None,
+            json!({"ipam.virtnet.io/subnet": "{\"ipv4\": \"nope\"}"}),
+        );
+        let failure = plan(&annotated, &subnets, &full).expect_err("unknown subnet");
+        assert_eq!(failure.kind(), ErrorKind::SubnetNotFound, "{failure}");
+
+        let failure = plan(&pod, &subnets, &[]).expect_err("no pools");
+        assert_eq!(failure.kind(), ErrorKind::NotReady, "{failure}");
+    }
+
+    #[test]
+    fn a_static_address_annotation_is_honoured() -> Result<(), PlanFailure> {
+        let pod = pod(
+            "db",
+            "uid-3",
+            None,
+            json!({"ipam.virtnet.io/static-ips": "[{\"interface\": \"eth0\", \"ipv4\": \"10.6.153.222\"}]"}),
+        );
+        let plan = plan(&pod, &[subnet(json!({}))], &seed_pools())?;
+        assert_eq!(plan.claims[0].address.to_string(), "10.6.153.222");
+        assert_eq!(plan.claims[0].pool, "subnet-1");
+        Ok(())
+    }
+
+    #[test]
+    fn claim_and_release_patches_are_guarded_by_resource_version() -> Result<(), PlanFailure> {
+        let holder = AllocationHolder {
+            key: AllocationKey::Pod {
+                namespace: "default".into(),
+                name: "web-1".into(),
+                uid: "uid-1".into(),
+            },
+            interface: "eth0".into(),
+        };
+        let record = allocation_record(&holder, "uid-1", "node-1");
+        let address: IpAddr = "10.6.153.200".parse().map_err(|_| PlanFailure::NoPools {
+            subnet: String::new(),
+        })?;
+        assert_eq!(
+            claim_patch("42", address, &record),
+            json!({
+                "metadata": {"resourceVersion": "42"},
+                "status": {"allocations": {"10.6.153.200": {
+                    "endpoint": "default/web-1", "interface": "eth0", "podUID": "uid-1", "node": "node-1",
+                }}},
+            })
+        );
+        let held = pool(0, &["10.6.153.200"], json!({"10.6.153.200": record}));
+        assert_eq!(
+            release_patch(&held, address, &holder),
+            Some(json!({
+                "metadata": {"resourceVersion": "10"},
+                "status": {"allocations": {"10.6.153.200": null}},
+            }))
+        );
+        let other = AllocationHolder {
+            key: AllocationKey::Pod {
+                namespace: "default".into(),
+                name: "web-1".into(),
+                uid: "uid-2".into(),
+            },
+            interface: "eth0".into(),
+        };
+        assert_eq!(release_patch(&held, address, &other), None);
+        Ok(())
+    }
+
+    #[test]
+    fn the_endpoint_lists_every_interface_and_the_answer_has_routes_and_dns()
+    -> Result<(), PlanFailure> {
+        let pod = pod("web-1", "uid-1", Some("ReplicaSet"), json!({}));
+        let subnets = [subnet(json!({
+            "routes": [{"dst": "10.7.0.0/16", "gw": "10.6.0.254"}],
+            "dns": {"nameservers": ["10.96.0.10"]},
+        }))];
+        let plan = plan(&pod, &subnets, &seed_pools())?;
+        let net1 = EndpointInterface {
+            interface: "net1".into(),
+            ..endpoint_interface("net1", &plan.claims)
+        };
+        let existing = endpoint_spec(None, &plan.holder, net1, &pod_facts(&pod), "node-1", "c1");
+        let spec = endpoint_spec(
+            Some(&existing),
+            &plan.holder,
+            endpoint_interface("eth0", &plan.claims),
+            &pod_facts(&pod),
+            "node-1",
+            "c1",
+        );
+        let names: Vec<&str> = spec
+            .interfaces
+            .iter()
+            .map(|i| i.interface.as_str())
+            .collect();
+        assert_eq!(names, ["eth0", "net1"]);
+        assert_eq!(
+            (spec.owner_kind.as_str(), spec.sticky, spec.pod_uid.as_str()),
+            ("Pod", false, "uid-1")
+        );
+        assert_eq!(
+            recorded_addresses(&spec.interfaces[0]),
+            vec![(plan.claims[0].pool.clone(), plan.claims[0].address)]
+        );
+
+        let response = allocate_response(&plan.claims, &subnets);
+        assert_eq!(
+            serde_json::to_value(&response).map_err(|_| PlanFailure::NoPools {
+                subnet: String::new()
+            })?["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "10.6.0.1"}, {"dst": "10.7.0.0/16", "gw": "10.6.0.254"}])
+        );
+        assert_eq!(response.dns.nameservers, ["10.96.0.10"]);
+        assert_eq!(response.ips[0].address.prefix_len(), 16);
+        Ok(())
+    }
+}
