@@ -356,11 +356,13 @@ impl Worker {
             .nodes
             .get(&ObjectRef::new(&spec.node))
             .map_or(NodeView::Gone, |node| node_view(&node));
+        let now = Timestamp::now();
         Observed {
             pod,
             node,
             owner,
-            now: Timestamp::now(),
+            endpoint_created: endpoint.creation_timestamp().map_or(now, |time| time.0),
+            now,
         }
     }
 

@@ -11,6 +11,7 @@
 //!
 //! | Holder pod (and its node)                                             | Pod verdict           |
 //! |-----------------------------------------------------------------------|-----------------------|
+//! | no such pod, but the Endpoint is younger than the orphan grace         | alive (the pod cache may lag the agent) |
 //! | no pod of that name (force-deleted, or deleted and DEL never came)    | dead: `PodDeleted`    |
 //! | a pod of that name with another UID (recreated under the same name)   | dead: `PodReplaced`   |
 //! | phase Succeeded or Failed                                             | dead: `PodCompleted`  |
@@ -169,6 +170,8 @@ pub struct Observed {
     pub pod: PodView,
     pub node: NodeView,
     pub owner: OwnerView,
+    /// When the Endpoint was created.
+    pub endpoint_created: Timestamp,
     pub now: Timestamp,
 }
 
@@ -207,6 +210,11 @@ pub fn decide(
 /// `Some(reason)` when the holder pod is dead.
 fn pod_verdict(observed: &Observed, settings: &Settings) -> Option<Reason> {
     let pod = match observed.pod {
+        PodView::Gone
+            if observed.now.duration_since(observed.endpoint_created) < settings.orphan_grace =>
+        {
+            return None;
+        }
         PodView::Gone => return Some(Reason::PodDeleted),
         PodView::Replaced => return Some(Reason::PodReplaced),
         PodView::Present(pod) => pod,
@@ -365,6 +373,7 @@ mod tests {
             pod,
             node: NodeView::Ready,
             owner,
+            endpoint_created: at(0),
             now: at(1000),
         }
     }
@@ -415,6 +424,14 @@ mod tests {
             ordinary(PodView::Gone),
             Decision::Release(Reason::PodDeleted)
         );
+    }
+
+    #[test]
+    fn a_pod_missing_from_the_cache_of_a_brand_new_endpoint_is_presumed_alive() {
+        let mut facts = observed(PodView::Gone, OwnerView::NotSticky);
+        facts.endpoint_created = at(990);
+        let decision = decide("p", &spec("Pod", "p", false), &facts, &settings());
+        assert_eq!(decision, Decision::Keep);
     }
 
     #[test]
