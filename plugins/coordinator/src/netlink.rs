@@ -23,7 +23,7 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteScope};
-use rtnetlink::packet_route::rule::RuleAttribute;
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::plan::{HOST_VETH_PREFIX, NodeAddress, NodeSnapshot, Op, RouteSpec, Side, Teardown};
@@ -209,7 +209,12 @@ impl Netlink {
             Op::AddRule { side, from, table } => {
                 let handle = self.handle(*side, "adding a rule")?;
                 let what = format!("adding rule from {from} lookup {table}");
-                let rule = handle.rule().add().table_id(*table).priority(*table);
+                let rule = handle
+                    .rule()
+                    .add()
+                    .action(RuleAction::ToTable)
+                    .table_id(*table)
+                    .priority(*table);
                 self.run(*side, &what, Mode::Add, async {
                     match from.addr() {
                         IpAddr::V4(ip) => {

@@ -1,253 +1,27 @@
-//! The real virtnet-coordinator binary against real network namespaces, asserting on the wire.
-//!
-//! Each test builds its own world and never touches the namespace it runs in: a "node" netns
-//! whose underlay NIC `ens4` is a veth whose peer sits in a "switch" netns, and a "pod" netns
-//! holding a macvlan child of `ens4` (created in the node, moved into the pod) with the pod's
-//! address. The coordinator runs inside the node netns, as kubelet's runtime would run it.
-//! Needs root; skipped with a message otherwise. Everything is deleted on drop, even on failure.
+//! The real virtnet-coordinator binary against real network namespaces, asserting on the wire
+//! (see `support` for the topology). Needs root; skipped with a message otherwise.
 
-use std::error::Error;
-use std::fs::File;
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use nix::sched::{CloneFlags, setns};
-use serde_json::json;
-use virtnet_cni::testing::{PluginRun, run_plugin};
+use support::{
+    CONTAINER_ID, COORDINATOR, CniCall, NODE_IP, POD_IP, SWITCH_IP, TestResult, World, in_netns,
+    is_root, ping, sh,
+};
 use virtnet_coordinator::plan::{Target, host_veth_name};
 
-type TestResult = Result<(), Box<dyn Error>>;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_virtnet-coordinator");
-const NODE_IP: &str = "10.6.0.5";
-const SWITCH_IP: &str = "10.6.0.1";
-const POD_IP: &str = "10.6.153.101";
-const CONTAINER_ID: &str = "c0ffee0123456789";
 const TCP_PORT: u16 = 8080;
-
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: this test builds network namespaces and needs root");
-    false
-}
-
-/// Runs a command and returns its stdout, failing with its stderr.
-fn sh(args: &[&str]) -> Result<String, Box<dyn Error>> {
-    let output = Command::new(args[0]).args(&args[1..]).output()?;
-    if !output.status.success() {
-        return Err(format!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        )
-        .into());
-    }
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-/// Runs `work` on a thread that has joined the named netns (child processes it spawns inherit it).
-fn in_netns<T: Send + 'static>(
-    name: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Box<dyn Error>> {
-    let netns = File::open(netns_path(name))?;
-    thread::spawn(move || -> Result<T, String> {
-        setns(&netns, CloneFlags::CLONE_NEWNET).map_err(|error| error.to_string())?;
-        Ok(work())
-    })
-    .join()
-    .map_err(|_| "netns thread panicked")?
-    .map_err(Into::into)
-}
-
-fn netns_path(name: &str) -> PathBuf {
-    PathBuf::from("/run/netns").join(name)
-}
-
-/// Node, switch and pod namespaces wired as the module docs say; deleted on drop.
-struct World {
-    node: String,
-    switch: String,
-    pod: String,
-}
-
-impl World {
-    fn new() -> Result<Self, Box<dyn Error>> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let tag = format!(
-            "vcoord{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let world = Self {
-            node: format!("{tag}-node"),
-            switch: format!("{tag}-sw"),
-            pod: format!("{tag}-pod"),
-        };
-        for netns in [&world.node, &world.switch, &world.pod] {
-            sh(&["ip", "netns", "add", netns])?;
-            sh(&["ip", "-n", netns, "link", "set", "lo", "up"])?;
-        }
-        let (node, switch, pod) = (&world.node, &world.switch, &world.pod);
-        // No IPv6 DAD on the node, so link-local addresses are final at once and the node's state
-        // does not change under the test's feet.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            node,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.default.accept_dad=0",
-        ])?;
-        sh(&[
-            "ip", "-n", node, "link", "add", "ens4", "type", "veth", "peer", "name", "swp",
-            "netns", switch,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            switch,
-            "addr",
-            "add",
-            &format!("{SWITCH_IP}/16"),
-            "dev",
-            "swp",
-        ])?;
-        sh(&["ip", "-n", switch, "link", "set", "swp", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            node,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/16"),
-            "dev",
-            "ens4",
-        ])?;
-        sh(&["ip", "-n", node, "link", "set", "ens4", "up"])?;
-        sh(&[
-            "ip", "-n", node, "link", "add", "mv0", "link", "ens4", "type", "macvlan", "mode",
-            "bridge",
-        ])?;
-        sh(&["ip", "-n", node, "link", "set", "mv0", "netns", pod])?;
-        sh(&["ip", "-n", pod, "link", "set", "mv0", "name", "eth0"])?;
-        sh(&[
-            "ip",
-            "-n",
-            pod,
-            "addr",
-            "add",
-            &format!("{POD_IP}/16"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", pod, "link", "set", "eth0", "up"])?;
-        sh(&["ip", "-n", pod, "route", "add", "default", "via", SWITCH_IP])?;
-        Ok(world)
-    }
-
-    fn stdin(&self) -> String {
-        let pod_netns = netns_path(&self.pod).display().to_string();
-        json!({
-            "cniVersion": "1.0.0",
-            "name": "macvlan",
-            "type": "virtnet-coordinator",
-            "serviceCIDRs": ["10.96.0.0/12"],
-            "prevResult": {
-                "cniVersion": "1.0.0",
-                "interfaces": [{"name": "eth0", "mac": "7a:1f:4c:2e:aa:01", "sandbox": pod_netns}],
-                "ips": [{"interface": 0, "address": format!("{POD_IP}/16"), "gateway": SWITCH_IP}],
-            },
-        })
-        .to_string()
-    }
-
-    /// Runs the coordinator inside the node netns.
-    fn coordinator(&self, command: &'static str) -> Result<PluginRun, Box<dyn Error>> {
-        let stdin = self.stdin();
-        let pod_netns = netns_path(&self.pod).display().to_string();
-        let run = in_netns(&self.node, move || {
-            run_plugin(
-                BINARY,
-                &[
-                    ("CNI_COMMAND", command),
-                    ("CNI_CONTAINERID", CONTAINER_ID),
-                    ("CNI_NETNS", &pod_netns),
-                    ("CNI_IFNAME", "eth0"),
-                    ("CNI_PATH", "/opt/cni/bin"),
-                ],
-                &stdin,
-            )
-        })??;
-        Ok(run)
-    }
-
-    fn add(&self) -> TestResult {
-        let run = self.coordinator("ADD")?;
-        if run.exit_code != Some(0) {
-            return Err(format!("ADD failed: {}{}", run.stdout, run.stderr).into());
-        }
-        Ok(())
-    }
-
-    fn del(&self) -> TestResult {
-        let run = self.coordinator("DEL")?;
-        if run.exit_code != Some(0) {
-            return Err(format!("DEL failed: {}{}", run.stdout, run.stderr).into());
-        }
-        Ok(())
-    }
-
-    /// Everything on the node the coordinator could leave behind.
-    fn node_state(&self) -> Result<String, Box<dyn Error>> {
-        let mut state = String::new();
-        for args in [
-            &["rule"][..],
-            &["-6", "rule"],
-            &["route", "show", "table", "all"],
-            &["-6", "route", "show", "table", "all"],
-            &["neigh"],
-            &["link"],
-        ] {
-            let mut command = vec!["ip", "-n", &self.node];
-            command.extend_from_slice(args);
-            state.push_str(&sh(&command)?);
-        }
-        Ok(state)
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        for netns in [&self.pod, &self.node, &self.switch] {
-            if let Err(error) = sh(&["ip", "netns", "del", netns]) {
-                eprintln!("cleanup: {error}");
-            }
-        }
-    }
-}
-
-fn ping(from: &str, to: &str) -> TestResult {
-    sh(&[
-        "ip", "netns", "exec", from, "ping", "-c", "1", "-W", "2", to,
-    ])?;
-    Ok(())
-}
 
 #[test]
 fn pod_and_node_reach_each_other_and_services_go_via_the_veth() -> TestResult {
     if !is_root() {
         return Ok(());
     }
-    let world = World::new()?;
+    let world = World::with_pod_nic()?;
     // Without the coordinator a macvlan child cannot reach its own parent's address.
     assert!(
         ping(&world.pod, NODE_IP).is_err(),
@@ -305,7 +79,7 @@ fn hundred_add_del_cycles_leave_the_node_byte_identical() -> TestResult {
     if !is_root() {
         return Ok(());
     }
-    let world = World::new()?;
+    let world = World::with_pod_nic()?;
     let before = world.node_state()?;
     for _ in 0..100 {
         world.add()?;
@@ -320,7 +94,7 @@ fn failed_add_leaves_nothing_behind() -> TestResult {
     if !is_root() {
         return Ok(());
     }
-    let world = World::new()?;
+    let world = World::with_pod_nic()?;
     // A pod that already has a `veth0`: the veth is created on the node, then moving its end
     // into the pod fails, and the rollback must delete it.
     sh(&[
@@ -355,5 +129,76 @@ fn failed_add_leaves_nothing_behind() -> TestResult {
     assert_ne!(run.exit_code, Some(0));
     assert!(run.stdout.contains("already exists"), "{}", run.stdout);
     assert_eq!(world.node_state()?, before);
+    Ok(())
+}
+
+#[test]
+fn a_second_nic_answers_through_itself() -> TestResult {
+    if !is_root() {
+        return Ok(());
+    }
+    let mut world = World::with_pod_nic()?;
+    let switch2 = world.switch_named("sw2");
+    world.underlay("ens5", &switch2, "10.7.0.5/24", "10.7.0.1/24")?;
+    world.pod_nic("ens5", "net1", "10.7.0.9/24")?;
+    // A peer beyond net1's gateway: its requests come in on net1, and without policy routing the
+    // replies would follow the pod's default route out of eth0, to a switch that drops them.
+    sh(&[
+        "ip",
+        "-n",
+        &switch2,
+        "addr",
+        "add",
+        "203.0.113.1/32",
+        "dev",
+        "swp",
+    ])?;
+    let peer_ping = || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &switch2,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+            "203.0.113.1",
+            "10.7.0.9",
+        ])
+    };
+    assert!(peer_ping().is_err(), "replies already leave by net1");
+    let net1 = |command| CniCall {
+        binary: COORDINATOR,
+        command,
+        ifname: "net1",
+        stdin: world.coordinator_config(world.prev_result("net1", "10.7.0.9/24", "10.7.0.1")),
+    };
+    World::succeeds(world.run(net1("ADD"))?)?;
+
+    peer_ping()?;
+    let route = sh(&[
+        "ip",
+        "-n",
+        &world.pod,
+        "route",
+        "get",
+        "203.0.113.1",
+        "from",
+        "10.7.0.9",
+    ])?;
+    assert!(route.contains("via 10.7.0.1 dev net1 table 101"), "{route}");
+    let route = sh(&["ip", "-n", &world.pod, "route", "get", "203.0.113.1"])?;
+    assert!(
+        route.contains(&format!("via {SWITCH_IP} dev eth0")),
+        "{route}"
+    );
+
+    World::succeeds(world.run(net1("DEL"))?)?;
+    assert!(!sh(&["ip", "-n", &world.pod, "rule"])?.contains("101"));
+    assert!(sh(&["ip", "-n", &world.pod, "route", "show", "table", "101"])?.is_empty());
+    assert!(peer_ping().is_err(), "DEL left the policy routing");
     Ok(())
 }
