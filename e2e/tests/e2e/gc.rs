@@ -2,7 +2,8 @@
 //! agent: for real pods it writes what the agent writes (a record in an IPPool's
 //! `status.allocations`, then an Endpoint with the finalizer), runs the controller binary as a
 //! child process, and watches the addresses of dead holders come back while live and sticky
-//! holders keep theirs. Reclaim latencies are printed.
+//! holders keep theirs. For KubeVirt it also plays virt-controller (a VirtualMachine CRD with a
+//! minimal schema, launcher pods with KubeVirt's labels). Reclaim latencies are printed.
 use std::{
     fs::File,
     path::PathBuf,
@@ -11,7 +12,10 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::{apps::v1::StatefulSet, core::v1::Pod};
+use k8s_openapi::{
+    api::{apps::v1::StatefulSet, core::v1::Pod},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
 use kube::{
     Api,
     api::{
@@ -382,7 +386,167 @@ pub fn controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones(
 ) -> anyhow::Result<()> {
     let cluster = &suite.cluster;
     suite.block_on(install_crds_and_pool(cluster))?;
+    suite.block_on(install_virtual_machine_crd(cluster))?;
     let _controller = start_controller(cluster)?;
     suite.block_on(ordinary_pods(cluster))?;
-    suite.block_on(statefulset_replicas(cluster))
+    suite.block_on(statefulset_replicas(cluster))?;
+    suite.block_on(virtual_machine(cluster))
+}
+
+/// KubeVirt's VirtualMachine CRD with a minimal schema: the controller only reads metadata.
+async fn install_virtual_machine_crd(cluster: &Cluster) -> anyhow::Result<()> {
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "metadata": { "name": "virtualmachines.kubevirt.io" },
+        "spec": {
+            "group": "kubevirt.io",
+            "scope": "Namespaced",
+            "names": { "kind": "VirtualMachine", "plural": "virtualmachines", "singular": "virtualmachine" },
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": { "openAPIV3Schema": {
+                    "type": "object", "x-kubernetes-preserve-unknown-fields": true,
+                } },
+            }],
+        },
+    }))?;
+    Api::<CustomResourceDefinition>::all(cluster.client())
+        .create(&PostParams::default(), &crd)
+        .await
+        .context("creating the VirtualMachine CRD")?;
+    cluster.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/virtualmachines.kubevirt.io",
+    ])?;
+    Ok(())
+}
+
+/// A virt-launcher pod of VM `vm`, labelled as KubeVirt labels it.
+fn launcher_pod(name: &str, vm: &str) -> anyhow::Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "labels": { "kubevirt.io": "virt-launcher", "vm.kubevirt.io/name": vm },
+        },
+        "spec": { "containers": [{ "name": "compute", "image": "registry.k8s.io/pause:3.10" }] },
+    }))?)
+}
+
+/// What the agent does when a new launcher pod takes a VM's address over: the Endpoint and the
+/// pool record name the new pod.
+async fn hand_over(
+    cluster: &Cluster,
+    namespace: &str,
+    endpoint: &str,
+    address: &str,
+    pod: &Pod,
+) -> anyhow::Result<()> {
+    let uid = pod.metadata.uid.as_deref().context("pod has no uid")?;
+    let node = node_name(pod).context("pod is not bound")?;
+    let record = json!({
+        "endpoint": format!("{namespace}/{endpoint}"),
+        "interface": "eth0", "podUID": uid, "node": node,
+    });
+    set_pool_status(cluster, json!({ "allocations": { address: record } })).await?;
+    endpoints(cluster, namespace)
+        .patch(
+            endpoint,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "spec": { "podUID": uid, "node": node } })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A VM keeps its address across launcher pod deletion (restart, VMI deletion) and a live
+/// migration (a second launcher pod), and while its last launcher runs after the VM is deleted;
+/// the address goes back once the VM and its launchers are gone.
+async fn virtual_machine(cluster: &Cluster) -> anyhow::Result<()> {
+    let namespace = "gc-vm";
+    let address = "10.250.0.30";
+    create_namespace(cluster, namespace).await?;
+    let vm_resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachine"),
+        "virtualmachines",
+    );
+    let vms: Api<DynamicObject> = Api::namespaced_with(cluster.client(), namespace, &vm_resource);
+    let vm: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": { "name": "vm1" }, "spec": { "running": true },
+    }))?;
+    vms.create(&PostParams::default(), &vm).await?;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), namespace);
+    let launcher = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.create(&PostParams::default(), &launcher_pod(name, "vm1")?)
+                .await?;
+            cluster
+                .wait_for(&format!("{name} Ready"), RECLAIM_TIMEOUT, || async {
+                    match pods.get(name).await {
+                        Ok(pod) if is_pod_ready(&pod) => Ok(pod),
+                        Ok(_) => Err("not Ready".to_owned()),
+                        Err(error) => Err(error.to_string()),
+                    }
+                })
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+    let first = launcher("virt-launcher-vm1-a").await?;
+    claim(
+        cluster,
+        namespace,
+        Claim {
+            endpoint: "vm1",
+            pod: &first,
+            address,
+            owner: ("VirtualMachine", "vm1"),
+            sticky: true,
+        },
+    )
+    .await?;
+
+    // VMI deleted / VM restarted: the launcher pod goes; a new one takes the address over.
+    pods.delete(
+        "virt-launcher-vm1-a",
+        &DeleteParams::default().grace_period(0),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(SWEEP_SECONDS + 1)).await;
+    ensure_held(cluster, &[address], "a VM whose launcher pod was deleted").await?;
+    let restarted = launcher("virt-launcher-vm1-b").await?;
+    hand_over(cluster, namespace, "vm1", address, &restarted).await?;
+
+    // Live migration: the target launcher runs next to the source and takes the address over.
+    let target = launcher("virt-launcher-vm1-c").await?;
+    hand_over(cluster, namespace, "vm1", address, &target).await?;
+    pods.delete(
+        "virt-launcher-vm1-b",
+        &DeleteParams::default().grace_period(0),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(SWEEP_SECONDS + 1)).await;
+    ensure_held(cluster, &[address], "a VM after restart and migration").await?;
+
+    // VM deleted while its launcher still runs: kept until the launcher is gone.
+    vms.delete("vm1", &DeleteParams::default()).await?;
+    tokio::time::sleep(Duration::from_secs(SWEEP_SECONDS + 1)).await;
+    ensure_held(
+        cluster,
+        &[address],
+        "a deleted VM whose launcher still runs",
+    )
+    .await?;
+    let deleted = Instant::now();
+    pods.delete(
+        "virt-launcher-vm1-c",
+        &DeleteParams::default().grace_period(0),
+    )
+    .await?;
+    let latency = wait_released(cluster, &[address], deleted).await?;
+    eprintln!("gc: deleted VM's address released {latency:?} after its last launcher went");
+    wait_endpoints_gone(cluster, namespace).await?;
+    delete_namespace(cluster, namespace).await
 }
