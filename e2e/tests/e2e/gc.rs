@@ -387,10 +387,11 @@ pub fn controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones(
     let cluster = &suite.cluster;
     suite.block_on(install_crds_and_pool(cluster))?;
     suite.block_on(install_virtual_machine_crd(cluster))?;
-    let _controller = start_controller(cluster)?;
+    let controller = start_controller(cluster)?;
     suite.block_on(ordinary_pods(cluster))?;
     suite.block_on(statefulset_replicas(cluster))?;
-    suite.block_on(virtual_machine(cluster))
+    suite.block_on(virtual_machine(cluster))?;
+    suite.block_on(restarted_controller(cluster, controller))
 }
 
 /// KubeVirt's VirtualMachine CRD with a minimal schema: the controller only reads metadata.
@@ -547,6 +548,46 @@ async fn virtual_machine(cluster: &Cluster) -> anyhow::Result<()> {
     .await?;
     let latency = wait_released(cluster, &[address], deleted).await?;
     eprintln!("gc: deleted VM's address released {latency:?} after its last launcher went");
+    wait_endpoints_gone(cluster, namespace).await?;
+    delete_namespace(cluster, namespace).await
+}
+
+/// A pod deleted while no controller runs (killed without releasing its Lease) is reclaimed by
+/// the next leader's first sweep.
+async fn restarted_controller(
+    cluster: &Cluster,
+    controller: ControllerProcess,
+) -> anyhow::Result<()> {
+    let namespace = "gc-restart";
+    let address = "10.250.0.40";
+    create_namespace(cluster, namespace).await?;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), namespace);
+    pods.create(&PostParams::default(), &bare_pod("late")?)
+        .await?;
+    let ready = wait_for_ready_pods(cluster, namespace, "app=gc-bare", 1).await?;
+    claim(
+        cluster,
+        namespace,
+        Claim {
+            endpoint: "late",
+            pod: &ready[0],
+            address,
+            owner: ("Pod", "late"),
+            sticky: false,
+        },
+    )
+    .await?;
+    drop(controller);
+    pods.delete("late", &DeleteParams::default().grace_period(0))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(SWEEP_SECONDS + 1)).await;
+    ensure_held(cluster, &[address], "no controller running").await?;
+    let restarted = Instant::now();
+    let _controller = start_controller(cluster)?;
+    let latency = wait_released(cluster, &[address], restarted).await?;
+    eprintln!(
+        "gc: restarted controller reclaimed a missed deletion {latency:?} after its start (incl. Lease takeover)"
+    );
     wait_endpoints_gone(cluster, namespace).await?;
     delete_namespace(cluster, namespace).await
 }
