@@ -9,8 +9,8 @@ use std::thread;
 use std::time::Duration;
 
 use support::{
-    CONTAINER_ID, COORDINATOR, CniCall, NODE_IP, POD_IP, SWITCH_IP, TestResult, World, in_netns,
-    is_root, ping, sh,
+    CONTAINER_ID, COORDINATOR, CniCall, NO_DELEGATES, NODE_IP, POD_IP, SWITCH_IP, TestResult,
+    World, in_netns, is_root, ping, sh,
 };
 use virtnet_coordinator::plan::{Target, host_veth_name};
 
@@ -174,6 +174,7 @@ fn a_second_nic_answers_through_itself() -> TestResult {
         binary: COORDINATOR,
         command,
         ifname: "net1",
+        cni_path: NO_DELEGATES,
         stdin: world.coordinator_config(world.prev_result("net1", "10.7.0.9/24", "10.7.0.1")),
     };
     World::succeeds(world.run(net1("ADD"))?)?;

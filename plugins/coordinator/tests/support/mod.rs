@@ -22,6 +22,8 @@ pub const COORDINATOR: &str = env!("CARGO_BIN_EXE_virtnet-coordinator");
 pub const NODE_IP: &str = "10.6.0.5";
 pub const SWITCH_IP: &str = "10.6.0.1";
 pub const POD_IP: &str = "10.6.153.101";
+/// `CNI_PATH` for a plugin that delegates to none.
+pub const NO_DELEGATES: &str = "/opt/cni/bin";
 pub const CONTAINER_ID: &str = "c0ffee0123456789";
 
 pub fn is_root() -> bool {
@@ -77,6 +79,8 @@ pub struct CniCall<'a> {
     pub binary: &'a str,
     pub command: &'static str,
     pub ifname: &'a str,
+    /// Where the plugin finds its delegates (macvlan's IPAM plugin).
+    pub cni_path: &'a str,
     pub stdin: String,
 }
 
@@ -218,10 +222,11 @@ impl World {
     /// Runs a CNI plugin inside the node netns, as the container runtime would.
     pub fn run(&self, call: CniCall<'_>) -> Result<PluginRun, Box<dyn Error>> {
         let pod_netns = netns_path(&self.pod).display().to_string();
-        let (binary, command, ifname, stdin) = (
+        let (binary, command, ifname, cni_path, stdin) = (
             call.binary.to_owned(),
             call.command,
             call.ifname.to_owned(),
+            call.cni_path.to_owned(),
             call.stdin,
         );
         Ok(in_netns(&self.node, move || {
@@ -232,7 +237,7 @@ impl World {
                     ("CNI_CONTAINERID", CONTAINER_ID),
                     ("CNI_NETNS", &pod_netns),
                     ("CNI_IFNAME", &ifname),
-                    ("CNI_PATH", "/opt/cni/bin"),
+                    ("CNI_PATH", &cni_path),
                 ],
                 &stdin,
             )
@@ -245,6 +250,7 @@ impl World {
             binary: COORDINATOR,
             command,
             ifname: "eth0",
+            cni_path: NO_DELEGATES,
             stdin: self.coordinator_config(self.prev_result(
                 "eth0",
                 &format!("{POD_IP}/16"),
