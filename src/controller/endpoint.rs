@@ -198,7 +198,12 @@ async fn start_caches(
             vm_resource,
         )),
         Err(error) => {
-            info!(%error, "KubeVirt VirtualMachines are not served; VM addresses are kept until their CRD is installed and the controller restarted");
+            info!(
+                %error,
+                "cannot list kubevirt.io VirtualMachines: VM addresses are kept until the \
+                 controller can (without KubeVirt this is expected; with it, check the \
+                 controller's RBAC for virtualmachines and restart it)"
+            );
             None
         }
     };
