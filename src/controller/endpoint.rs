@@ -670,6 +670,47 @@ mod tests {
     }
 
     #[test]
+    fn cached_objects_are_read_into_the_views_the_decision_takes() {
+        let statefulset: StatefulSet = serde_json::from_value(json!({
+            "metadata": {"name": "db", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"replicas": 3, "ordinals": {"start": 5}, "serviceName": "db",
+                     "selector": {}, "template": {}},
+        }))
+        .expect("statefulset deserializes");
+        assert_eq!(
+            statefulset_view(&statefulset),
+            StatefulSetView {
+                deleting: true,
+                replicas: 3,
+                ordinals_start: 5
+            }
+        );
+        let node = |status: &str| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "n"},
+                "status": {"conditions": [{"type": "Ready", "status": status,
+                                           "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+            }))
+            .expect("node deserializes")
+        };
+        assert_eq!(node_view(&node("True")), NodeView::Ready);
+        let since: Timestamp = "2026-01-01T00:00:00Z".parse().expect("timestamp parses");
+        assert_eq!(node_view(&node("Unknown")), NodeView::NotReadySince(since));
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Failed"},
+        }))
+        .expect("pod deserializes");
+        assert_eq!(
+            pod_state(&pod),
+            PodState {
+                terminal: true,
+                deletion: Some(since)
+            }
+        );
+    }
+
+    #[test]
     fn virt_launcher_pods_trigger_their_vm_endpoint_too() {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": "virt-launcher-vm1-abcde", "namespace": "vms",
