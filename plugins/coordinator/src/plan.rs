@@ -11,7 +11,7 @@
 //!   address of the pod's families, and each Service CIDR `via <node address> dev veth0`. The
 //!   default route is left alone: it stays on the underlay NIC.
 //! - on the node, `<pod address>/32 dev <host veth> scope link src <node address>` in the main
-//!   table. The route dies with the host veth, so the node keeps no per-pod state once the veth
+//!   table (IPv6 routes carry no `src`, see `preferred_source`). The route dies with the host veth, so the node keeps no per-pod state once the veth
 //!   is gone (no `ip rule`, no extra table: the seed piled up a rule per pod).
 //! - static, permanent neighbour entries on both ends of the veth (pod → node addresses and node
 //!   → pod addresses). The MACs are known in advance, so no ARP/ND ever crosses the veth and
@@ -290,6 +290,13 @@ fn is_own_address(address: &NodeAddress) -> bool {
             .any(|prefix| address.link.starts_with(prefix))
 }
 
+/// The `src` of a route from `address`: IPv4 only. The kernel refuses an IPv6 preferred source
+/// that is still tentative (in DAD), which a pod's fresh address is when the coordinator runs;
+/// without one, IPv6 source selection picks the same global address anyway.
+fn preferred_source(address: IpAddr) -> Option<IpAddr> {
+    address.is_ipv4().then_some(address)
+}
+
 fn plan_veth(
     config: &CoordinatorConfig,
     target: Target<'_>,
@@ -357,7 +364,7 @@ fn plan_veth(
                 dst: IpNet::from(pod_addr),
                 via: None,
                 dev: host.clone(),
-                src: Some(primary),
+                src: preferred_source(primary),
                 table: None,
             },
         });
@@ -374,7 +381,7 @@ fn plan_veth(
                     dst: IpNet::from(node_ip.address.addr()),
                     via: None,
                     dev: POD_VETH.to_owned(),
-                    src: Some(pod_addr),
+                    src: preferred_source(pod_addr),
                     table: None,
                 },
             });
@@ -396,7 +403,7 @@ fn plan_veth(
                         dst: *cidr,
                         via: Some(primary),
                         dev: POD_VETH.to_owned(),
-                        src: Some(pod_addr),
+                        src: preferred_source(pod_addr),
                         table: None,
                     },
                 }),
@@ -425,7 +432,7 @@ fn plan_policy_routing(
                 dst: pod_ip.trunc(),
                 via: None,
                 dev: ifname.to_owned(),
-                src: Some(pod_addr),
+                src: preferred_source(pod_addr),
                 table: Some(table),
             },
         });
@@ -446,7 +453,7 @@ fn plan_policy_routing(
                     dst: any,
                     via: Some(gateway),
                     dev: ifname.to_owned(),
-                    src: Some(pod_addr),
+                    src: preferred_source(pod_addr),
                     table: Some(table),
                 },
             });
@@ -535,7 +542,7 @@ mod tests {
                 dst: dst.parse()?,
                 via: via.map(str::parse).transpose()?,
                 dev: dev.to_owned(),
-                src: Some(src.parse()?),
+                src: preferred_source(src.parse()?),
                 table: None,
             },
         })

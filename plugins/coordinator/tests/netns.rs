@@ -203,3 +203,53 @@ fn a_second_nic_answers_through_itself() -> TestResult {
     assert!(peer_ping().is_err(), "DEL left the policy routing");
     Ok(())
 }
+
+#[test]
+fn dual_stack_pod_reaches_its_node_over_ipv6_too() -> TestResult {
+    if !is_root() {
+        return Ok(());
+    }
+    let world = World::with_pod_nic()?;
+    sh(&[
+        "ip",
+        "-n",
+        &world.node,
+        "addr",
+        "add",
+        "fd00:6::5/64",
+        "dev",
+        "ens4",
+    ])?;
+    // The pod's address is fresh, as macvlan leaves it: still in DAD when the coordinator runs.
+    sh(&[
+        "ip",
+        "-n",
+        &world.pod,
+        "addr",
+        "add",
+        "fd00:6::65/64",
+        "dev",
+        "eth0",
+    ])?;
+    let mut prev_result = world.prev_result("eth0", &format!("{POD_IP}/16"), SWITCH_IP);
+    prev_result["ips"]
+        .as_array_mut()
+        .ok_or("ips is a list")?
+        .push(serde_json::json!({"interface": 0, "address": "fd00:6::65/64"}));
+    World::succeeds(world.run(CniCall {
+        binary: COORDINATOR,
+        command: "ADD",
+        ifname: "eth0",
+        cni_path: NO_DELEGATES,
+        stdin: world.coordinator_config(prev_result),
+    })?)?;
+    // Give the pod's DAD (1 s by default) time to finish before using the address.
+    thread::sleep(Duration::from_millis(2500));
+    ping(&world.pod, "fd00:6::5")?;
+    ping(&world.node, "fd00:6::65")?;
+    ping(&world.node, POD_IP)?;
+    let route = sh(&["ip", "-n", &world.pod, "-6", "route", "get", "fd00:6::5"])?;
+    assert!(route.contains("dev veth0"), "{route}");
+    world.del()?;
+    Ok(())
+}
