@@ -2,7 +2,7 @@
 //! Subnet and address an interface gets, the patches that claim and release an address, the
 //! Endpoint that records it, and the answer the plugin prints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -160,6 +160,35 @@ pub fn pool_state(pool: &IpPool, holder: &AllocationHolder) -> Result<PoolState,
         state.allocations.insert(address, held_by);
     }
     Ok(state)
+}
+
+/// A pool as this agent last wrote or re-read it, and the cache's resourceVersion of the pool
+/// at that moment.
+pub type Remembered = (Option<String>, IpPool);
+
+/// The pools to decide on: the cache, except where this agent holds a newer version it wrote or
+/// re-read. Such an entry is used while the cache still shows the version it had when the entry
+/// was made, and dropped as soon as the cache moves on (resourceVersions are only compared for
+/// equality, as the API asks). A cache that moved to a version that is still older costs at
+/// most one more conflict, after which the pool is re-read.
+pub fn newest_pools(
+    cached: Vec<IpPool>,
+    remembered: &mut HashMap<String, Remembered>,
+) -> Vec<IpPool> {
+    cached
+        .into_iter()
+        .map(|pool| {
+            let name = pool.name_any();
+            match remembered.get(&name) {
+                Some((base, newer)) if *base == pool.resource_version() => newer.clone(),
+                Some(_) => {
+                    remembered.remove(&name);
+                    pool
+                }
+                None => pool,
+            }
+        })
+        .collect()
 }
 
 /// Everything one interface's decision reads from the caches.
@@ -590,6 +619,35 @@ mod tests {
             pool(0, &["10.6.153.100-10.6.153.177"], json!({})),
             pool(1, &["10.6.153.178-10.6.153.255"], json!({})),
         ]
+    }
+
+    #[test]
+    fn the_agents_own_writes_win_until_the_cache_moves() {
+        let cached = seed_pools();
+        let mut newer = cached[1].clone();
+        newer.metadata.resource_version = Some("99".into());
+        let mut remembered =
+            HashMap::from([("subnet-1".to_owned(), (Some("11".to_owned()), newer))]);
+        let versions = |pools: Vec<IpPool>| -> Vec<String> {
+            pools
+                .iter()
+                .map(|pool| pool.resource_version().unwrap_or_default())
+                .collect()
+        };
+        assert_eq!(
+            versions(newest_pools(cached.clone(), &mut remembered)),
+            ["10", "99"]
+        );
+        assert_eq!(remembered.len(), 1);
+
+        // The cache moved past our write (say the controller updated the counters after it).
+        let mut moved = cached;
+        moved[1].metadata.resource_version = Some("100".into());
+        assert_eq!(
+            versions(newest_pools(moved, &mut remembered)),
+            ["10", "100"]
+        );
+        assert!(remembered.is_empty());
     }
 
     #[test]

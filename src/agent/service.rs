@@ -40,6 +40,10 @@ pub struct Agent {
     nodes: Store<Node>,
     pods: Store<Pod>,
     endpoints: Store<Endpoint>,
+    /// Held while deciding and claiming (see [`Agent::allocate`]).
+    claiming: tokio::sync::Mutex<()>,
+    /// Pools as this agent last wrote or re-read them, until the cache moves on.
+    remembered: std::sync::Mutex<HashMap<String, plan::Remembered>>,
 }
 
 /// Starts a reflector for `api` and returns its store.
@@ -100,6 +104,8 @@ impl Agent {
                 config().fields(&format!("spec.nodeName={node}")),
             ),
             endpoints: cache(Api::all(client.clone()), config()),
+            claiming: tokio::sync::Mutex::new(()),
+            remembered: std::sync::Mutex::default(),
             client,
             node,
         };
@@ -117,6 +123,22 @@ impl Agent {
         }
         info!("caches synced");
         Ok(agent)
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, HashMap<String, plan::Remembered>> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps `pool` (just written or re-read) for decisions until the cache moves on.
+    fn remember(&self, pool: IpPool) {
+        let name = pool.name_any();
+        let base = self
+            .pools
+            .get(&ObjectRef::new(&name))
+            .and_then(|cached| cached.resource_version());
+        self.remembered().insert(name, (base, pool));
     }
 
     fn pool_api(&self) -> Api<IpPool> {
@@ -179,21 +201,19 @@ impl Agent {
             key: AllocationKey::for_pod(&pod_facts(&pod), true),
             interface: request.ifname.clone(),
         };
-        let mut fresh: HashMap<String, IpPool> = HashMap::new();
         let mut claimed: Vec<Claim> = Vec::new();
         let mut attempt = 0;
+        // This node's claims go one at a time, so they never conflict with each other; other
+        // nodes are not waited for (their writes show up as conflicts).
+        let claiming = self.claiming.lock().await;
         let plan = loop {
-            let pools: Vec<IpPool> = self
+            let cached: Vec<IpPool> = self
                 .pools
                 .state()
                 .iter()
-                .map(|pool| {
-                    fresh
-                        .get(&pool.name_any())
-                        .cloned()
-                        .unwrap_or_else(|| IpPool::clone(pool))
-                })
+                .map(|pool| IpPool::clone(pool))
                 .collect();
+            let pools = plan::newest_pools(cached, &mut self.remembered());
             let plan = plan::plan_allocation(&AllocationInput {
                 pod: &pod,
                 namespace: namespace.as_deref(),
@@ -218,9 +238,7 @@ impl Agent {
                     debug!(%pool, attempt, "conflict claiming an address; re-reading the pool");
                     tokio::time::sleep(backoff(attempt)).await;
                     match self.pool_api().get(&pool).await {
-                        Ok(current) => {
-                            fresh.insert(pool, current);
-                        }
+                        Ok(current) => self.remember(current),
                         Err(error) => {
                             self.undo(&claimed, &holder).await;
                             return Err(internal("re-reading an IPPool", &error));
@@ -243,6 +261,7 @@ impl Agent {
                 }
             }
         };
+        drop(claiming);
         if let Err(error) = self.record_endpoint(&plan, &pod, request).await {
             self.undo(&claimed, &holder).await;
             return Err(error);
@@ -274,7 +293,10 @@ impl Agent {
                 .patch_status(&claim.pool, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
-                Ok(_) => claimed.push(claim.clone()),
+                Ok(written) => {
+                    self.remember(written);
+                    claimed.push(claim.clone());
+                }
                 Err(error) if is_conflict(&error) => return Err(Some(claim.pool.clone())),
                 Err(error) => {
                     warn!(%error, pool = %claim.pool, "claiming an address failed");
@@ -376,15 +398,20 @@ impl Agent {
         ))
     }
 
-    /// Removes `address` from `pool` if it is still `holder`'s, retrying on conflicts.
+    /// Removes `address` from `pool` if it is still `holder`'s, retrying on conflicts. Giving
+    /// up is an error (the runtime retries DEL): reporting success would leak the address.
     async fn release_address(
         &self,
         pool: &str,
         address: IpAddr,
         holder: &AllocationHolder,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<(), ApiError> {
         for attempt in 0..MAX_ATTEMPTS {
-            let current = self.pool_api().get(pool).await?;
+            let current = self
+                .pool_api()
+                .get(pool)
+                .await
+                .map_err(|error| internal("reading an IPPool", &error))?;
             let Some(patch) = plan::release_patch(&current, address, holder) else {
                 return Ok(());
             };
@@ -393,12 +420,21 @@ impl Agent {
                 .patch_status(pool, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(written) => {
+                    self.remember(written);
+                    return Ok(());
+                }
                 Err(error) if is_conflict(&error) => tokio::time::sleep(backoff(attempt)).await,
-                Err(error) => return Err(error),
+                Err(error) => return Err(internal("releasing an address", &error)),
             }
         }
-        Ok(())
+        Err(ApiError::new(
+            ErrorKind::NotReady,
+            format!(
+                "IPPool {pool} kept changing while {address} was being released; the runtime \
+                 retries"
+            ),
+        ))
     }
 
     /// The Endpoint of `pod`, or (when the runtime did not say which pod) the one recording
@@ -460,10 +496,12 @@ impl Agent {
             },
             interface: ifname.to_owned(),
         };
-        for (pool, address) in plan::recorded_addresses(entry) {
-            self.release_address(&pool, address, &holder)
-                .await
-                .map_err(|error| internal("releasing an address", &error))?;
+        {
+            // Not racing this node's own claims keeps conflicts to other nodes' writes.
+            let _claiming = self.claiming.lock().await;
+            for (pool, address) in plan::recorded_addresses(entry) {
+                self.release_address(&pool, address, &holder).await?;
+            }
         }
         let api = self.endpoint_api(&namespace);
         let rest: Vec<_> = endpoint
