@@ -20,16 +20,14 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use nix::sched::{CloneFlags, setns};
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkInfo};
 use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteScope};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::plan::{HOST_VETH_PREFIX, NodeAddress, NodeSnapshot, Op, RouteSpec, Side, Teardown};
+use crate::plan::{NodeAddress, NodeSnapshot, Op, RouteSpec, Side, Teardown};
 
-/// The temporary node-side name of the pod's veth end, before it moves into the pod.
-const PEER_PREFIX: &str = "vnp";
 const EEXIST: i32 = 17;
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
@@ -282,6 +280,8 @@ impl Netlink {
         }
     }
 
+    /// Creates the pair in one message, with the pod end born in the pod netns (no temporary
+    /// name, no move), both MACs and MTUs set; then brings both ends up.
     fn add_veth(
         &self,
         host: &str,
@@ -294,48 +294,38 @@ impl Netlink {
             .pod
             .as_ref()
             .ok_or_else(|| NetlinkError::NoPodNetns(format!("creating {pod}")))?;
-        let peer = host.replacen(HOST_VETH_PREFIX, PEER_PREFIX, 1);
-        let with_mtu = |builder: rtnetlink::LinkMessageBuilder<LinkUnspec>| match mtu {
-            Some(mtu) => builder.mtu(mtu),
-            None => builder,
+        let settings = |mac: &[u8; 6]| {
+            let mut attributes = vec![LinkAttribute::Address(mac.to_vec())];
+            attributes.extend(mtu.map(LinkAttribute::Mtu));
+            attributes
         };
+        let mut message = LinkVeth::new(host, pod).build();
+        message.attributes.extend(settings(host_mac));
+        for attribute in &mut message.attributes {
+            if let LinkAttribute::LinkInfo(infos) = attribute {
+                for info in infos {
+                    if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))) = info {
+                        peer.attributes.extend(settings(pod_mac));
+                        peer.attributes
+                            .push(LinkAttribute::NetNsFd(pod_netns.file.as_raw_fd()));
+                    }
+                }
+            }
+        }
         let what = format!("creating veth {host} with {pod} in the pod");
         self.run(Side::Node, &what, Mode::Create, async {
-            let node = &self.node;
-            node.link()
-                .add(LinkVeth::new(host, &peer).build())
-                .execute()
-                .await?;
-            let peer_index = link_index(node, Side::Node, &peer).await?;
-            node.link()
-                .set(
-                    LinkUnspec::new_with_index(peer_index)
-                        .setns_by_fd(pod_netns.file.as_raw_fd())
-                        .name(pod.to_owned())
-                        .build(),
-                )
-                .execute()
-                .await?;
-            let host_index = link_index(node, Side::Node, host).await?;
-            node.link()
-                .set(
-                    with_mtu(LinkUnspec::new_with_index(host_index).address(host_mac.to_vec()))
-                        .up()
-                        .build(),
-                )
-                .execute()
-                .await?;
-            let pod_handle = &pod_netns.handle;
-            let pod_index = link_index(pod_handle, Side::Pod, pod).await?;
-            pod_handle
-                .link()
-                .set(
-                    with_mtu(LinkUnspec::new_with_index(pod_index).address(pod_mac.to_vec()))
-                        .up()
-                        .build(),
-                )
-                .execute()
-                .await?;
+            self.node.link().add(message).execute().await?;
+            for (handle, side, name) in [
+                (&self.node, Side::Node, host),
+                (&pod_netns.handle, Side::Pod, pod),
+            ] {
+                let index = link_index(handle, side, name).await?;
+                handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(index).up().build())
+                    .execute()
+                    .await?;
+            }
             Ok(())
         })
     }
