@@ -95,12 +95,29 @@ fn failed_add_leaves_nothing_behind() -> TestResult {
         return Ok(());
     }
     let world = World::with_pod_nic()?;
-    // A pod that already has a `veth0`: the veth is created on the node, then moving its end
-    // into the pod fails, and the rollback must delete it.
+    let before = world.node_state()?;
+    // prevResult claims an address eth0 does not hold: the veth, the node's route and neighbour
+    // are in place when the pod route sourced from that address is refused; all must go.
+    let run = world.run(CniCall {
+        binary: COORDINATOR,
+        command: "ADD",
+        ifname: "eth0",
+        cni_path: NO_DELEGATES,
+        stdin: world.coordinator_config(world.prev_result("eth0", "10.6.153.102/16", SWITCH_IP)),
+    })?;
+    assert_ne!(run.exit_code, Some(0), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("adding route 10.6.0.5/32 dev veth0 src 10.6.153.102"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(world.node_state()?, before);
+
+    // A pod that already has a `veth0`: creating the pair fails as a whole.
     sh(&[
         "ip", "-n", &world.pod, "link", "add", "veth0", "type", "veth", "peer", "name", "other",
     ])?;
-    let before = world.node_state()?;
     let run = world.coordinator("ADD")?;
     assert_ne!(run.exit_code, Some(0), "{}", run.stdout);
     assert!(run.stdout.contains("File exists"), "{}", run.stdout);
