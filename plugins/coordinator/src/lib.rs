@@ -57,6 +57,12 @@ impl Plugin for CoordinatorPlugin {
                  through it; set serviceCIDRs, e.g. [\"10.96.0.0/12\"]"
             );
         }
+        if config.detect_ip_conflict || config.detect_gateway {
+            tracing::warn!(
+                "detectIPConflict and detectGateway are not implemented yet and are ignored; \
+                 the pod is wired without the probes"
+            );
+        }
         let target = Target {
             container_id: &attachment.container_id,
             ifname: &attachment.ifname,
