@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, DEFAULT_NODES, Layout, default_bin_dir, teardown},
+    cluster::{
+        Cluster, ClusterOptions, DEFAULT_NODES, Layout, VirtnetOptions, default_bin_dir, teardown,
+    },
     forward,
     kubelet::{self, KubeletArgs},
     naming::ClusterNames,
@@ -39,6 +41,10 @@ enum Commands {
         /// Defaults to $VIRTNET_E2E_CACHE/bin, else /var/cache/virtnet-e2e/bin.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Also run VirtNet (controller, agents, plugins, seed 000's conflist) from the
+        /// workspace's debug build.
+        #[arg(long)]
+        virtnet: bool,
     },
     /// Tear a cluster down: processes, network namespaces, mounts, state directory. Succeeds
     /// when there is nothing to remove.
@@ -83,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
             nodes,
             state_dir,
             bin_dir,
+            virtnet,
         } => {
             let harness_binary =
                 std::env::current_exe().context("cannot locate the virtnet-e2e executable")?;
@@ -92,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
                 state_dir,
                 bin_dir: bin_dir.unwrap_or_else(default_bin_dir),
                 harness_binary,
+                virtnet: virtnet.then(VirtnetOptions::from_workspace),
             })
             .await?;
             println!("export KUBECONFIG={}", cluster.kubeconfig().display());

@@ -8,6 +8,8 @@
 mod cluster;
 #[path = "e2e/gc.rs"]
 mod gc;
+#[path = "e2e/ipam.rs"]
+mod ipam;
 #[path = "e2e/pod_network.rs"]
 mod pod_network;
 #[path = "e2e/support.rs"]
@@ -53,6 +55,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones",
         gc::controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones,
+    ),
+    (
+        "virtnet_allocates_seed_000_addresses_and_returns_them",
+        ipam::virtnet_allocates_seed_000_addresses_and_returns_them,
     ),
 ];
 

@@ -9,6 +9,7 @@ mod components;
 mod layout;
 mod node_cni;
 mod teardown;
+mod virtnet;
 
 use std::{
     collections::BTreeSet,
@@ -32,6 +33,7 @@ pub use self::{
     layout::{DEFAULT_STATE_PARENT, Layout},
     node_cni::{NodeDirs, POD_RANGE_FIRST, POD_RANGE_LAST},
     teardown::teardown,
+    virtnet::{SEED_SUBNET, VIRTNET_CONFLIST, VirtnetOptions},
 };
 use crate::{
     command::{self, CommandError},
@@ -144,6 +146,9 @@ pub struct ClusterOptions {
     pub bin_dir: PathBuf,
     /// The `virtnet-e2e` executable, which serves as forwarder and kubelet stand-in.
     pub harness_binary: PathBuf,
+    /// Run VirtNet (controller, agents, plugins, seed 000's conflist as every node's default
+    /// network); `None` keeps the bootstrap network (macvlan + host-local).
+    pub virtnet: Option<VirtnetOptions>,
 }
 
 impl ClusterOptions {
@@ -155,6 +160,7 @@ impl ClusterOptions {
             state_dir: None,
             bin_dir: default_bin_dir(),
             harness_binary: harness_binary.into(),
+            virtnet: None,
         }
     }
 
@@ -169,6 +175,7 @@ impl ClusterOptions {
             .iter()
             .map(|name| self.bin_dir.join(name))
             .find(|path| !path.is_file())
+            .or_else(|| self.virtnet.as_ref().and_then(VirtnetOptions::missing))
             .map(|path| ClusterError::MissingBinary { path })
     }
 }
@@ -219,6 +226,7 @@ impl Cluster {
                 dir: options.bin_dir,
             },
             harness_binary: options.harness_binary,
+            virtnet: options.virtnet,
         };
         let client = match starting.start().await {
             Ok(client) => client,
@@ -374,6 +382,7 @@ struct StartingCluster {
     nodes: usize,
     bins: Binaries,
     harness_binary: PathBuf,
+    virtnet: Option<VirtnetOptions>,
 }
 
 impl StartingCluster {
@@ -430,7 +439,66 @@ impl StartingCluster {
             || all_nodes_ready(&client, &expected),
         )
         .await?;
+        if let Some(options) = self.virtnet.clone() {
+            self.start_virtnet(&options, &pki).await?;
+        }
         Ok(client)
+    }
+
+    /// Installs and starts VirtNet, then waits until every agent serves its socket.
+    async fn start_virtnet(
+        &mut self,
+        options: &VirtnetOptions,
+        pki: &ControlPlanePki,
+    ) -> Result<(), ClusterError> {
+        let layout = &self.guard.layout;
+        let nodes: Vec<(String, String, NodeDirs)> = (1..=self.nodes)
+            .map(|index| {
+                let node = self.guard.names.node(index);
+                let dirs = layout.node_dirs(&node);
+                (node, self.guard.names.node_netns(index), dirs)
+            })
+            .collect();
+        let sockets: Vec<PathBuf> = nodes
+            .iter()
+            .map(|(_, _, dirs)| dirs.agent_run.join("agent.sock"))
+            .collect();
+        let daemons = virtnet::install(
+            options,
+            &virtnet::Target {
+                kubectl: &self.bins.path("kubectl"),
+                helm: &self.bins.path("helm"),
+                admin_kubeconfig: &layout.admin_kubeconfig,
+                state: &layout.root,
+                pki_dir: &layout.pki,
+                ca: &pki.ca,
+                control_plane_netns: &self.guard.names.control_plane_netns(),
+                nodes,
+            },
+        )?;
+        daemons
+            .iter()
+            .try_for_each(|daemon| self.start_daemon(daemon))?;
+        wait_for(
+            "every virtnet agent to serve its socket",
+            APISERVER_READY_TIMEOUT,
+            &self.guard.layout.logs,
+            || {
+                let missing: Vec<String> = sockets
+                    .iter()
+                    .filter(|socket| !socket.exists())
+                    .map(|socket| socket.display().to_string())
+                    .collect();
+                async move {
+                    if missing.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("missing: {}", missing.join(", ")))
+                    }
+                }
+            },
+        )
+        .await
     }
 
     fn create_pki(&self) -> Result<ControlPlanePki, ClusterError> {

@@ -48,7 +48,10 @@ fn spread_deployment() -> anyhow::Result<Deployment> {
     }))?)
 }
 
-async fn create_spread_deployment(cluster: &Cluster, namespace: &str) -> anyhow::Result<Vec<Pod>> {
+pub async fn create_spread_deployment(
+    cluster: &Cluster,
+    namespace: &str,
+) -> anyhow::Result<Vec<Pod>> {
     create_namespace(cluster, namespace).await?;
     let deployments: Api<Deployment> = Api::namespaced(cluster.client(), namespace);
     deployments
