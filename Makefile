@@ -5,7 +5,9 @@ E2E_TOOLS_BIN ?= /var/cache/virtnet-e2e/bin
 .PHONY: test lint unit tools bench
 
 ## test: formatting, lints, unit tests and the e2e suite on the local cluster harness
+## (the e2e suite runs the `virtnet` and plugin binaries, which `cargo test` alone does not build)
 test: lint tools
+	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 
 ## lint: rustfmt check and clippy with warnings as errors
@@ -30,6 +32,7 @@ bench:
 
 ## e2e: only the end-to-end suite; brings its own cluster up and tears it down (needs root)
 e2e: tools
+	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test -p virtnet-e2e --test e2e --locked
 
 ## sandbox: build VirtNet, bring a 3-node cluster up, install VirtNet, apply the sample workloads,
