@@ -2,6 +2,7 @@ use std::{fs, path::PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use virtnet::telemetry::LogArgs;
 
 /// VirtNet: underlay networking for Kubernetes pods and KubeVirt VMs.
 #[derive(Parser)]
@@ -17,23 +18,15 @@ enum Command {
     Controller {
         #[command(flatten)]
         args: virtnet::controller::ControllerArgs,
-        /// Log line format.
-        #[arg(long, env = "VIRTNET_LOG_FORMAT", value_enum, default_value_t)]
-        log_format: virtnet::telemetry::LogFormat,
-        /// Log level: error, warn, info, debug or trace.
-        #[arg(long, env = "VIRTNET_LOG_LEVEL", default_value = "info")]
-        log_level: String,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Run the node agent: allocates addresses for virtnet-ipam over a unix socket.
     Agent {
         #[command(flatten)]
         args: virtnet::agent::AgentArgs,
-        /// Log line format.
-        #[arg(long, env = "VIRTNET_LOG_FORMAT", value_enum, default_value_t)]
-        log_format: virtnet::telemetry::LogFormat,
-        /// Log level: error, warn, info, debug or trace.
-        #[arg(long, env = "VIRTNET_LOG_LEVEL", default_value = "info")]
-        log_level: String,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Print the CustomResourceDefinitions as YAML (or write them into a directory).
     Crdgen(CrdgenArgs),
@@ -51,29 +44,29 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crdgen(args) => crdgen(args),
-        Command::Controller {
-            args,
-            log_format,
-            log_level,
-        } => {
-            virtnet::telemetry::init(log_format, &log_level);
-            tokio::runtime::Runtime::new()
-                .context("starting the async runtime")?
-                .block_on(virtnet::controller::run(args))
-                .context("virtnet controller failed")
+        Command::Controller { args, log } => {
+            run_service("virtnet controller", &log, virtnet::controller::run(args))
         }
-        Command::Agent {
-            args,
-            log_format,
-            log_level,
-        } => {
-            virtnet::telemetry::init(log_format, &log_level);
-            tokio::runtime::Runtime::new()
-                .context("starting the async runtime")?
-                .block_on(virtnet::agent::run(args))
-                .context("virtnet agent failed")
+        Command::Agent { args, log } => {
+            run_service("virtnet agent", &log, virtnet::agent::run(args))
         }
     }
+}
+
+/// Sets up logging and runs a long-running command to completion on a multi-threaded runtime.
+fn run_service<E>(
+    name: &str,
+    log: &LogArgs,
+    service: impl std::future::Future<Output = Result<(), E>>,
+) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    virtnet::telemetry::init(log.log_format, &log.log_level);
+    tokio::runtime::Runtime::new()
+        .context("starting the async runtime")?
+        .block_on(service)
+        .with_context(|| format!("{name} failed"))
 }
 
 fn crdgen(args: CrdgenArgs) -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
-//! Structured logs on stderr, human-readable or JSON.
+//! Structured logs on stderr, human-readable or JSON, and the logging flags and stop signal shared
+//! by the long-running commands (`virtnet controller`, `virtnet agent`).
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -10,6 +11,36 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+/// Logging flags of every long-running command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, env = "VIRTNET_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "VIRTNET_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = terminate => {},
+    }
 }
 
 /// Installs the global subscriber at `level` (e.g. `info`, `debug`); a `RUST_LOG` directive,

@@ -106,7 +106,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         .route(STATUS_PATH, get(status))
         .with_state(agent);
     axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(crate::telemetry::shutdown_signal())
         .await
         .map_err(|source| Error::Socket {
             path: args.socket.clone(),
@@ -134,24 +134,6 @@ fn bind_socket(path: &PathBuf) -> Result<tokio::net::UnixListener, Error> {
     let listener = tokio::net::UnixListener::bind(path).map_err(failed)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
     Ok(listener)
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = terminate => {},
-    }
 }
 
 /// An [`ApiError`] as an HTTP answer.

@@ -185,7 +185,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             .map_err(|error| Error::LeaderElection(error.to_string()))?;
     let (mut leading, lease_task) = manager.watch().await;
 
-    let shutdown = shutdown_signal();
+    let shutdown = crate::telemetry::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         // Wait to become the leader (or to be told to stop).
@@ -246,22 +246,4 @@ async fn run_reconcilers(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
         )
         .for_each(|_| async {});
     tokio::join!(subnets, endpoints);
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the controller");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = terminate => {},
-    }
 }
