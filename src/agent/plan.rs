@@ -479,20 +479,25 @@ pub fn endpoint_spec(
         .unwrap_or_default();
     interfaces.push(interface);
     interfaces.sort_by(|a, b| a.interface.cmp(&b.interface));
+    // OWNER-KIND / OWNER-NAME show the workload, as in seed 000's table (a Deployment's pod shows
+    // its ReplicaSet); only sticky kinds change how long the addresses live.
     let (owner_kind, owner_name) = match &holder.key {
-        AllocationKey::Pod { name, .. } => ("Pod", name.clone()),
+        AllocationKey::Pod { name, .. } => pod.owners.first().map_or_else(
+            || ("Pod".to_owned(), name.clone()),
+            |owner| (owner.kind.clone(), owner.name.clone()),
+        ),
         AllocationKey::StatefulSetPod { name, .. } => (
-            "StatefulSet",
+            "StatefulSet".to_owned(),
             pod.owners
                 .iter()
                 .find(|owner| owner.kind == "StatefulSet")
                 .map_or_else(|| name.clone(), |owner| owner.name.clone()),
         ),
-        AllocationKey::VirtualMachine { name, .. } => ("VirtualMachine", name.clone()),
+        AllocationKey::VirtualMachine { name, .. } => ("VirtualMachine".to_owned(), name.clone()),
     };
     EndpointSpec {
         interfaces,
-        owner_kind: owner_kind.to_owned(),
+        owner_kind,
         owner_name,
         node: node.to_owned(),
         pod_uid: pod.uid.clone(),
@@ -815,8 +820,13 @@ mod tests {
             .collect();
         assert_eq!(names, ["eth0", "net1"]);
         assert_eq!(
-            (spec.owner_kind.as_str(), spec.sticky, spec.pod_uid.as_str()),
-            ("Pod", false, "uid-1")
+            (
+                spec.owner_kind.as_str(),
+                spec.owner_name.as_str(),
+                spec.sticky,
+                spec.pod_uid.as_str()
+            ),
+            ("ReplicaSet", "web", false, "uid-1")
         );
         assert_eq!(
             recorded_addresses(&spec.interfaces[0]),
