@@ -398,7 +398,12 @@ impl Worker {
                 endpoint: holder.clone(),
                 pod_uid: endpoint.spec.pod_uid.clone(),
             };
-            if self.release_allocation(&allocation, reason).await? {
+            // A sticky Endpoint's records may carry an earlier pod's UID (see release_patch).
+            let match_pod_uid = !endpoint.spec.sticky;
+            if self
+                .release_allocation(&allocation, match_pod_uid, reason)
+                .await?
+            {
                 released.push(format!("{address} ({pool})"));
             }
         }
@@ -416,6 +421,7 @@ impl Worker {
     async fn release_allocation(
         &self,
         allocation: &AllocationRef,
+        match_pod_uid: bool,
         reason: Reason,
     ) -> Result<bool, Error> {
         let pools: Api<IpPool> = Api::all(self.ctx.client.clone());
@@ -427,7 +433,7 @@ impl Worker {
                 &pool,
                 &allocation.address,
                 &allocation.endpoint,
-                &allocation.pod_uid,
+                match_pod_uid.then_some(allocation.pod_uid.as_str()),
             ) else {
                 return Ok(false);
             };
@@ -563,7 +569,7 @@ impl Worker {
         self.suspects = plan.suspects;
         for allocation in &plan.release {
             if self
-                .release_allocation(allocation, Reason::OrphanAllocation)
+                .release_allocation(allocation, true, Reason::OrphanAllocation)
                 .await?
             {
                 warn!(pool = %allocation.pool, address = %allocation.address, endpoint = %allocation.endpoint, "released an allocation no Endpoint lists");

@@ -308,10 +308,19 @@ pub fn plan_orphans(
 /// The status merge patch that removes `address` from `pool` and updates its counters, guarded
 /// by the pool's resourceVersion; `None` when the record is gone or no longer names `endpoint`
 /// (`namespace/name`) with `pod_uid` (someone else holds the address now: leave it).
-pub fn release_patch(pool: &IpPool, address: &str, endpoint: &str, pod_uid: &str) -> Option<Value> {
+///
+/// `pod_uid` is `None` for a sticky Endpoint: its identity is its name (the StatefulSet replica or
+/// the VM), and its records keep the UID of the pod that first claimed them while later pods of
+/// that name reuse them, so any record naming the Endpoint is its own.
+pub fn release_patch(
+    pool: &IpPool,
+    address: &str,
+    endpoint: &str,
+    pod_uid: Option<&str>,
+) -> Option<Value> {
     let status = pool.status.as_ref()?;
     let record = status.allocations.get(address)?;
-    if record.endpoint != endpoint || record.pod_uid != pod_uid {
+    if record.endpoint != endpoint || pod_uid.is_some_and(|uid| record.pod_uid != uid) {
         return None;
     }
     let allocated = i64::try_from(status.allocations.len() - 1).unwrap_or(i64::MAX);
@@ -597,8 +606,23 @@ mod tests {
             },
         }))
         .expect("pool deserializes");
+        let released = Some(json!({
+            "metadata": {"resourceVersion": "42"},
+            "status": {
+                "allocations": {"10.0.0.1": null},
+                "allocatedIPCount": 1,
+                "unallocatedIPCount": 9,
+            },
+        }));
+        // A sticky Endpoint (StatefulSet replica, VM) owns every record naming it, whichever of
+        // its pods claimed it first.
         assert_eq!(
-            release_patch(&pool, "10.0.0.1", "default/p", "old"),
+            release_patch(&pool, "10.0.0.1", "default/p", None),
+            released
+        );
+        assert_eq!(release_patch(&pool, "10.0.0.2", "default/p", None), None);
+        assert_eq!(
+            release_patch(&pool, "10.0.0.1", "default/p", Some("old")),
             Some(json!({
                 "metadata": {"resourceVersion": "42"},
                 "status": {
@@ -609,9 +633,18 @@ mod tests {
             }))
         );
         // A same-name pod took the address over, another Endpoint holds it, or it is free.
-        assert_eq!(release_patch(&pool, "10.0.0.1", "default/p", "new"), None);
-        assert_eq!(release_patch(&pool, "10.0.0.2", "default/p", "old"), None);
-        assert_eq!(release_patch(&pool, "10.0.0.3", "default/p", "old"), None);
+        assert_eq!(
+            release_patch(&pool, "10.0.0.1", "default/p", Some("new")),
+            None
+        );
+        assert_eq!(
+            release_patch(&pool, "10.0.0.2", "default/p", Some("old")),
+            None
+        );
+        assert_eq!(
+            release_patch(&pool, "10.0.0.3", "default/p", Some("old")),
+            None
+        );
     }
 
     fn allocation(address: &str, uid: &str) -> AllocationRef {
