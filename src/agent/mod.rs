@@ -39,11 +39,8 @@ use service::Agent;
 pub enum Error {
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
-    #[error(
-        "the virtnet.io CRDs are not installed ({0}): apply chart/crds/ \
-         (kubectl apply -f chart/crds/) or install the Helm chart"
-    )]
-    CrdsMissing(kube::Error),
+    #[error(transparent)]
+    CrdsMissing(#[from] crate::crd::CrdsMissing),
     #[error(
         "cannot listen on the plugin socket {}: {source}; the agent must run as root with \
          /var/run/virtnet mounted from the host",

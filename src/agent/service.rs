@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -86,10 +86,7 @@ fn backoff(attempt: u32) -> Duration {
 impl Agent {
     /// Checks the CRDs are installed, starts the caches and waits until they have synced.
     pub async fn start(client: Client, node: String) -> Result<Self, Error> {
-        Api::<Subnet>::all(client.clone())
-            .list(&ListParams::default().limit(1))
-            .await
-            .map_err(Error::CrdsMissing)?;
+        crate::crd::ensure_installed(&client).await?;
         let config = watcher::Config::default;
         let agent = Self {
             subnets: cache(Api::all(client.clone()), config()),

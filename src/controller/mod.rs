@@ -22,7 +22,6 @@ use futures::StreamExt;
 use k8s_openapi::jiff::SignedDuration;
 use kube::{
     Api, Client,
-    api::ListParams,
     runtime::{
         Controller,
         controller::Action,
@@ -43,11 +42,8 @@ use crate::{
 pub enum Error {
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
-    #[error(
-        "the virtnet.io CRDs are not installed ({0}): apply chart/crds/ \
-         (kubectl apply -f chart/crds/) or install the Helm chart"
-    )]
-    CrdsMissing(kube::Error),
+    #[error(transparent)]
+    CrdsMissing(#[from] crate::crd::CrdsMissing),
     #[error("Subnet {0} has no uid yet; it will be retried")]
     MissingUid(String),
     #[error(
@@ -145,10 +141,7 @@ pub struct Context {
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     let client = Client::try_default().await?;
-    Api::<Subnet>::all(client.clone())
-        .list(&ListParams::default().limit(1))
-        .await
-        .map_err(Error::CrdsMissing)?;
+    crate::crd::ensure_installed(&client).await?;
 
     let metrics = Arc::new(Metrics::default());
     let health = Health::default();

@@ -29,6 +29,23 @@ pub const LABEL_SUBNET: &str = "ipam.virtnet.io/subnet";
 /// before the object disappears.
 pub const FINALIZER_ENDPOINT: &str = "ipam.virtnet.io/endpoint";
 
+/// The virtnet.io CRDs are not served: the controller and the agent cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the virtnet.io CRDs are not installed ({0}): apply chart/crds/ \
+     (kubectl apply -f chart/crds/) or install the Helm chart"
+)]
+pub struct CrdsMissing(kube::Error);
+
+/// Fails fast, with an install hint, when the API server does not serve the CRDs.
+pub async fn ensure_installed(client: &kube::Client) -> Result<(), CrdsMissing> {
+    kube::Api::<Subnet>::all(client.clone())
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map(drop)
+        .map_err(CrdsMissing)
+}
+
 /// One generated CustomResourceDefinition, as committed under `chart/crds/`.
 pub struct CrdManifest {
     /// File name: the CRD's name plus `.yaml`, e.g. `subnets.virtnet.io.yaml`.
