@@ -22,7 +22,7 @@ use nix::sched::{CloneFlags, setns};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkInfo};
 use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::{RouteAttribute, RouteScope};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteProtocol, RouteScope};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -189,7 +189,8 @@ impl Netlink {
                 mtu,
             } => self.add_veth(host, host_mac, pod, pod_mac, *mtu),
             Op::Sysctl { side, key, value } => self.sysctl(*side, key, value),
-            Op::AddRoute { side, route } => self.add_route(*side, route),
+            Op::AddRoute { side, route } => self.route(*side, route, Mode::Add),
+            Op::DelRoute { side, route } => self.route(*side, route, Mode::Del),
             Op::AddNeighbour { side, dev, ip, mac } => {
                 let handle = self.handle(*side, "adding a neighbour")?;
                 let what = format!("adding neighbour {ip} lladdr {} on {dev}", show_mac(mac));
@@ -330,10 +331,15 @@ impl Netlink {
         })
     }
 
-    fn add_route(&self, side: Side, route: &RouteSpec) -> Result<(), NetlinkError> {
-        let handle = self.handle(side, "adding a route")?;
+    /// Adds (`Mode::Add`) or deletes (`Mode::Del`) one route.
+    fn route(&self, side: Side, route: &RouteSpec, mode: Mode) -> Result<(), NetlinkError> {
+        let verb = match mode {
+            Mode::Del => "deleting",
+            Mode::Create | Mode::Add => "adding",
+        };
+        let handle = self.handle(side, &format!("{verb} a route"))?;
         let what = format!(
-            "adding route {}{} dev {}{}{}",
+            "{verb} route {}{} dev {}{}{}",
             route.dst,
             route
                 .via
@@ -349,7 +355,7 @@ impl Netlink {
                 .map(|table| format!(" table {table}"))
                 .unwrap_or_default(),
         );
-        self.run(side, &what, Mode::Add, async {
+        self.run(side, &what, mode, async {
             let index = link_index(handle, side, &route.dev).await?;
             let invalid = |error: &dyn std::error::Error| Failure::Invalid(error.to_string());
             let mut builder = RouteMessageBuilder::<IpAddr>::new()
@@ -358,6 +364,7 @@ impl Netlink {
                 .output_interface(index);
             builder = match route.via {
                 Some(via) => builder.gateway(via).map_err(|error| invalid(&error))?,
+                None if matches!(mode, Mode::Del) => builder,
                 None => builder.scope(RouteScope::Link),
             };
             if let Some(src) = route.src {
@@ -366,7 +373,18 @@ impl Netlink {
             if let Some(table) = route.table {
                 builder = builder.table_id(table);
             }
-            Ok(handle.route().add(builder.build()).execute().await?)
+            match mode {
+                // Whoever added it chose the protocol (the reference plugins' `boot`); an
+                // unspecified one matches any.
+                Mode::Del => Ok(handle
+                    .route()
+                    .del(builder.protocol(RouteProtocol::Unspec).build())
+                    .execute()
+                    .await?),
+                Mode::Create | Mode::Add => {
+                    Ok(handle.route().add(builder.build()).execute().await?)
+                }
+            }
         })
     }
 

@@ -24,7 +24,10 @@
 //! On any other NIC (a Multus `netN`): policy routing inside the pod, so replies leave by the NIC
 //! the request came in on. Its table is [`POLICY_TABLE_BASE`] + the number the interface name
 //! ends in (`net1` → 101, `net2` → 102), with the rule `from <address> lookup <table>` at
-//! preference = table number. DEL finds them again from the interface name alone.
+//! preference = table number. DEL finds them again from the interface name alone. The default
+//! route the interface plugin also put in the main table for this NIC is deleted: the pod's
+//! default route stays on the default-route NIC (else the kernel would pick whichever default
+//! route comes first, and off-subnet traffic from eth0's address would leave by `net1`).
 //!
 //! KubeVirt: the underlay NIC's MAC and default route are never touched, which is what passt
 //! needs. The bridge binding moves the pod's MAC into the VM, which macvlan cannot carry, so it
@@ -118,6 +121,12 @@ pub enum Op {
         from: IpNet,
         table: u32,
     },
+    /// Deletes a route another plugin added (gone already is success); `via: None` matches
+    /// any gateway.
+    DelRoute {
+        side: Side,
+        route: RouteSpec,
+    },
 }
 
 /// One change DEL makes; each is idempotent (already gone is success).
@@ -150,7 +159,11 @@ impl Op {
                 side: *side,
                 table: *table,
             }),
-            Self::Sysctl { .. } | Self::AddRoute { .. } | Self::AddNeighbour { .. } => None,
+            // The route belonged to the interface plugin, whose own DEL removes the NIC.
+            Self::Sysctl { .. }
+            | Self::AddRoute { .. }
+            | Self::AddNeighbour { .. }
+            | Self::DelRoute { .. } => None,
         }
     }
 }
@@ -459,6 +472,21 @@ fn plan_policy_routing(
             });
         }
     }
+    ops.extend(
+        prev.routes
+            .iter()
+            .filter(|route| route.dst.prefix_len() == 0)
+            .map(|route| Op::DelRoute {
+                side: Side::Pod,
+                route: RouteSpec {
+                    dst: route.dst,
+                    via: route.gw,
+                    dev: ifname.to_owned(),
+                    src: None,
+                    table: None,
+                },
+            }),
+    );
     Ok(ops)
 }
 
@@ -742,6 +770,51 @@ mod tests {
         };
         assert!(ops.iter().all(|op| op.undo() == Some(table.clone())));
         assert_eq!(plan_del(&config(json!({}))?, net2)?, [table]);
+        Ok(())
+    }
+
+    #[test]
+    fn another_nics_default_route_leaves_the_main_table() -> TestResult {
+        let net1 = Target {
+            ifname: "net1",
+            ..TARGET
+        };
+        let mut prev = prev(
+            "net1",
+            json!([{"interface": 1, "address": "10.7.160.10/16", "gateway": "10.7.0.1"}]),
+        )?;
+        prev.routes = CniResult::parse(
+            "prevResult",
+            &json!({"cniVersion": "1.0.0", "routes": [
+                {"dst": "0.0.0.0/0", "gw": "10.7.0.1"},
+                {"dst": "10.9.0.0/16", "gw": "10.7.0.254"},
+            ]}),
+        )?
+        .routes;
+        let ops = plan_add(&config(json!({}))?, net1, &prev, &node()?)?;
+        let deleted: Vec<&Op> = ops
+            .iter()
+            .filter(|op| matches!(op, Op::DelRoute { .. }))
+            .collect();
+        assert_eq!(
+            deleted,
+            [&Op::DelRoute {
+                side: Side::Pod,
+                route: RouteSpec {
+                    dst: "0.0.0.0/0".parse()?,
+                    via: Some("10.7.0.1".parse()?),
+                    dev: "net1".to_owned(),
+                    src: None,
+                    table: None,
+                },
+            }],
+            "only the default route leaves main; the Subnet's own routes stay"
+        );
+        assert!(
+            ops.iter().any(|op| matches!(op, Op::AddRoute { route, .. }
+                if route.dst.prefix_len() == 0 && route.table == Some(101))),
+            "the default route via net1 lives on in table 101: {ops:?}"
+        );
         Ok(())
     }
 
