@@ -45,6 +45,11 @@ enum Commands {
         /// workspace's debug build.
         #[arg(long)]
         virtnet: bool,
+        /// VirtNet in Multus mode (implies --virtnet): Multus is every node's default CNI,
+        /// delegating to seed 000's conflist, and every node gets a second NIC `ens224` on a
+        /// second underlay, 10.7.0.0/16 (gateway 10.7.0.1).
+        #[arg(long)]
+        multus: bool,
     },
     /// Tear a cluster down: processes, network namespaces, mounts, state directory. Succeeds
     /// when there is nothing to remove.
@@ -72,8 +77,18 @@ enum Commands {
     Kubelet(KubeletArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Commands::Kubelet(args) = &cli.command {
+        // Before the runtime starts its threads: see `enter_host_paths`.
+        kubelet::enter_host_paths(&args.host_paths)?;
+    }
+    tokio::runtime::Runtime::new()
+        .context("cannot start the tokio runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -83,13 +98,14 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| EnvFilter::new("info,kube_client=off")),
         )
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Commands::Up {
             name,
             nodes,
             state_dir,
             bin_dir,
             virtnet,
+            multus,
         } => {
             let harness_binary =
                 std::env::current_exe().context("cannot locate the virtnet-e2e executable")?;
@@ -99,7 +115,10 @@ async fn main() -> anyhow::Result<()> {
                 state_dir,
                 bin_dir: bin_dir.unwrap_or_else(default_bin_dir),
                 harness_binary,
-                virtnet: virtnet.then(VirtnetOptions::from_workspace),
+                virtnet: (virtnet || multus).then(|| VirtnetOptions {
+                    multus,
+                    ..VirtnetOptions::from_workspace()
+                }),
             })
             .await?;
             println!("export KUBECONFIG={}", cluster.kubeconfig().display());

@@ -61,6 +61,16 @@ impl ClusterNames {
         format!("{}-br", self.cluster)
     }
 
+    /// The namespace holding the bridge of the second underlay (Multus mode's `ens224` network).
+    pub fn second_switch_netns(&self) -> String {
+        format!("{}-sw2", self.cluster)
+    }
+
+    /// The bridge inside the second switch namespace.
+    pub fn second_bridge(&self) -> String {
+        format!("{}-br2", self.cluster)
+    }
+
     /// The namespace owning the underlay gateway address.
     pub fn router_netns(&self) -> String {
         format!("{}-rt", self.cluster)
@@ -115,6 +125,7 @@ mod tests {
         let prefix = names.netns_prefix();
         for netns in [
             names.switch_netns(),
+            names.second_switch_netns(),
             names.router_netns(),
             names.control_plane_netns(),
             names.node_netns(3),
@@ -136,5 +147,6 @@ mod tests {
     fn the_longest_names_still_fit_a_link_name() {
         let names = ClusterNames::new("abcdefgh").expect("valid name");
         assert!(names.bridge().len() <= 15);
+        assert!(names.second_bridge().len() <= 15);
     }
 }

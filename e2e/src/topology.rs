@@ -27,10 +27,24 @@ pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(10, 6, 0, 2);
 pub const NODE_NIC: &str = "ens192";
 /// The NIC of the router and control-plane hosts.
 const HOST_NIC: &str = "eth0";
+/// The second underlay (Multus mode): another L2 network, 10.7.0.0/16, on every node's second
+/// NIC and on the router, so a pod's `net1` really sits on a network of its own.
+pub const SECOND_UNDERLAY_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 7, 0, 0);
+/// The second underlay's gateway, owned by the router as well.
+pub const SECOND_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 7, 0, 1);
+/// Every node's second NIC, named like the second vNIC of a VMware node.
+pub const SECOND_NODE_NIC: &str = "ens224";
+/// The router's NIC on the second underlay.
+const ROUTER_SECOND_NIC: &str = "eth1";
 
 /// The underlay in CIDR notation.
 pub fn underlay_cidr() -> String {
     format!("{UNDERLAY_NETWORK}/{UNDERLAY_PREFIX_LEN}")
+}
+
+/// The second underlay in CIDR notation.
+pub fn second_underlay_cidr() -> String {
+    format!("{SECOND_UNDERLAY_NETWORK}/{UNDERLAY_PREFIX_LEN}")
 }
 
 /// The address of the `index`-th node (1-based): 10.6.1.<index>.
@@ -39,16 +53,35 @@ pub fn node_ip(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 6, 1, last_octet)
 }
 
-/// Creates and deletes the namespaces, bridge and cables of one cluster.
+/// The address of the `index`-th node's second NIC (1-based): 10.7.1.<index>.
+pub fn second_node_ip(index: usize) -> Ipv4Addr {
+    let [_, _, third, fourth] = node_ip(index).octets();
+    let [first, second, ..] = SECOND_UNDERLAY_NETWORK.octets();
+    Ipv4Addr::new(first, second, third, fourth)
+}
+
+/// Creates and deletes the namespaces, bridges and cables of one cluster.
 #[derive(Debug, Clone)]
 pub struct Topology {
     names: ClusterNames,
     nodes: usize,
+    second_underlay: bool,
 }
 
 impl Topology {
     pub fn new(names: ClusterNames, nodes: usize) -> Self {
-        Self { names, nodes }
+        Self {
+            names,
+            nodes,
+            second_underlay: false,
+        }
+    }
+
+    /// Also builds the second underlay: a switch of its own, the router's `eth1` owning
+    /// [`SECOND_GATEWAY_V4`] and every node's [`SECOND_NODE_NIC`].
+    pub fn with_second_underlay(mut self, second_underlay: bool) -> Self {
+        self.second_underlay = second_underlay;
+        self
     }
 
     /// Builds the whole network. On error the caller deletes what was built by prefix.
@@ -80,25 +113,76 @@ impl Topology {
             add_address(&node, NODE_NIC, node_ip(index).into(), UNDERLAY_PREFIX_LEN)?;
             add_default_route(&node)?;
         }
+        if self.second_underlay {
+            self.create_second_underlay()?;
+        }
+        Ok(())
+    }
+
+    /// The second L2 network, cabled to the hosts [`Topology::create`] made. No default route
+    /// points into it: hosts reach it only as a connected network.
+    fn create_second_underlay(&self) -> Result<(), CommandError> {
+        let switch = self.names.second_switch_netns();
+        let bridge = self.names.second_bridge();
+        add_netns(&switch)?;
+        ip(&switch, &["link", "add", &bridge, "type", "bridge"])?;
+        ip(&switch, &["link", "set", &bridge, "up"])?;
+        let router = self.names.router_netns();
+        plug(&switch, &bridge, &router, "router", ROUTER_SECOND_NIC)?;
+        add_address(
+            &router,
+            ROUTER_SECOND_NIC,
+            SECOND_GATEWAY_V4.into(),
+            UNDERLAY_PREFIX_LEN,
+        )?;
+        for index in 1..=self.nodes {
+            let node = self.names.node_netns(index);
+            plug(
+                &switch,
+                &bridge,
+                &node,
+                &format!("node{index}"),
+                SECOND_NODE_NIC,
+            )?;
+            add_address(
+                &node,
+                SECOND_NODE_NIC,
+                second_node_ip(index).into(),
+                UNDERLAY_PREFIX_LEN,
+            )?;
+        }
         Ok(())
     }
 
     /// Creates host namespace `netns` and plugs its NIC `nic` into switch port `port`.
     fn cable_host(&self, netns: &str, port: &str, nic: &str) -> Result<(), CommandError> {
-        let switch = self.names.switch_netns();
         add_netns(netns)?;
-        ip(
-            &switch,
-            &[
-                "link", "add", port, "type", "veth", "peer", "name", nic, "netns", netns,
-            ],
-        )?;
-        ip(
-            &switch,
-            &["link", "set", port, "master", &self.names.bridge(), "up"],
-        )?;
-        ip(netns, &["link", "set", nic, "up"])
+        plug(
+            &self.names.switch_netns(),
+            &self.names.bridge(),
+            netns,
+            port,
+            nic,
+        )
     }
+}
+
+/// Cables NIC `nic` of host namespace `netns` to port `port` of `bridge` in namespace `switch`.
+fn plug(
+    switch: &str,
+    bridge: &str,
+    netns: &str,
+    port: &str,
+    nic: &str,
+) -> Result<(), CommandError> {
+    ip(
+        switch,
+        &[
+            "link", "add", port, "type", "veth", "peer", "name", nic, "netns", netns,
+        ],
+    )?;
+    ip(switch, &["link", "set", port, "master", bridge, "up"])?;
+    ip(netns, &["link", "set", nic, "up"])
 }
 
 /// Creates a named network namespace with its loopback up (the apiserver and etcd use it).
@@ -169,5 +253,12 @@ mod tests {
         assert_eq!(node_ip(1), Ipv4Addr::new(10, 6, 1, 1));
         assert_ne!(node_ip(1), GATEWAY_V4);
         assert_ne!(node_ip(1), CONTROL_PLANE_IP);
+    }
+
+    #[test]
+    fn second_nic_addresses_mirror_the_first_on_the_second_underlay() {
+        assert_eq!(second_node_ip(3), Ipv4Addr::new(10, 7, 1, 3));
+        assert_ne!(second_node_ip(1), SECOND_GATEWAY_V4);
+        assert_eq!(second_underlay_cidr(), "10.7.0.0/16");
     }
 }

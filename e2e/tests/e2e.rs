@@ -10,6 +10,8 @@ mod cluster;
 mod gc;
 #[path = "e2e/ipam.rs"]
 mod ipam;
+#[path = "e2e/multus.rs"]
+mod multus;
 #[path = "e2e/pod_network.rs"]
 mod pod_network;
 #[path = "e2e/support.rs"]
@@ -59,6 +61,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "virtnet_allocates_seed_000_addresses_and_returns_them",
         ipam::virtnet_allocates_seed_000_addresses_and_returns_them,
+    ),
+    (
+        "multus_nads_give_pool_addresses_and_a_second_nic_its_own_network",
+        multus::multus_nads_give_pool_addresses_and_a_second_nic_its_own_network,
     ),
 ];
 

@@ -7,6 +7,7 @@
 //! [`Cluster::leave_running`] (the sandbox).
 mod components;
 mod layout;
+mod multus;
 mod node_cni;
 mod teardown;
 mod virtnet;
@@ -176,6 +177,11 @@ impl ClusterOptions {
             .map(|name| self.bin_dir.join(name))
             .find(|path| !path.is_file())
             .or_else(|| self.virtnet.as_ref().and_then(VirtnetOptions::missing))
+            .or_else(|| {
+                let multus = self.bin_dir.join("multus");
+                let needed = self.virtnet.as_ref().is_some_and(|virtnet| virtnet.multus);
+                (needed && !multus.is_file()).then_some(multus)
+            })
             .map(|path| ClusterError::MissingBinary { path })
     }
 }
@@ -399,7 +405,10 @@ impl StartingCluster {
             })?;
         }
         let pki = self.create_pki()?;
-        Topology::new(self.guard.names.clone(), self.nodes).create()?;
+        let multus = self.virtnet.as_ref().is_some_and(|virtnet| virtnet.multus);
+        Topology::new(self.guard.names.clone(), self.nodes)
+            .with_second_underlay(multus)
+            .create()?;
         self.start_api(&pki)?;
         let client = self.connect_admin(&pki).await?;
         wait_for(
@@ -466,10 +475,12 @@ impl StartingCluster {
         let daemons = virtnet::install(
             options,
             &virtnet::Target {
+                bin_dir: &self.bins.dir,
                 kubectl: &self.bins.path("kubectl"),
                 helm: &self.bins.path("helm"),
                 admin_kubeconfig: &layout.admin_kubeconfig,
                 state: &layout.root,
+                logs: &layout.logs,
                 pki_dir: &layout.pki,
                 ca: &pki.ca,
                 control_plane_netns: &self.guard.names.control_plane_netns(),
@@ -653,7 +664,16 @@ impl StartingCluster {
                     .component_kubeconfig(&format!("kubelet-{node}")),
                 &dirs,
                 &pod_netns_prefix,
-            );
+            )
+            // Plugins configured cluster-wide (a NetworkAttachmentDefinition) only know the
+            // agent socket's production path.
+            .args(self.virtnet.iter().map(|_| {
+                format!(
+                    "--host-path={}:{}",
+                    dirs.agent_run.display(),
+                    virtnet::AGENT_RUN_HOST_PATH
+                )
+            }));
             self.start_daemon(&kube_proxy)?;
             self.start_daemon(&kubelet)?;
         }

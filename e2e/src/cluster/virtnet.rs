@@ -2,22 +2,26 @@
 //! `virtnet controller` in the control-plane namespace and `virtnet agent` in every node namespace
 //! (each as its chart ServiceAccount, through a client certificate for
 //! `system:serviceaccount:kube-system:<sa>` in group `system:serviceaccounts`), virtnet-ipam and
-//! virtnet-coordinator in every node's CNI bin dir and seed 000's conflist as its default network.
+//! virtnet-coordinator in every node's CNI bin dir and seed 000's conflist as its default network
+//! (in Multus mode, the network Multus delegates to by default: see `multus.rs`).
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
 };
 
-use super::{ClusterError, components::apiserver_url};
+use super::{ClusterError, components::apiserver_url, multus::Multus};
 use crate::{
     command, kubeconfig,
-    pki::{CertificateAuthority, ClientIdentity},
+    pki::{CertAndKey, CertificateAuthority, ClientIdentity},
     process::Daemon,
 };
 
 /// The conflist that makes VirtNet the node's default network; it sorts before the bootstrap one.
 pub const VIRTNET_CONFLIST: &str = "00-virtnet.conflist";
+/// The chart's hostPath for the agent's socket: the directory of virtnet-ipam's default
+/// `agent_socket`. Each node's kubelet stand-in sees its own agent's directory there.
+pub const AGENT_RUN_HOST_PATH: &str = "/var/run/virtnet";
 /// The Subnet seed 000's conflist allocates from.
 pub const SEED_SUBNET: &str = "subnet";
 const NAMESPACE: &str = "kube-system";
@@ -36,6 +40,9 @@ pub struct VirtnetOptions {
     pub binaries: PathBuf,
     /// The repository root, for `chart/` and `chart/crds/`.
     pub repo: PathBuf,
+    /// Multus mode: Multus (thin plugin) is the nodes' default CNI and delegates to seed 000's
+    /// conflist; every node also gets a second NIC on a second underlay (see `topology`).
+    pub multus: bool,
 }
 
 impl VirtnetOptions {
@@ -49,6 +56,7 @@ impl VirtnetOptions {
         Self {
             binaries: target.join("debug"),
             repo,
+            multus: false,
         }
     }
 
@@ -92,10 +100,13 @@ fn seed_conflist(socket: &Path) -> serde_json::Value {
 
 /// What [`install`] needs of the starting cluster.
 pub struct Target<'a> {
+    /// The third-party binaries (Multus's among them).
+    pub bin_dir: &'a Path,
     pub kubectl: &'a Path,
     pub helm: &'a Path,
     pub admin_kubeconfig: &'a Path,
     pub state: &'a Path,
+    pub logs: &'a Path,
     pub pki_dir: &'a Path,
     pub ca: &'a CertificateAuthority,
     pub control_plane_netns: &'a str,
@@ -153,6 +164,10 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Vec<Daem
         ]),
     ];
     let agent_kubeconfig = service_account_kubeconfig(target, "virtnet-agent")?;
+    let multus = options
+        .multus
+        .then(|| Multus::install(target, |args| Ok(kubectl(args)?)))
+        .transpose()?;
     for (node, netns, dirs) in &target.nodes {
         for plugin in ["virtnet-ipam", "virtnet-coordinator"] {
             let installed = dirs.cni_bin.join(plugin);
@@ -164,10 +179,14 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Vec<Daem
             })?;
         }
         let socket = dirs.agent_run.join("agent.sock");
+        let conflist = seed_conflist(&socket);
         write(
             &dirs.cni_conf.join(VIRTNET_CONFLIST),
-            &format!("{:#}\n", seed_conflist(&socket)),
+            &format!("{conflist:#}\n"),
         )?;
+        if let Some(multus) = &multus {
+            multus.configure_node(target, node, dirs, &conflist)?;
+        }
         daemons.push(
             Daemon::new(format!("virtnet-agent-{node}"), Some(netns.clone()), "env").args([
                 format!("KUBECONFIG={}", agent_kubeconfig.display()),
@@ -182,15 +201,25 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Vec<Daem
     Ok(daemons)
 }
 
-/// A kubeconfig acting as ServiceAccount `kube-system/<sa>`, so the component has exactly the
-/// chart's RBAC.
-fn service_account_kubeconfig(target: &Target<'_>, sa: &str) -> Result<PathBuf, ClusterError> {
+/// A client certificate acting as ServiceAccount `kube-system/<sa>` (user name and
+/// certificate), so the component has exactly that ServiceAccount's RBAC.
+pub(super) fn service_account_client(
+    target: &Target<'_>,
+    sa: &str,
+) -> Result<(String, CertAndKey), ClusterError> {
     let user = format!("system:serviceaccount:{NAMESPACE}:{sa}");
     let client = target.ca.issue_client(&ClientIdentity {
         file_stem: sa,
         user: &user,
         groups: &["system:serviceaccounts"],
     })?;
+    Ok((user, client))
+}
+
+/// A kubeconfig acting as ServiceAccount `kube-system/<sa>`, so the component has exactly the
+/// chart's RBAC.
+fn service_account_kubeconfig(target: &Target<'_>, sa: &str) -> Result<PathBuf, ClusterError> {
+    let (user, client) = service_account_client(target, sa)?;
     let path = target.pki_dir.join(format!("{sa}.kubeconfig"));
     kubeconfig::write(
         &path,
@@ -202,7 +231,7 @@ fn service_account_kubeconfig(target: &Target<'_>, sa: &str) -> Result<PathBuf, 
     Ok(path)
 }
 
-fn write(path: &Path, content: &str) -> Result<(), ClusterError> {
+pub(super) fn write(path: &Path, content: &str) -> Result<(), ClusterError> {
     fs::write(path, content).map_err(|source| ClusterError::StateDir {
         path: path.to_owned(),
         source,

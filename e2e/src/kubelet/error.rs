@@ -31,6 +31,13 @@ pub enum KubeletError {
     },
     #[error("the pod watch ended unexpectedly; restart the kubelet stand-in")]
     WatchEnded,
+    #[error(
+        "--host-path {spec:?}: {reason} (give `<node directory>:<absolute path>`, e.g. \
+         /tmp/virtnet-e2e/sandbox/nodes/sandbox-node1/run/virtnet:/var/run/virtnet)"
+    )]
+    HostPathSpec { spec: String, reason: &'static str },
+    #[error("cannot {step} for --host-path: {error} (this needs root / CAP_SYS_ADMIN)")]
+    HostPathMount { step: String, error: String },
 }
 
 /// The CNI operation a plugin was asked to do, spelled as containerd spells it in errors.

@@ -50,6 +50,67 @@ pub struct KubeletArgs {
     /// Pod network namespaces are named `<prefix>-<first 8 characters of the pod UID>`.
     #[arg(long)]
     pub netns_prefix: String,
+    /// `<node directory>:<absolute path>`: what a DaemonSet's hostPath is on a real node. The
+    /// stand-in and the plugins it runs see the node's own directory at the fixed path (the
+    /// machine's other processes do not). Repeatable; see [`enter_host_paths`].
+    #[arg(long = "host-path")]
+    pub host_paths: Vec<String>,
+}
+
+/// Gives this process a mount namespace of its own in which every `--host-path` directory is
+/// bind-mounted over its fixed path, so plugins that only know the production path (a
+/// NetworkAttachmentDefinition's virtnet-ipam without `agent_socket`) reach this node's agent.
+///
+/// Must run before any thread starts: `unshare(CLONE_NEWNS)` refuses a process whose threads
+/// share its filesystem context. Mount propagation is left as it is: `/` is private, so these
+/// mounts stay in here, while `/run/netns` stays shared, so the pod network namespaces this
+/// stand-in mounts are still seen by everyone (`ip netns exec` would have made it a slave).
+pub fn enter_host_paths(host_paths: &[String]) -> Result<(), KubeletError> {
+    let binds = host_paths
+        .iter()
+        .map(|spec| parse_host_path(spec))
+        .collect::<Result<Vec<_>, _>>()?;
+    if binds.is_empty() {
+        return Ok(());
+    }
+    let failed = |step: String| {
+        move |error: &dyn std::fmt::Display| KubeletError::HostPathMount {
+            step,
+            error: error.to_string(),
+        }
+    };
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|error| failed("enter a mount namespace of its own".to_owned())(&error))?;
+    for (source, target) in binds {
+        let step = format!("bind-mount {} over {}", source.display(), target.display());
+        std::fs::create_dir_all(&target).map_err(|error| failed(step.clone())(&error))?;
+        nix::mount::mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|error| failed(step)(&error))?;
+    }
+    Ok(())
+}
+
+/// `<node directory>:<absolute path>`, both absolute.
+fn parse_host_path(spec: &str) -> Result<(PathBuf, PathBuf), KubeletError> {
+    let invalid = |reason| KubeletError::HostPathSpec {
+        spec: spec.to_owned(),
+        reason,
+    };
+    let (source, target) = spec
+        .split_once(':')
+        .ok_or_else(|| invalid("no ':' between the node directory and the path"))?;
+    let (source, target) = (PathBuf::from(source), PathBuf::from(target));
+    if source.is_absolute() && target.is_absolute() {
+        Ok((source, target))
+    } else {
+        Err(invalid("both paths must be absolute"))
+    }
 }
 
 /// Runs the stand-in until SIGTERM or SIGINT.
@@ -134,4 +195,20 @@ fn stop_signal() -> Result<impl Future<Output = &'static str>, KubeletError> {
             _ = interrupt.recv() => "SIGINT",
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_path_is_two_absolute_paths() {
+        let (source, target) =
+            parse_host_path("/tmp/n1/run/virtnet:/var/run/virtnet").expect("valid");
+        assert_eq!(source, PathBuf::from("/tmp/n1/run/virtnet"));
+        assert_eq!(target, PathBuf::from("/var/run/virtnet"));
+        for bad in ["/only/one", "relative:/var/run/virtnet", "/a:relative"] {
+            assert!(parse_host_path(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
 }

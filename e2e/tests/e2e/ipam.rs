@@ -40,7 +40,7 @@ pub fn virtnet_allocates_seed_000_addresses_and_returns_them(suite: &Suite) -> a
     })
 }
 
-fn kubectl_json(cluster: &Cluster, args: &[&str]) -> anyhow::Result<Value> {
+pub fn kubectl_json(cluster: &Cluster, args: &[&str]) -> anyhow::Result<Value> {
     let mut args = args.to_vec();
     args.extend(["-o", "json"]);
     Ok(serde_json::from_str(&cluster.kubectl(&args)?)?)

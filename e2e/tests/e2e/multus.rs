@@ -1,0 +1,454 @@
+//! VirtNet through Multus, on a cluster of its own in Multus mode: Multus (thin plugin) is every
+//! node's default CNI, delegating to seed 000's conflist, and every node has a second NIC
+//! `ens224` on a second underlay (10.7.0.0/16, the router on both). With the examples of
+//! `examples/multus/`, in sequence:
+//! - seed 003: pods whose default network is NetworkAttachmentDefinition kube-system/macvlan-conf
+//!   get addresses from the IPPool their annotation names and ping the gateway and each other;
+//! - two NICs: pods with eth0 (node default) and net1 (kube-system/macvlan-ens224) get one address
+//!   per NIC from that NIC's Subnet, the Endpoint lists both, and on the wire traffic to each
+//!   NIC's peers leaves by that NIC while the default route stays on eth0; replies to requests
+//!   that came in on net1 leave by net1 even towards a peer of eth0's network;
+//! - deleting the pods returns every address and leaves no host veth behind.
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::Value;
+use virtnet_e2e::{
+    cluster::{Cluster, ClusterOptions, VirtnetOptions},
+    command,
+    topology::{GATEWAY_V4, SECOND_GATEWAY_V4},
+};
+
+use crate::{
+    ipam::kubectl_json,
+    support::{
+        Suite, create_namespace, delete_namespace, node_name, ping_from_pod,
+        pod_interface_addresses, pod_ip, pod_name, wait_for_ready_pods,
+    },
+};
+
+const NAMESPACE: &str = "multus";
+/// IPPools of seed 000's Subnet (3), subnet-test (2) and subnet-ens224 (1).
+const POOLS: usize = 6;
+const TIMEOUT: Duration = Duration::from_secs(90);
+/// Echo requests per traffic check: far above the few ARP/ND packets a link sends on its own.
+const PINGS: u64 = 20;
+/// An address beyond every underlay, so only a default route can carry it.
+const OFF_SUBNET: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+pub fn multus_nads_give_pool_addresses_and_a_second_nic_its_own_network(
+    suite: &Suite,
+) -> anyhow::Result<()> {
+    // A cluster of its own: the suite's cluster keeps the bootstrap network, one NIC per node.
+    let name: String = crate::cluster_name().chars().take(7).chain(['m']).collect();
+    let mut options = ClusterOptions::new(name, env!("CARGO_BIN_EXE_virtnet-e2e"));
+    let virtnet = VirtnetOptions {
+        multus: true,
+        ..VirtnetOptions::from_workspace()
+    };
+    let examples = virtnet.repo.join("examples");
+    options.virtnet = Some(virtnet);
+    suite.block_on(async {
+        let cluster = Cluster::up(options).await?;
+        let result = scenarios(&cluster, &examples).await;
+        if result.is_err() {
+            eprintln!("{}", cluster.dump_logs());
+        }
+        cluster.down()?;
+        result
+    })
+}
+
+async fn scenarios(cluster: &Cluster, examples: &Path) -> anyhow::Result<()> {
+    let file = |name: &str| examples.join(name).to_string_lossy().into_owned();
+    // Seed 000's Subnet too: the node default conflist names it.
+    for manifest in [
+        "statefulset/subnet.yaml",
+        "multus/subnets.yaml",
+        "multus/network-attachment-definitions.yaml",
+    ] {
+        cluster.kubectl(&["apply", "-f", &file(manifest)])?;
+    }
+    cluster
+        .wait_for(&format!("{POOLS} IPPools"), TIMEOUT, || async {
+            let pools = cluster
+                .kubectl(&["get", "ippools.virtnet.io", "-o", "name"])
+                .map_err(|error| error.to_string())?;
+            if pools.lines().count() == POOLS {
+                Ok(())
+            } else {
+                Err(format!("pools: {pools:?}"))
+            }
+        })
+        .await?;
+    create_namespace(cluster, NAMESPACE).await?;
+
+    seed_003_default_network(cluster, &file("multus/deployment.yaml")).await?;
+    two_nics(cluster, &file("multus/two-nics.yaml")).await?;
+
+    delete_namespace(cluster, NAMESPACE).await?;
+    cluster
+        .wait_for("every address back in its pool", TIMEOUT, || async {
+            let held = allocations(cluster).map_err(|error| error.to_string())?;
+            if held.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("still allocated: {held:?}"))
+            }
+        })
+        .await?;
+    for node in 1..=cluster.node_names().len() {
+        let links = ip_json(&cluster.names().node_netns(node), &["link", "show"])?;
+        let veths: Vec<&str> = links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|link| link["ifname"].as_str())
+            .filter(|name| name.starts_with("vnc"))
+            .collect();
+        ensure!(veths.is_empty(), "node {node} kept host veths {veths:?}");
+    }
+    Ok(())
+}
+
+/// One allocated address of an IPPool.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Allocation {
+    pool: String,
+    address: IpAddr,
+    /// `namespace/name` of the Endpoint.
+    endpoint: String,
+    interface: String,
+}
+
+fn allocations(cluster: &Cluster) -> anyhow::Result<BTreeSet<Allocation>> {
+    let pools = kubectl_json(cluster, &["get", "ippools.virtnet.io"])?;
+    let mut held = BTreeSet::new();
+    for pool in pools["items"].as_array().into_iter().flatten() {
+        let name = pool["metadata"]["name"].as_str().unwrap_or_default();
+        for (address, record) in pool["status"]["allocations"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            held.insert(Allocation {
+                pool: name.to_owned(),
+                address: address.parse()?,
+                endpoint: record["endpoint"].as_str().unwrap_or_default().to_owned(),
+                interface: record["interface"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+    }
+    Ok(held)
+}
+
+/// What the pools record for `pod`: (interface, pool, address), sorted by interface.
+fn held_by(allocations: &BTreeSet<Allocation>, pod: &Pod) -> Vec<(String, String, IpAddr)> {
+    let endpoint = format!("{NAMESPACE}/{}", pod_name(pod));
+    let mut held: Vec<_> = allocations
+        .iter()
+        .filter(|allocation| allocation.endpoint == endpoint)
+        .map(|allocation| {
+            (
+                allocation.interface.clone(),
+                allocation.pool.clone(),
+                allocation.address,
+            )
+        })
+        .collect();
+    held.sort();
+    held
+}
+
+/// The networks Multus reports in the pod's `k8s.v1.cni.cncf.io/network-status`, as
+/// (network name, interface).
+fn network_status(pod: &Pod) -> anyhow::Result<Vec<(String, String)>> {
+    let status = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get("k8s.v1.cni.cncf.io/network-status"))
+        .with_context(|| format!("pod {} has no network-status from Multus", pod_name(pod)))?;
+    let networks: Value = serde_json::from_str(status)?;
+    Ok(networks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|network| {
+            let field = |key: &str| network[key].as_str().unwrap_or_default().to_owned();
+            (field("name"), field("interface"))
+        })
+        .collect())
+}
+
+/// Seed 003: the NAD replaces the node's default network and the pool annotation picks the pool.
+async fn seed_003_default_network(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
+    cluster.kubectl(&["apply", "-n", NAMESPACE, "-f", deployment])?;
+    let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=custom-ippool-deploy", 2).await?;
+    let held = allocations(cluster)?;
+    for pod in &pods {
+        let address = pod_ip(pod)?;
+        ensure!(
+            held_by(&held, pod) == [("eth0".to_owned(), "subnet-test-1".to_owned(), address)],
+            "pod {} has {address}; the pools record {:?} for it, not eth0 in subnet-test-1",
+            pod_name(pod),
+            held_by(&held, pod)
+        );
+        ensure!(
+            pod_interface_addresses(cluster, pod, "eth0")?.contains(&address),
+            "eth0 of pod {} lacks {address}",
+            pod_name(pod)
+        );
+        let networks = network_status(pod)?;
+        ensure!(
+            networks == [("kube-system/macvlan-conf".to_owned(), "eth0".to_owned())],
+            "pod {}: Multus reports networks {networks:?}, not kube-system/macvlan-conf on eth0",
+            pod_name(pod)
+        );
+        ping_from_pod(cluster, pod, GATEWAY_V4.into())?;
+    }
+    ping_from_pod(cluster, &pods[0], pod_ip(&pods[1])?)?;
+    ping_from_pod(cluster, &pods[1], pod_ip(&pods[0])?)?;
+    Ok(())
+}
+
+/// A pod's two NICs and their addresses.
+struct TwoNics<'a> {
+    pod: &'a Pod,
+    eth0: IpAddr,
+    net1: IpAddr,
+}
+
+async fn two_nics(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
+    cluster.kubectl(&["apply", "-n", NAMESPACE, "-f", deployment])?;
+    let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=two-nics", 2).await?;
+    let nodes: BTreeSet<&str> = pods.iter().filter_map(node_name).collect();
+    ensure!(nodes.len() == 2, "two-nics pods share a node: {nodes:?}");
+    let held = allocations(cluster)?;
+    let endpoints = kubectl_json(cluster, &["get", "endpoints.virtnet.io", "-n", NAMESPACE])?;
+    let mut nics = Vec::new();
+    for pod in &pods {
+        let records = held_by(&held, pod);
+        let [(eth0_if, eth0_pool, eth0), (net1_if, net1_pool, net1)] = records.as_slice() else {
+            anyhow::bail!(
+                "pod {} holds {records:?}, not one address per NIC",
+                pod_name(pod)
+            );
+        };
+        ensure!(
+            eth0_if == "eth0"
+                && eth0_pool.starts_with("subnet-test-")
+                && net1_if == "net1"
+                && net1_pool == "subnet-ens224-0",
+            "pod {}: eth0 must come from subnet-test and net1 from subnet-ens224, got {records:?}",
+            pod_name(pod)
+        );
+        for (interface, address) in [("eth0", eth0), ("net1", net1)] {
+            ensure!(
+                pod_interface_addresses(cluster, pod, interface)?.contains(address),
+                "{interface} of pod {} lacks {address}",
+                pod_name(pod)
+            );
+        }
+        let endpoint = endpoints["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|endpoint| endpoint["metadata"]["name"] == pod_name(pod))
+            .with_context(|| format!("no Endpoint for pod {}", pod_name(pod)))?;
+        let listed: Vec<(&str, &str)> = endpoint["spec"]["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|nic| {
+                let field = |key: &str| nic[key].as_str().unwrap_or_default();
+                (field("interface"), field("ipv4"))
+            })
+            .collect();
+        let (eth0_cidr, net1_cidr) = (format!("{eth0}/16"), format!("{net1}/16"));
+        ensure!(
+            listed == [("eth0", eth0_cidr.as_str()), ("net1", net1_cidr.as_str())],
+            "the Endpoint of pod {} lists {listed:?}",
+            pod_name(pod)
+        );
+        let networks = network_status(pod)?;
+        ensure!(
+            networks
+                .iter()
+                .map(|(_, nic)| nic.as_str())
+                .collect::<Vec<_>>()
+                == ["eth0", "net1"]
+                && networks[1].0 == "kube-system/macvlan-ens224",
+            "pod {}: Multus reports {networks:?}",
+            pod_name(pod)
+        );
+        nics.push(TwoNics {
+            pod,
+            eth0: *eth0,
+            net1: *net1,
+        });
+    }
+    let [a, b] = nics.as_slice() else {
+        anyhow::bail!("expected two pods");
+    };
+    check_routes(cluster, a, b)?;
+    check_traffic(cluster, a, b)?;
+    ping_from_pod(cluster, b.pod, SECOND_GATEWAY_V4.into())?;
+    Ok(())
+}
+
+/// `ip route get` in `a`: each peer by its own NIC, the default route on eth0, and net1's address
+/// answering through net1's table.
+fn check_routes(cluster: &Cluster, a: &TwoNics<'_>, b: &TwoNics<'_>) -> anyhow::Result<()> {
+    let route_get = |args: &[&str]| -> anyhow::Result<String> {
+        let mut command = vec!["ip", "route", "get"];
+        command.extend_from_slice(args);
+        Ok(cluster.exec_in_pod_netns(a.pod, &command)?)
+    };
+    let table_101 = format!("via {SECOND_GATEWAY_V4} dev net1 table 101");
+    for (args, expected) in [
+        (vec![b.eth0.to_string()], "dev eth0".to_owned()),
+        (vec![b.net1.to_string()], "dev net1".to_owned()),
+        (
+            vec![OFF_SUBNET.to_string()],
+            format!("via {GATEWAY_V4} dev eth0"),
+        ),
+        (
+            vec![OFF_SUBNET.to_string(), "from".into(), a.net1.to_string()],
+            table_101.clone(),
+        ),
+        (
+            vec![GATEWAY_V4.to_string(), "from".into(), a.net1.to_string()],
+            table_101,
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let route = route_get(&args)?;
+        ensure!(
+            route.contains(&expected),
+            "in pod {}, `ip route get {}` says {route:?}, expected {expected:?}",
+            pod_name(a.pod),
+            args.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Packet counters of one pod NIC.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    tx: u64,
+    rx: u64,
+}
+
+fn counters(cluster: &Cluster, pod: &Pod, nic: &str) -> anyhow::Result<Counters> {
+    let netns = cluster.pod_netns(pod)?;
+    let links = ip_json(&netns, &["-s", "link", "show", "dev", nic])?;
+    let stats = &links[0]["stats64"];
+    let packets = |direction: &str| {
+        stats[direction]["packets"]
+            .as_u64()
+            .with_context(|| format!("no {direction} packet count for {nic} in {links}"))
+    };
+    Ok(Counters {
+        tx: packets("tx")?,
+        rx: packets("rx")?,
+    })
+}
+
+/// Runs `ping` (`PINGS` echoes) and checks in pod `a` that both the requests and the replies
+/// went through `expected` and (nearly) nothing through `other`.
+fn through(
+    cluster: &Cluster,
+    a: &TwoNics<'_>,
+    what: &str,
+    ping: impl FnOnce() -> anyhow::Result<()>,
+    expected: &str,
+    other: &str,
+) -> anyhow::Result<()> {
+    let before = [
+        counters(cluster, a.pod, expected)?,
+        counters(cluster, a.pod, other)?,
+    ];
+    ping()?;
+    let after = [
+        counters(cluster, a.pod, expected)?,
+        counters(cluster, a.pod, other)?,
+    ];
+    let delta = |index: usize| Counters {
+        tx: after[index].tx - before[index].tx,
+        rx: after[index].rx - before[index].rx,
+    };
+    let (on_expected, on_other) = (delta(0), delta(1));
+    ensure!(
+        on_expected.tx >= PINGS && on_expected.rx >= PINGS && on_other.tx < PINGS / 2,
+        "{what}: {expected} of pod {} moved {on_expected:?} and {other} {on_other:?} packets; \
+         all {PINGS} echoes and replies should go by {expected}",
+        pod_name(a.pod)
+    );
+    Ok(())
+}
+
+fn check_traffic(cluster: &Cluster, a: &TwoNics<'_>, b: &TwoNics<'_>) -> anyhow::Result<()> {
+    let count = PINGS.to_string();
+    let ping_from_a = |target: IpAddr| {
+        let target = target.to_string();
+        let count = count.clone();
+        move || -> anyhow::Result<()> {
+            cluster.exec_in_pod_netns(
+                a.pod,
+                &[
+                    "ping", "-q", "-c", &count, "-i", "0.05", "-w", "10", &target,
+                ],
+            )?;
+            Ok(())
+        }
+    };
+    through(
+        cluster,
+        a,
+        "pod to a peer on net1's network",
+        ping_from_a(b.net1),
+        "net1",
+        "eth0",
+    )?;
+    through(
+        cluster,
+        a,
+        "pod to a peer on eth0's network",
+        ping_from_a(b.eth0),
+        "eth0",
+        "net1",
+    )?;
+    // The router sits on both networks: it asks net1's address from its eth0-side address, so
+    // only the policy rule sends the replies back by net1 (the main table would pick eth0).
+    let router = cluster.names().router_netns();
+    let (gateway, target) = (GATEWAY_V4.to_string(), a.net1.to_string());
+    through(
+        cluster,
+        a,
+        "replies to a peer of eth0's network asking net1's address",
+        || {
+            command::run(Command::new("ip").args([
+                "netns", "exec", &router, "ping", "-q", "-c", &count, "-i", "0.05", "-w", "10",
+                "-I", &gateway, &target,
+            ]))?;
+            Ok(())
+        },
+        "net1",
+        "eth0",
+    )
+}
+
+/// `ip -j <args>` inside network namespace `netns`.
+fn ip_json(netns: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let output = command::run_stdout(Command::new("ip").arg("-j").arg("-n").arg(netns).args(args))?;
+    Ok(serde_json::from_str(&output)?)
+}
