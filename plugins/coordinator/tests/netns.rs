@@ -187,12 +187,18 @@ fn a_second_nic_answers_through_itself() -> TestResult {
         ])
     };
     assert!(peer_ping().is_err(), "replies already leave by net1");
+    // What macvlan's IPAM step leaves in the main table for net1, ahead of eth0's default route.
+    sh(&[
+        "ip", "-n", &world.pod, "route", "prepend", "default", "via", "10.7.0.1", "dev", "net1",
+    ])?;
+    let mut prev_result = world.prev_result("net1", "10.7.0.9/24", "10.7.0.1");
+    prev_result["routes"] = serde_json::json!([{"dst": "0.0.0.0/0", "gw": "10.7.0.1"}]);
     let net1 = |command| CniCall {
         binary: COORDINATOR,
         command,
         ifname: "net1",
         cni_path: NO_DELEGATES,
-        stdin: world.coordinator_config(world.prev_result("net1", "10.7.0.9/24", "10.7.0.1")),
+        stdin: world.coordinator_config(prev_result.clone()),
     };
     World::succeeds(world.run(net1("ADD"))?)?;
 
