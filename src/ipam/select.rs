@@ -159,11 +159,18 @@ pub struct SelectionRequest<'a> {
 /// next source that names an IPv6 one. A Subnet whose namespace or node selector rejects the pod
 /// is never chosen: naming it explicitly is an error that quotes the selector, and default
 /// Subnets that reject the pod are skipped.
+///
+/// A default that names a Subnet which does not exist (CNI `default_subnet`, or the namespace's
+/// single-name form) has no family to go by. Once the pod's own annotations serve the interface,
+/// such a name is skipped rather than failing a pod that never needed it; otherwise it is an error.
 pub fn select_for_interface(
     request: &SelectionRequest<'_>,
 ) -> Result<InterfaceSelection, IpamError> {
-    let ipv4 = select_family(request, IpFamily::V4)?;
-    let ipv6 = select_family(request, IpFamily::V6)?;
+    let pod_chose = [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .any(|family| request.pod_names_something(family));
+    let ipv4 = select_family(request, IpFamily::V4, pod_chose)?;
+    let ipv6 = select_family(request, IpFamily::V6, pod_chose)?;
     if ipv4.is_none() && ipv6.is_none() {
         return Err(IpamError::NoSubnetForInterface {
             interface: request.interface.to_string(),
@@ -175,6 +182,7 @@ pub fn select_for_interface(
 fn select_family(
     request: &SelectionRequest<'_>,
     family: IpFamily,
+    skip_missing_defaults: bool,
 ) -> Result<Option<Selection>, IpamError> {
     let interface = request.interface;
     let named_subnet = lookup_entry(&request.pod.subnets, interface, family);
@@ -217,13 +225,13 @@ fn select_family(
         return request.only(name, family, source).map(Some);
     }
 
-    if let Some(name) = request.namespace_default_name(family)? {
+    if let Some(name) = request.namespace_default_name(family, skip_missing_defaults)? {
         return request
             .only(name, family, SelectionSource::NamespaceDefault)
             .map(Some);
     }
 
-    if let Some(selection) = request.cni_defaults(family)? {
+    if let Some(selection) = request.cni_defaults(family, skip_missing_defaults)? {
         return Ok(Some(selection));
     }
 
@@ -231,6 +239,28 @@ fn select_family(
 }
 
 impl<'a> SelectionRequest<'a> {
+    /// Whether the pod's annotations name a static address, pool or Subnet of `family` for this
+    /// interface.
+    fn pod_names_something(&self, family: IpFamily) -> bool {
+        let interface = self.interface;
+        lookup_entry(&self.pod.static_addresses, interface, family).is_some()
+            || lookup_entry(&self.pod.pools, interface, family).is_some()
+            || lookup_entry(&self.pod.subnets, interface, family).is_some()
+    }
+
+    /// A default Subnet by name: `None` when it does not exist and `skip_missing` allows that.
+    fn find_default(
+        &self,
+        name: &str,
+        source: SelectionSource,
+        skip_missing: bool,
+    ) -> Result<Option<&'a SubnetFacts>, IpamError> {
+        match self.find(name, source) {
+            Err(IpamError::UnknownSubnet { .. }) if skip_missing => Ok(None),
+            found => found.map(Some),
+        }
+    }
+
     fn find(&self, name: &str, source: SelectionSource) -> Result<&'a SubnetFacts, IpamError> {
         self.subnets
             .iter()
@@ -307,30 +337,39 @@ impl<'a> SelectionRequest<'a> {
     }
 
     /// The namespace default Subnet name for `family`, if the namespace names one.
-    fn namespace_default_name(&self, family: IpFamily) -> Result<Option<&'a str>, IpamError> {
+    fn namespace_default_name(
+        &self,
+        family: IpFamily,
+        skip_missing: bool,
+    ) -> Result<Option<&'a str>, IpamError> {
         Ok(match self.namespace_default {
             None => None,
             Some(NamespaceDefaultSubnet::PerFamily { ipv4, ipv6 }) => match family {
                 IpFamily::V4 => ipv4.as_deref(),
                 IpFamily::V6 => ipv6.as_deref(),
             },
-            Some(NamespaceDefaultSubnet::Named(name)) => {
-                let subnet = self.find(name, SelectionSource::NamespaceDefault)?;
-                (subnet.addresses.family() == family).then_some(name.as_str())
-            }
+            Some(NamespaceDefaultSubnet::Named(name)) => self
+                .find_default(name, SelectionSource::NamespaceDefault, skip_missing)?
+                .filter(|subnet| subnet.addresses.family() == family)
+                .map(|_| name.as_str()),
         })
     }
 
     /// The CNI config's defaults of `family` that accept the pod, in config order. If the config
     /// names Subnets of this family but none accepts the pod, that is an error: silently falling
     /// through to the cluster default would put the pod on a network the config did not intend.
-    fn cni_defaults(&self, family: IpFamily) -> Result<Option<Selection>, IpamError> {
+    fn cni_defaults(
+        &self,
+        family: IpFamily,
+        skip_missing: bool,
+    ) -> Result<Option<Selection>, IpamError> {
         let source = SelectionSource::CniDefault;
         let mut of_family = Vec::new();
         for name in self.cni_default_subnets {
-            let subnet = self.find(name, source)?;
-            if subnet.addresses.family() == family {
-                of_family.push(subnet);
+            if let Some(subnet) = self.find_default(name, source, skip_missing)? {
+                if subnet.addresses.family() == family {
+                    of_family.push(subnet);
+                }
             }
         }
         if of_family.is_empty() {
@@ -701,6 +740,37 @@ mod tests {
                 origin: SelectionSource::CniDefault,
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn missing_defaults_are_skipped_once_the_pod_annotation_serves_the_interface() {
+        let mut fixture = Fixture::new();
+        fixture.cni_defaults = vec!["gone".into()];
+        fixture.namespace_annotations = map(&[(DEFAULT_SUBNET_ANNOTATION, "gone")]);
+        fixture.pod_annotations = map(&[(
+            SUBNET_ANNOTATION,
+            r#"{"interface":"eth0","ipv4":"other-v4"}"#,
+        )]);
+        let selection = fixture
+            .select("eth0")
+            .expect("the pod's own choice suffices");
+        assert_eq!(
+            selection.ipv4,
+            subnets(
+                &["other-v4"],
+                SelectionSource::PodAnnotation(SUBNET_ANNOTATION)
+            )
+        );
+        // IPv6 falls through the missing names to the cluster default.
+        assert_eq!(
+            selection.ipv6,
+            subnets(&["cluster-v6"], SelectionSource::ClusterDefault)
+        );
+        // Another interface the pod says nothing about still needs the defaults: an error.
+        assert!(matches!(
+            fixture.select("net1"),
+            Err(IpamError::UnknownSubnet { .. })
         ));
     }
 
