@@ -366,10 +366,10 @@ impl<'a> SelectionRequest<'a> {
         let source = SelectionSource::CniDefault;
         let mut of_family = Vec::new();
         for name in self.cni_default_subnets {
-            if let Some(subnet) = self.find_default(name, source, skip_missing)? {
-                if subnet.addresses.family() == family {
-                    of_family.push(subnet);
-                }
+            if let Some(subnet) = self.find_default(name, source, skip_missing)?
+                && subnet.addresses.family() == family
+            {
+                of_family.push(subnet);
             }
         }
         if of_family.is_empty() {
