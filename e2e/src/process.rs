@@ -172,22 +172,38 @@ fn recorded_groups(pid_dir: &Path) -> Result<Vec<u32>, ProcessError> {
     };
     Ok(entries
         .filter_map(Result::ok)
-        .filter_map(|entry| fs::read_to_string(entry.path()).ok())
-        .filter_map(|content| {
-            let mut fields = content.split_whitespace();
-            let pid: u32 = fields.next()?.parse().ok()?;
-            let recorded_start: u64 = fields.next()?.parse().ok()?;
-            (process_start_time(pid) == Some(recorded_start)).then_some(pid)
-        })
+        .filter_map(|entry| running_group(&entry.path()))
         .collect())
+}
+
+/// The process group a pid file records, if that very process still runs.
+fn running_group(pid_file: &Path) -> Option<u32> {
+    let content = fs::read_to_string(pid_file).ok()?;
+    let mut fields = content.split_whitespace();
+    let pid: u32 = fields.next()?.parse().ok()?;
+    let recorded_start: u64 = fields.next()?.parse().ok()?;
+    (process_start_time(pid) == Some(recorded_start)).then_some(pid)
 }
 
 /// Kills every component recorded in `pid_dir` with its whole process group and waits for them
 /// to disappear. SIGKILL rather than a graceful stop: the cluster's state is thrown away anyway,
 /// and graceful apiserver and etcd shutdowns take seconds. Succeeds when nothing is recorded.
 pub fn stop_recorded(pid_dir: &Path) -> Result<(), ProcessError> {
-    let groups = recorded_groups(pid_dir)?;
-    for &pid in &groups {
+    kill_groups(&recorded_groups(pid_dir)?);
+    Ok(())
+}
+
+/// Kills component `name` recorded in `pid_dir` as [`stop_recorded`] does and returns its pid;
+/// `None` when it is not running.
+pub fn stop_one(pid_dir: &Path, name: &str) -> Option<u32> {
+    let group = running_group(&pid_dir.join(format!("{name}.pid")));
+    kill_groups(&Vec::from_iter(group));
+    group
+}
+
+/// SIGKILLs each process group and waits (at most [`EXIT_WAIT`]) for them to disappear.
+fn kill_groups(groups: &[u32]) {
+    for &pid in groups {
         if let Ok(pid) = i32::try_from(pid) {
             // ESRCH (already gone) is fine.
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
@@ -197,7 +213,6 @@ pub fn stop_recorded(pid_dir: &Path) -> Result<(), ProcessError> {
     while groups.iter().any(|&pid| process_start_time(pid).is_some()) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// Kills processes outright: used for stragglers found in a namespace about to be deleted.

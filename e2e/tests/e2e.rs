@@ -8,6 +8,8 @@
 mod cluster;
 #[path = "e2e/gc.rs"]
 mod gc;
+#[path = "e2e/install.rs"]
+mod install;
 #[path = "e2e/ipam.rs"]
 mod ipam;
 #[path = "e2e/multus.rs"]
@@ -65,6 +67,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "multus_nads_give_pool_addresses_and_a_second_nic_its_own_network",
         multus::multus_nads_give_pool_addresses_and_a_second_nic_its_own_network,
+    ),
+    (
+        "virtnet_agents_install_the_plugins_and_the_conflist_and_a_restart_keeps_them",
+        install::virtnet_agents_install_the_plugins_and_the_conflist_and_a_restart_keeps_them,
     ),
 ];
 

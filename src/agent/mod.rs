@@ -9,9 +9,13 @@
 //! the claimed addresses are released, and if the agent dies in between, the next ADD finds the
 //! address by its holder in the pool and reuses it.
 //!
+//! At start-up, before anything else, it installs the CNI plugins and, in default-CNI mode, the
+//! conflist on its node ([`install`]).
+//!
 //! API: [`virtnet_cni::agent_api`]. `/healthz`, `/readyz` and `/metrics` are served on
 //! `--http-address` by [`crate::observability`].
 
+pub mod install;
 pub mod plan;
 mod service;
 
@@ -50,6 +54,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Install(#[from] install::InstallError),
     #[error("cannot serve health and metrics on {address}: {source}")]
     Serve {
         address: SocketAddr,
@@ -73,10 +79,15 @@ pub struct AgentArgs {
     /// Address of the /healthz, /readyz and /metrics endpoint.
     #[arg(long, env = "VIRTNET_HTTP_ADDR", default_value = "0.0.0.0:9741")]
     pub http_address: SocketAddr,
+    #[command(flatten)]
+    pub cni: install::CniInstallArgs,
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(args: AgentArgs) -> Result<(), Error> {
+    // First, so a bad setting stops the agent before it is ready; nothing else runs yet, so the
+    // blocking file I/O holds up no one.
+    install::install(&args.cni, &args.socket)?;
     let client = kube::Client::try_default().await?;
     let health = Health::default();
     let server = crate::observability::serve(

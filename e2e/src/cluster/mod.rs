@@ -126,6 +126,8 @@ pub enum ClusterError {
         source: Box<ClusterError>,
         logs: String,
     },
+    #[error("this cluster started no component named {name}")]
+    UnknownComponent { name: String },
     #[error("pod {pod} has no UID yet: wait until the apiserver has created it")]
     PodWithoutUid { pod: String },
     #[error(
@@ -225,6 +227,7 @@ impl Cluster {
                 names,
                 layout,
                 children: Vec::new(),
+                daemons: Vec::new(),
                 armed: true,
             },
             nodes: options.nodes,
@@ -337,6 +340,28 @@ impl Cluster {
         wait_for(what, timeout, &self.layout().logs, observe).await
     }
 
+    /// Kills component `name` (as a crash would: SIGKILL to its process group) and starts it
+    /// again the way it was started. Does not wait for it to be ready.
+    pub fn restart(&mut self, name: &str) -> Result<(), ClusterError> {
+        let daemon = self
+            .guard
+            .daemons
+            .iter()
+            .find(|daemon| daemon.name == name)
+            .cloned()
+            .ok_or_else(|| ClusterError::UnknownComponent {
+                name: name.to_owned(),
+            })?;
+        let killed = crate::process::stop_one(&self.guard.layout.pids, name);
+        // Only reaping waits for every thread to exit, and with the last one its sockets close:
+        // /proc shows the group leader as a zombie while the others are still going.
+        let children = &mut self.guard.children;
+        if let Some(position) = children.iter().position(|child| Some(child.id()) == killed) {
+            let _ = children.swap_remove(position).wait();
+        }
+        self.guard.start(&daemon)
+    }
+
     /// Tears the cluster down now, reporting anything that could not be removed.
     pub fn down(mut self) -> Result<(), ClusterError> {
         self.guard.teardown()
@@ -354,11 +379,21 @@ struct TeardownGuard {
     layout: Layout,
     /// The components this process started, kept only to reap them after teardown.
     children: Vec<Child>,
+    /// How each component was started, for [`Cluster::restart`].
+    daemons: Vec<Daemon>,
     /// False once torn down or handed over to `virtnet-e2e down`.
     armed: bool,
 }
 
 impl TeardownGuard {
+    /// Starts `daemon` and keeps it, to reap it and to restart it.
+    fn start(&mut self, daemon: &Daemon) -> Result<(), ClusterError> {
+        let child = daemon.start(&self.layout.logs, &self.layout.pids)?;
+        self.children.push(child);
+        self.daemons.push(daemon.clone());
+        Ok(())
+    }
+
     fn teardown(&mut self) -> Result<(), ClusterError> {
         self.armed = false;
         let result = teardown(&self.names, &self.layout);
@@ -454,13 +489,18 @@ impl StartingCluster {
         Ok(client)
     }
 
-    /// Installs and starts VirtNet, then waits until every agent serves its socket.
+    /// Installs and starts VirtNet, then waits until every agent serves its socket (it installs
+    /// the plugins and the conflist first); in Multus mode Multus then wraps each conflist.
     async fn start_virtnet(
         &mut self,
         options: &VirtnetOptions,
         pki: &ControlPlanePki,
     ) -> Result<(), ClusterError> {
-        let layout = &self.guard.layout;
+        // Owned copies: the target outlives the `&mut self` of starting the daemons.
+        let layout = self.guard.layout.clone();
+        let bins = Binaries {
+            dir: self.bins.dir.clone(),
+        };
         let nodes: Vec<(String, String, NodeDirs)> = (1..=self.nodes)
             .map(|index| {
                 let node = self.guard.names.node(index);
@@ -472,28 +512,27 @@ impl StartingCluster {
             .iter()
             .map(|(_, _, dirs)| dirs.agent_run.join("agent.sock"))
             .collect();
-        let daemons = virtnet::install(
-            options,
-            &virtnet::Target {
-                bin_dir: &self.bins.dir,
-                kubectl: &self.bins.path("kubectl"),
-                helm: &self.bins.path("helm"),
-                admin_kubeconfig: &layout.admin_kubeconfig,
-                state: &layout.root,
-                logs: &layout.logs,
-                pki_dir: &layout.pki,
-                ca: &pki.ca,
-                control_plane_netns: &self.guard.names.control_plane_netns(),
-                nodes,
-            },
-        )?;
-        daemons
+        let target = virtnet::Target {
+            bin_dir: &bins.dir,
+            kubectl: &bins.path("kubectl"),
+            helm: &bins.path("helm"),
+            admin_kubeconfig: &layout.admin_kubeconfig,
+            state: &layout.root,
+            logs: &layout.logs,
+            pki_dir: &layout.pki,
+            ca: &pki.ca,
+            control_plane_netns: &self.guard.names.control_plane_netns(),
+            nodes,
+        };
+        let installed = virtnet::install(options, &target)?;
+        installed
+            .daemons
             .iter()
             .try_for_each(|daemon| self.start_daemon(daemon))?;
         wait_for(
             "every virtnet agent to serve its socket",
             APISERVER_READY_TIMEOUT,
-            &self.guard.layout.logs,
+            &layout.logs,
             || {
                 let missing: Vec<String> = sockets
                     .iter()
@@ -509,7 +548,13 @@ impl StartingCluster {
                 }
             },
         )
-        .await
+        .await?;
+        if let Some(multus) = &installed.multus {
+            for (node, _, dirs) in &target.nodes {
+                multus.configure_node(&target, node, dirs)?;
+            }
+        }
+        Ok(())
     }
 
     fn create_pki(&self) -> Result<ControlPlanePki, ClusterError> {
@@ -681,9 +726,7 @@ impl StartingCluster {
     }
 
     fn start_daemon(&mut self, daemon: &Daemon) -> Result<(), ClusterError> {
-        let child = daemon.start(&self.guard.layout.logs, &self.guard.layout.pids)?;
-        self.guard.children.push(child);
-        Ok(())
+        self.guard.start(daemon)
     }
 
     /// Writes the admin kubeconfig for the forwarder's address and connects with it.

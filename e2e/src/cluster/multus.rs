@@ -1,12 +1,17 @@
 //! Multus mode of a VirtNet cluster: the NetworkAttachmentDefinition CRD, Multus v4 (thin
 //! plugin) as every node's default CNI with a kubeconfig of its own and least-privilege RBAC
-//! (`multus.yaml`), and seed 000's conflist as the cluster default network Multus delegates to,
-//! the way Multus's thin entrypoint generates `00-multus.conf` from the node's first conflist.
+//! (`multus.yaml`), and the conflist `virtnet agent` wrote (seed 000's) as the cluster default
+//! network Multus delegates to, the way Multus's thin entrypoint generates `00-multus.conf` from
+//! the node's first conflist once the default network's installer has written it.
 //! Pods then pick another default network (`v1.multus-cni.io/default-network`) or extra NICs
 //! (`k8s.v1.cni.cncf.io/networks`) from NetworkAttachmentDefinitions.
 use std::{fs, path::Path};
 
-use super::{ClusterError, NodeDirs, components::apiserver_url, virtnet::Target};
+use super::{
+    ClusterError, NodeDirs,
+    components::apiserver_url,
+    virtnet::{Target, VIRTNET_CONFLIST},
+};
 use crate::{kubeconfig, pki::CertAndKey};
 
 /// Sorts before VirtNet's conflist, so the kubelet runs Multus, which runs VirtNet's.
@@ -43,18 +48,27 @@ impl Multus {
     }
 
     /// Links the plugin into the node's CNI bin dir and writes its kubeconfig and `00-multus.conf`
-    /// delegating to `cluster_network`; Multus logs to `<logs>/multus-<node>.log`.
+    /// delegating to VirtNet's conflist, which the node's agent must have written; Multus logs to
+    /// `<logs>/multus-<node>.log`.
     pub fn configure_node(
         &self,
         target: &Target<'_>,
         node: &str,
         dirs: &NodeDirs,
-        cluster_network: &serde_json::Value,
     ) -> Result<(), ClusterError> {
         let state_error = |path: &Path| {
             let path = path.to_owned();
             move |source| ClusterError::StateDir { path, source }
         };
+        let virtnet_conflist = dirs.cni_conf.join(VIRTNET_CONFLIST);
+        let cluster_network: serde_json::Value = fs::read(&virtnet_conflist)
+            .map_err(state_error(&virtnet_conflist))
+            .and_then(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|error| ClusterError::StateDir {
+                    path: virtnet_conflist.clone(),
+                    source: error.into(),
+                })
+            })?;
         let plugin = dirs.cni_bin.join("multus");
         std::os::unix::fs::symlink(target.bin_dir.join("multus"), &plugin)
             .map_err(state_error(&plugin))?;
@@ -70,7 +84,7 @@ impl Multus {
             &self.client,
         )?;
         let conf = multus_conf(
-            cluster_network,
+            &cluster_network,
             &kubeconfig,
             dirs,
             &target.logs.join(format!("multus-{node}.log")),

@@ -1,9 +1,10 @@
 //! VirtNet itself in a harness cluster, as the chart would run it: the CRDs and the chart's RBAC,
 //! `virtnet controller` in the control-plane namespace and `virtnet agent` in every node namespace
 //! (each as its chart ServiceAccount, through a client certificate for
-//! `system:serviceaccount:kube-system:<sa>` in group `system:serviceaccounts`), virtnet-ipam and
-//! virtnet-coordinator in every node's CNI bin dir and seed 000's conflist as its default network
-//! (in Multus mode, the network Multus delegates to by default: see `multus.rs`).
+//! `system:serviceaccount:kube-system:<sa>` in group `system:serviceaccounts`). Each agent, in
+//! default-CNI mode, installs virtnet-ipam and virtnet-coordinator from the build output into its
+//! node's CNI bin dir and seed 000's conflist as the node's default network (in Multus mode, the
+//! network Multus delegates to by default: see `multus.rs`), as the chart's DaemonSet does.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -17,7 +18,7 @@ use crate::{
     process::Daemon,
 };
 
-/// The conflist that makes VirtNet the node's default network; it sorts before the bootstrap one.
+/// The conflist `virtnet agent` writes in default-CNI mode; it sorts before the bootstrap one.
 pub const VIRTNET_CONFLIST: &str = "00-virtnet.conflist";
 /// The chart's hostPath for the agent's socket: the directory of virtnet-ipam's default
 /// `agent_socket`. Each node's kubelet stand-in sees its own agent's directory there.
@@ -83,21 +84,6 @@ fn documents_of_kinds(stream: &str, kinds: &[&str]) -> String {
         .collect()
 }
 
-/// Seed 000's conflist, talking to the agent at `socket`.
-fn seed_conflist(socket: &Path) -> serde_json::Value {
-    serde_json::json!({
-        "cniVersion": "0.3.1",
-        "name": "macvlan",
-        "plugins": [
-            {
-                "type": "macvlan", "master": crate::topology::NODE_NIC, "mode": "bridge",
-                "ipam": {"type": "virtnet-ipam", "default_subnet": SEED_SUBNET, "agent_socket": socket},
-            },
-            {"type": "virtnet-coordinator"},
-        ],
-    })
-}
-
 /// What [`install`] needs of the starting cluster.
 pub struct Target<'a> {
     /// The third-party binaries (Multus's among them).
@@ -114,8 +100,17 @@ pub struct Target<'a> {
     pub nodes: Vec<(String, String, super::NodeDirs)>,
 }
 
-/// Installs VirtNet and returns the daemons to start (the controller, then one agent per node).
-pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Vec<Daemon>, ClusterError> {
+/// VirtNet installed in the cluster, its daemons not started yet.
+pub struct Installed {
+    /// The controller, then one agent per node.
+    pub daemons: Vec<Daemon>,
+    /// In Multus mode: to configure on each node once its agent wrote VirtNet's conflist.
+    pub multus: Option<Multus>,
+}
+
+/// Installs VirtNet's CRDs and RBAC (and Multus's, in Multus mode) and returns the daemons to
+/// start.
+pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Installed, ClusterError> {
     let kubectl = |args: &[&str]| {
         command::run_stdout(
             Command::new(target.kubectl)
@@ -169,36 +164,25 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Vec<Daem
         .then(|| Multus::install(target, |args| Ok(kubectl(args)?)))
         .transpose()?;
     for (node, netns, dirs) in &target.nodes {
-        for plugin in ["virtnet-ipam", "virtnet-coordinator"] {
-            let installed = dirs.cni_bin.join(plugin);
-            fs::copy(options.binaries.join(plugin), &installed).map_err(|source| {
-                ClusterError::StateDir {
-                    path: installed.clone(),
-                    source,
-                }
-            })?;
-        }
         let socket = dirs.agent_run.join("agent.sock");
-        let conflist = seed_conflist(&socket);
-        write(
-            &dirs.cni_conf.join(VIRTNET_CONFLIST),
-            &format!("{conflist:#}\n"),
-        )?;
-        if let Some(multus) = &multus {
-            multus.configure_node(target, node, dirs, &conflist)?;
-        }
         daemons.push(
             Daemon::new(format!("virtnet-agent-{node}"), Some(netns.clone()), "env").args([
                 format!("KUBECONFIG={}", agent_kubeconfig.display()),
                 format!("NODE_NAME={node}"),
                 format!("VIRTNET_SOCKET={}", socket.display()),
                 "VIRTNET_HTTP_ADDR=127.0.0.1:9741".to_owned(),
+                format!("VIRTNET_CNI_PLUGINS_SOURCE={}", options.binaries.display()),
+                format!("VIRTNET_CNI_BIN_DIR={}", dirs.cni_bin.display()),
+                format!("VIRTNET_CNI_CONF_DIR={}", dirs.cni_conf.display()),
+                "VIRTNET_DEFAULT_CNI=true".to_owned(),
+                format!("VIRTNET_CNI_MASTER={}", crate::topology::NODE_NIC),
+                format!("VIRTNET_CNI_DEFAULT_SUBNETS={SEED_SUBNET}"),
                 virtnet.display().to_string(),
                 "agent".to_owned(),
             ]),
         );
     }
-    Ok(daemons)
+    Ok(Installed { daemons, multus })
 }
 
 /// A client certificate acting as ServiceAccount `kube-system/<sa>` (user name and
@@ -248,16 +232,5 @@ mod tests {
         let kept = documents_of_kinds(stream, RBAC_KINDS);
         assert!(kept.contains("kind: ServiceAccount") && kept.contains("kind: ClusterRole"));
         assert!(!kept.contains("DaemonSet"), "{kept}");
-    }
-
-    #[test]
-    fn the_conflist_is_seed_000_with_the_node_socket() {
-        let conflist = seed_conflist(Path::new("/state/nodes/n1/run/virtnet/agent.sock"));
-        assert_eq!(conflist["plugins"][0]["ipam"]["default_subnet"], "subnet");
-        assert_eq!(
-            conflist["plugins"][0]["ipam"]["agent_socket"],
-            "/state/nodes/n1/run/virtnet/agent.sock"
-        );
-        assert_eq!(conflist["plugins"][1]["type"], "virtnet-coordinator");
     }
 }
