@@ -14,7 +14,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 use virtnet_cni::NetworkConfig;
 use virtnet_ipam::config::IpamConfig;
 
@@ -256,9 +256,18 @@ pub fn install(args: &CniInstallArgs, socket: &Path) -> Result<(), InstallError>
             });
         }
     }
-    if let Some(conflist) = plan.conflist {
-        require_directory(&args.cni_conf_dir, "conf", "cni-conf-dir")?;
-        files.push(conflist);
+    match plan.conflist {
+        Some(conflist) => {
+            require_directory(&args.cni_conf_dir, "conf", "cni-conf-dir")?;
+            files.push(conflist);
+        }
+        // Not removed: the agent cannot tell whether pods still need it for their DEL.
+        None if args.cni_conf_dir.join(CONFLIST_NAME).exists() => warn!(
+            path = %args.cni_conf_dir.join(CONFLIST_NAME).display(),
+            "default-CNI mode is off, but VirtNet's conflist from an earlier run is still the \
+             node's default network; delete it on the node if VirtNet should not be"
+        ),
+        None => {}
     }
     for file in &files {
         let outcome = file.put()?;
