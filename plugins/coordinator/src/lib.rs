@@ -2,19 +2,24 @@
 //! plugin (macvlan) and wires the pod to its node and to Services, and routes extra NICs.
 //!
 //! - ADD validates the environment, its keys ([`config::CoordinatorConfig`]) and `prevResult`,
-//!   reads the node's addresses, plans ([`plan`]) and applies ([`netlink`]) the changes, rolling
-//!   back on failure, then prints `prevResult` unchanged (in the config's `cniVersion`).
+//!   asks the node agent ([`agent`]) for the Service CIDRs when the config has none and for the
+//!   pod's own choices (its default-route NIC annotation, its KubeVirt binding), reads the
+//!   node's addresses, plans ([`plan`]) and applies ([`netlink`]) the changes, rolling back on
+//!   failure, then prints `prevResult` unchanged (in the config's `cniVersion`). An agent that
+//!   cannot answer never fails the pod: the coordinator warns and wires what its config says.
 //! - DEL removes what ADD added, found from the container id and interface name alone; it
 //!   succeeds when things, or the pod netns, are already gone.
 //! - CHECK validates `prevResult`; GC and STATUS succeed.
 //!
 //! Not yet: IP conflict and gateway detection (`detectIPConflict`, `detectGateway` are parsed).
 
+pub mod agent;
 pub mod config;
 pub mod error;
 pub mod netlink;
 pub mod plan;
 
+use virtnet_cni::agent_api::{CoordinatorRequest, CoordinatorResponse, ErrorKind};
 use virtnet_cni::env::{Attachment, Detachment};
 use virtnet_cni::logging::LogSettings;
 use virtnet_cni::skel::{Call, Plugin};
@@ -47,14 +52,18 @@ impl Plugin for CoordinatorPlugin {
         attachment: &Attachment,
     ) -> Result<CniResult, CniError> {
         let prev = chained_result(call.network)?;
-        let config = call.config;
-        if config.mode == Mode::Disabled {
+        if call.config.mode == Mode::Disabled {
             return Ok(prev);
         }
+        let config = &call
+            .config
+            .with_agent_answer(agent_answer(call.config, attachment)?);
         if config.service_cidrs.is_empty() {
             tracing::warn!(
-                "serviceCIDRs is not set: the pod reaches its node but not Service ClusterIPs \
-                 through it; set serviceCIDRs, e.g. [\"10.96.0.0/12\"]"
+                "no Service CIDR is known: the pod reaches its node but not Service ClusterIPs \
+                 through it; set serviceCIDRs in the coordinator's config, e.g. \
+                 [\"10.96.0.0/12\"], or let the VirtNet agent read them (ServiceCIDR API, or \
+                 its --service-cidr flag)"
             );
         }
         if config.detect_ip_conflict || config.detect_gateway {
@@ -83,7 +92,7 @@ impl Plugin for CoordinatorPlugin {
             container_id: &detachment.container_id,
             ifname: &detachment.ifname,
         };
-        let teardowns = plan_del(call.config, target)?;
+        let teardowns = plan_del(call.config, target);
         if teardowns.is_empty() {
             return Ok(());
         }
@@ -119,6 +128,36 @@ impl Plugin for CoordinatorPlugin {
 
     fn status(&self, _call: &Call<'_, CoordinatorConfig>) -> Result<(), CniError> {
         Ok(())
+    }
+}
+
+/// What the agent adds to the config for this ADD; nothing (with a warning) when it cannot
+/// answer. Only a refusal of the pod's own settings (a malformed annotation) fails the ADD.
+fn agent_answer(
+    config: &CoordinatorConfig,
+    attachment: &Attachment,
+) -> Result<CoordinatorResponse, CniError> {
+    let pod = agent::pod_ref(&attachment.args);
+    if !config.needs_agent(pod.is_some()) {
+        return Ok(CoordinatorResponse::default());
+    }
+    let request = CoordinatorRequest {
+        ifname: attachment.ifname.clone(),
+        pod,
+    };
+    match agent::ask(config, &request) {
+        Ok(answer) => Ok(answer),
+        Err(agent::AgentFailure::Refused(refusal)) if refusal.kind == ErrorKind::InvalidRequest => {
+            Err(refusal.into())
+        }
+        Err(failure) => {
+            tracing::warn!(
+                socket = %config.agent_socket.display(),
+                "the VirtNet agent did not answer ({failure}); wiring the pod from the \
+                 coordinator's config alone"
+            );
+            Ok(CoordinatorResponse::default())
+        }
     }
 }
 
