@@ -6,6 +6,8 @@
 //! is reported as ignored, with the reason.
 #[path = "e2e/cluster.rs"]
 mod cluster;
+#[path = "e2e/coordinator.rs"]
+mod coordinator;
 #[path = "e2e/gc.rs"]
 mod gc;
 #[path = "e2e/ipam.rs"]
@@ -59,6 +61,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "virtnet_allocates_seed_000_addresses_and_returns_them",
         ipam::virtnet_allocates_seed_000_addresses_and_returns_them,
+    ),
+    (
+        "coordinator_wires_pods_to_their_node_services_and_vms",
+        coordinator::coordinator_wires_pods_to_their_node_services_and_vms,
     ),
 ];
 

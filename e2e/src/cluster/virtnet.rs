@@ -75,7 +75,8 @@ fn documents_of_kinds(stream: &str, kinds: &[&str]) -> String {
         .collect()
 }
 
-/// Seed 000's conflist, talking to the agent at `socket`.
+/// Seed 000's conflist, both plugins talking to the agent at `socket`. The coordinator gets no
+/// `serviceCIDRs`: the agent reads them from the cluster's ServiceCIDR objects.
 fn seed_conflist(socket: &Path) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": "0.3.1",
@@ -85,7 +86,7 @@ fn seed_conflist(socket: &Path) -> serde_json::Value {
                 "type": "macvlan", "master": crate::topology::NODE_NIC, "mode": "bridge",
                 "ipam": {"type": "virtnet-ipam", "default_subnet": SEED_SUBNET, "agent_socket": socket},
             },
-            {"type": "virtnet-coordinator"},
+            {"type": "virtnet-coordinator", "agent_socket": socket},
         ],
     })
 }
@@ -230,5 +231,9 @@ mod tests {
             "/state/nodes/n1/run/virtnet/agent.sock"
         );
         assert_eq!(conflist["plugins"][1]["type"], "virtnet-coordinator");
+        assert_eq!(
+            conflist["plugins"][1]["agent_socket"],
+            conflist["plugins"][0]["ipam"]["agent_socket"]
+        );
     }
 }
