@@ -9,15 +9,18 @@
 //!   cannot answer never fails the pod: the coordinator warns and wires what its config says.
 //! - DEL removes what ADD added, found from the container id and interface name alone; it
 //!   succeeds when things, or the pod netns, are already gone.
+//!   With `detectIPConflict` / `detectGateway`, ADD first probes the underlay ([`probe`]) and
+//!   refuses an address another host answers for, or a gateway that does not answer, before
+//!   changing anything; after wiring, it announces the pod's addresses (gratuitous ARP,
+//!   unsolicited NA). A KubeVirt live-migration target is neither checked nor announced.
 //! - CHECK validates `prevResult`; GC and STATUS succeed.
-//!
-//! Not yet: IP conflict and gateway detection (`detectIPConflict`, `detectGateway` are parsed).
 
 pub mod agent;
 pub mod config;
 pub mod error;
 pub mod netlink;
 pub mod plan;
+pub mod probe;
 
 use virtnet_cni::agent_api::{CoordinatorRequest, CoordinatorResponse, ErrorKind};
 use virtnet_cni::env::{Attachment, Detachment};
@@ -27,8 +30,9 @@ use virtnet_cni::{CniError, CniResult, NetworkConfig};
 
 use crate::config::{CoordinatorConfig, Mode};
 use crate::error::CoordinatorError;
-use crate::netlink::{Netlink, NetlinkError};
-use crate::plan::{Op, Target, plan_add, plan_del};
+use crate::netlink::{Netlink, NetlinkError, show_mac};
+use crate::plan::{Op, Target, interface_addresses, plan_add, plan_del};
+use crate::probe::{Finding, plan_probes};
 
 pub const PLUGIN_NAME: &str = "virtnet-coordinator";
 
@@ -55,21 +59,15 @@ impl Plugin for CoordinatorPlugin {
         if call.config.mode == Mode::Disabled {
             return Ok(prev);
         }
-        let config = &call
-            .config
-            .with_agent_answer(agent_answer(call.config, attachment)?);
+        let answer = agent_answer(call.config, attachment)?;
+        let migration_target = answer.migration_target;
+        let config = &call.config.with_agent_answer(answer);
         if config.service_cidrs.is_empty() {
             tracing::warn!(
                 "no Service CIDR is known: the pod reaches its node but not Service ClusterIPs \
                  through it; set serviceCIDRs in the coordinator's config, e.g. \
                  [\"10.96.0.0/12\"], or let the VirtNet agent read them (ServiceCIDR API, or \
                  its --service-cidr flag)"
-            );
-        }
-        if config.detect_ip_conflict || config.detect_gateway {
-            tracing::warn!(
-                "detectIPConflict and detectGateway are not implemented yet and are ignored; \
-                 the pod is wired without the probes"
             );
         }
         let target = Target {
@@ -79,7 +77,36 @@ impl Plugin for CoordinatorPlugin {
         let netlink = Netlink::open(Some(&attachment.netns)).map_err(CoordinatorError::from)?;
         let node = netlink.node_snapshot().map_err(CoordinatorError::from)?;
         let ops = plan_add(config, target, &prev, &node)?;
+        let probes = plan_probes(
+            &attachment.ifname,
+            &interface_addresses(&prev, &attachment.ifname),
+            config.detect_ip_conflict,
+            config.detect_gateway,
+            migration_target,
+        );
+        // Before any change, so a refused pod leaves nothing to undo.
+        match probe::check(&attachment.netns, &probes).map_err(CoordinatorError::from)? {
+            None => {}
+            Some(Finding::Conflict(answer)) => {
+                return Err(CoordinatorError::IpConflict {
+                    ip: answer.ip,
+                    mac: show_mac(&answer.mac),
+                    ifname: attachment.ifname.clone(),
+                }
+                .into());
+            }
+            Some(Finding::GatewayUnreachable(gateway)) => {
+                return Err(CoordinatorError::GatewayUnreachable {
+                    gateway,
+                    ifname: attachment.ifname.clone(),
+                }
+                .into());
+            }
+        }
         apply_all(&netlink, &ops).map_err(CoordinatorError::from)?;
+        if let Err(error) = probe::announce(&attachment.netns, &probes) {
+            tracing::warn!(%error, "the pod is wired, but its addresses could not be announced");
+        }
         Ok(prev)
     }
 

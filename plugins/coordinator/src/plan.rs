@@ -34,6 +34,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use virtnet_cni::CniResult;
+use virtnet_cni::result::IpConfig;
 
 use crate::config::{CoordinatorConfig, KubevirtBinding, Mode};
 use crate::error::CoordinatorError;
@@ -267,16 +268,31 @@ fn fnv1a(parts: &[&str]) -> u64 {
         })
 }
 
-/// The pod addresses prevResult gives `ifname` (all of them when IPs name no interface).
-fn interface_ips(prev: &CniResult, ifname: &str) -> Vec<IpNet> {
+/// The IP configs prevResult gives `ifname` (all of them when IPs name no interface).
+fn interface_ip_configs<'p>(
+    prev: &'p CniResult,
+    ifname: &str,
+) -> impl Iterator<Item = &'p IpConfig> {
     let index = prev
         .interfaces
         .iter()
         .position(|interface| interface.name == ifname && interface.sandbox.is_some());
     prev.ips
         .iter()
-        .filter(|ip| ip.interface.is_none() || ip.interface == index)
+        .filter(move |ip| ip.interface.is_none() || ip.interface == index)
+}
+
+/// The pod addresses prevResult gives `ifname`.
+fn interface_ips(prev: &CniResult, ifname: &str) -> Vec<IpNet> {
+    interface_ip_configs(prev, ifname)
         .map(|ip| ip.address)
+        .collect()
+}
+
+/// The pod addresses prevResult gives `ifname`, each with its gateway (what the probes need).
+pub fn interface_addresses(prev: &CniResult, ifname: &str) -> Vec<(IpAddr, Option<IpAddr>)> {
+    interface_ip_configs(prev, ifname)
+        .map(|ip| (ip.address.addr(), ip.gateway))
         .collect()
 }
 
