@@ -32,7 +32,7 @@ use crate::config::{CoordinatorConfig, Mode};
 use crate::error::CoordinatorError;
 use crate::netlink::{Netlink, NetlinkError, show_mac};
 use crate::plan::{Op, Target, interface_addresses, plan_add, plan_del};
-use crate::probe::{Finding, plan_probes};
+use crate::probe::{Finding, Prober, plan_probes};
 
 pub const PLUGIN_NAME: &str = "virtnet-coordinator";
 
@@ -85,7 +85,14 @@ impl Plugin for CoordinatorPlugin {
             migration_target,
         );
         // Before any change, so a refused pod leaves nothing to undo.
-        match probe::check(&attachment.netns, &probes).map_err(CoordinatorError::from)? {
+        let prober = Prober::open(&attachment.netns, probes).map_err(CoordinatorError::from)?;
+        let finding = prober
+            .as_ref()
+            .map(Prober::check)
+            .transpose()
+            .map_err(CoordinatorError::from)?
+            .flatten();
+        match finding {
             None => {}
             Some(Finding::Conflict(answer)) => {
                 return Err(CoordinatorError::IpConflict {
@@ -104,7 +111,7 @@ impl Plugin for CoordinatorPlugin {
             }
         }
         apply_all(&netlink, &ops).map_err(CoordinatorError::from)?;
-        if let Err(error) = probe::announce(&attachment.netns, &probes) {
+        if let Some(Err(error)) = prober.as_ref().map(Prober::announce) {
             tracing::warn!(%error, "the pod is wired, but its addresses could not be announced");
         }
         Ok(prev)

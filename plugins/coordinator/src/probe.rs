@@ -4,9 +4,10 @@
 //! ARP, unsolicited neighbour advertisement), so switches and neighbours forget whoever held the
 //! address before.
 //!
-//! [`plan_probes`] decides and the frame builders and [`answer_from`] are pure; [`PacketSocket`]
-//! is the only side effect: an `AF_PACKET` socket bound to the pod interface, opened (with the
-//! safe nix API) on a thread inside the pod netns. Every wait is bounded: [`TRIES`] rounds of
+//! [`plan_probes`] decides and the frame builders and [`answer_from`] are pure; [`Prober`] is
+//! the only side effect: an `AF_PACKET` socket bound to the pod interface, opened (with the safe
+//! nix API) on a thread inside the pod netns; it stays bound there, so it is used from the
+//! calling thread afterwards. Every wait is bounded: [`TRIES`] rounds of
 //! [`ROUND`], so a check answers within [`MAX_CHECK`] and a reply ends it at once.
 
 use std::io;
@@ -61,7 +62,7 @@ pub struct ProbePlan {
 }
 
 impl ProbePlan {
-    pub fn checks_anything(&self) -> bool {
+    fn checks_anything(&self) -> bool {
         !self.conflicts.is_empty() || !self.gateways.is_empty()
     }
 }
@@ -82,9 +83,10 @@ pub enum Finding {
     GatewayUnreachable(IpAddr),
 }
 
-/// The probes for `ifname`, given its addresses and their gateways. A KubeVirt live-migration
-/// target shares its address with the source pod until the cut-over, so it is neither checked
-/// for conflicts nor announced (the announcement would steal the source's traffic early).
+/// The probes for `ifname`, given its addresses and their gateways. The announcement comes with
+/// either check (see [`Prober`] for why it is not free). A KubeVirt live-migration target shares
+/// its address with the source pod until the cut-over, so it is neither checked for conflicts
+/// nor announced (the announcement would steal the source's traffic early).
 pub fn plan_probes(
     ifname: &str,
     addresses: &[(IpAddr, Option<IpAddr>)],
@@ -109,10 +111,10 @@ pub fn plan_probes(
         } else {
             Vec::new()
         },
-        announce: if migration_target {
-            Vec::new()
-        } else {
+        announce: if (detect_conflict || detect_gateway) && !migration_target {
             pod_ips
+        } else {
+            Vec::new()
         },
     }
 }
@@ -375,43 +377,50 @@ fn link_address(storage: &SockaddrStorage) -> Option<LinkAddr> {
     storage.as_link_addr().cloned()
 }
 
-/// Runs the checks of `plan` inside the pod netns: conflicts first (a conflicting host must not
-/// be taught our address by a gateway request), then gateways.
-pub fn check(netns: &Path, plan: &ProbePlan) -> Result<Option<Finding>, ProbeError> {
-    if !plan.checks_anything() {
-        return Ok(None);
+/// The probes of one ADD on one packet socket: closing an `AF_PACKET` socket waits for an RCU
+/// grace period (15-25 ms), so the checks and the announcement share it, and ADD opens none
+/// unless a probe is asked for.
+pub struct Prober {
+    socket: PacketSocket,
+    plan: ProbePlan,
+}
+
+impl Prober {
+    /// Opens the socket on `plan.ifname` inside the pod netns; `None` when the plan does nothing.
+    pub fn open(netns: &Path, plan: ProbePlan) -> Result<Option<Self>, ProbeError> {
+        if !plan.checks_anything() && plan.announce.is_empty() {
+            return Ok(None);
+        }
+        let ifname = plan.ifname.clone();
+        let socket = in_netns(netns, move || PacketSocket::open(&ifname))??;
+        Ok(Some(Self { socket, plan }))
     }
-    let plan = plan.clone();
-    in_netns(netns, move || {
-        let socket = PacketSocket::open(&plan.ifname)?;
+
+    /// Conflicts first (a conflicting host must not be taught the address by a gateway
+    /// request), then gateways.
+    pub fn check(&self) -> Result<Option<Finding>, ProbeError> {
         let probes: Vec<(IpAddr, Option<IpAddr>)> =
-            plan.conflicts.iter().map(|ip| (*ip, None)).collect();
+            self.plan.conflicts.iter().map(|ip| (*ip, None)).collect();
         if !probes.is_empty()
-            && let Some(answer) = socket.ask(&probes)?
+            && let Some(answer) = self.socket.ask(&probes)?
         {
             return Ok(Some(Finding::Conflict(answer)));
         }
-        for (gateway, source) in &plan.gateways {
-            if socket.ask(&[(*gateway, Some(*source))])?.is_none() {
+        for (gateway, source) in &self.plan.gateways {
+            if self.socket.ask(&[(*gateway, Some(*source))])?.is_none() {
                 return Ok(Some(Finding::GatewayUnreachable(*gateway)));
             }
         }
         Ok(None)
-    })?
-}
-
-/// Announces the pod's addresses from inside the pod netns (once the pod is wired).
-pub fn announce(netns: &Path, plan: &ProbePlan) -> Result<(), ProbeError> {
-    if plan.announce.is_empty() {
-        return Ok(());
     }
-    let plan = plan.clone();
-    in_netns(netns, move || {
-        let socket = PacketSocket::open(&plan.ifname)?;
-        plan.announce
+
+    /// Announces the pod's addresses (once the pod is wired).
+    pub fn announce(&self) -> Result<(), ProbeError> {
+        self.plan
+            .announce
             .iter()
-            .try_for_each(|address| socket.send(&announcement(socket.mac, *address)))
-    })?
+            .try_for_each(|address| self.socket.send(&announcement(self.socket.mac, *address)))
+    }
 }
 
 #[cfg(test)]
@@ -442,8 +451,10 @@ mod tests {
         );
         assert_eq!(all.announce, all.conflicts);
         let none = plan_probes("eth0", &addresses, false, false, false);
-        assert!(!none.checks_anything());
-        assert_eq!(none.announce.len(), 2, "announced whatever the flags");
+        assert!(!none.checks_anything() && none.announce.is_empty());
+        let gateway_only = plan_probes("eth0", &addresses, false, true, false);
+        assert!(gateway_only.conflicts.is_empty());
+        assert_eq!(gateway_only.announce.len(), 2);
         let target = plan_probes("eth0", &addresses, true, true, true);
         assert!(target.conflicts.is_empty() && target.announce.is_empty());
         assert_eq!(target.gateways.len(), 2, "the gateway is still checked");
