@@ -784,6 +784,50 @@ mod tests {
     }
 
     #[test]
+    fn the_pods_annotation_moves_the_veth_over_the_config() -> TestResult {
+        let net1 = Target {
+            ifname: "net1",
+            ..TARGET
+        };
+        let net1_prev = prev(
+            "net1",
+            json!([{"interface": 1, "address": "10.7.0.9/24", "gateway": "10.7.0.1"}]),
+        )?;
+        // The conflist says eth0; the pod's annotation (through the agent) says net1.
+        let annotated = config(json!({"podDefaultRouteNIC": "eth0"}))?.with_agent_answer(
+            virtnet_cni::agent_api::CoordinatorResponse {
+                default_route_nic: Some("net1".into()),
+                ..Default::default()
+            },
+        );
+        let ops = plan_add(&annotated, net1, &net1_prev, &node()?)?;
+        assert!(matches!(&ops[0], Op::AddVeth { host, .. } if *host == host_veth_name(net1)));
+        let eth0 = plan_add(&annotated, TARGET, &v4_prev()?, &node()?)?;
+        assert!(
+            eth0.iter().all(|op| matches!(
+                op,
+                Op::AddRule { table: 100, .. }
+                    | Op::AddRoute {
+                        route: RouteSpec {
+                            table: Some(100),
+                            ..
+                        },
+                        ..
+                    }
+            )),
+            "{eth0:#?}"
+        );
+        // Without an annotation the config decides again.
+        let plain = config(json!({"podDefaultRouteNIC": "eth0"}))?
+            .with_agent_answer(virtnet_cni::agent_api::CoordinatorResponse::default());
+        assert!(matches!(
+            &plan_add(&plain, TARGET, &v4_prev()?, &node()?)?[0],
+            Op::AddVeth { .. }
+        ));
+        Ok(())
+    }
+
+    #[test]
     fn policy_table_numbering() {
         assert_eq!(policy_table("eth0").ok(), Some(100));
         assert_eq!(policy_table("net1").ok(), Some(101));
