@@ -8,7 +8,9 @@
 //!   the cluster's ServiceCIDR object (the conflist names none);
 //! - a virt-launcher pod whose VirtualMachineInstance uses the passt binding gets its address and
 //!   keeps its default route on the underlay NIC; one with the bridge binding is refused with
-//!   a message saying why, and leaves no host veth behind.
+//!   a message saying why, and leaves no host veth behind;
+//! - with `detectIPConflict` on, a pod asking for an address another underlay host holds is
+//!   refused, naming the address and the holder's MAC, before anything changes on the node.
 //!
 //! One cluster of its own runs every scenario in sequence.
 use std::{
@@ -29,7 +31,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, VirtnetOptions},
+    cluster::{Cluster, ClusterOptions, VIRTNET_CONFLIST, VirtnetOptions},
     netns::{named_netns_path, run_in_netns},
     topology::{GATEWAY_V4, node_ip},
 };
@@ -54,6 +56,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
 const POD_VETH: &str = "veth0";
 const HOST_VETH_PREFIX: &str = "vnc";
+/// An address of seed 000's range that another host on the underlay takes.
+const SQUATTED: &str = "10.6.153.250";
 
 pub fn coordinator_wires_pods_to_their_node_services_and_vms(suite: &Suite) -> anyhow::Result<()> {
     let name: String = crate::cluster_name().chars().take(7).chain(['w']).collect();
@@ -118,7 +122,8 @@ async fn scenarios(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
     pod_reaches_its_node(cluster, &client, node_ip(1))?;
     node_reaches_pod(&nodes[1], &backends[0])?;
     pod_reaches_service(cluster, &client, cluster_ip, &backends).await?;
-    virt_launchers(cluster, &pods, &nodes).await
+    virt_launchers(cluster, &pods, &nodes).await?;
+    address_in_use_is_refused(cluster, &pods, &nodes[1]).await
 }
 
 /// A bare pod bound to `node` (no scheduler: the test decides who is where), declaring `port`.
@@ -441,6 +446,77 @@ async fn virt_launchers(
     ensure!(
         veths_after == veths_before,
         "the refused pod left host veths on {bridge_node}: before {veths_before:?}, after \
+         {veths_after:?}"
+    );
+    Ok(())
+}
+
+/// Turns on `detectIPConflict` in `node`'s conflist (the kubelet reads it for every new
+/// sandbox); another host on the underlay takes an address of the Subnet, and a pod asking for
+/// it (static-ips annotation) is refused before the coordinator changes anything on the node.
+async fn address_in_use_is_refused(
+    cluster: &Cluster,
+    pods: &Api<Pod>,
+    node: &str,
+) -> anyhow::Result<()> {
+    let conflist_path = cluster
+        .layout()
+        .node_dirs(node)
+        .cni_conf
+        .join(VIRTNET_CONFLIST);
+    let mut conflist: Value = serde_json::from_str(&std::fs::read_to_string(&conflist_path)?)?;
+    conflist["plugins"][1]["detectIPConflict"] = json!(true);
+    std::fs::write(&conflist_path, conflist.to_string())?;
+
+    let router = cluster.names().router_netns();
+    virtnet_e2e::command::run(std::process::Command::new("ip").args([
+        "-n",
+        &router,
+        "addr",
+        "add",
+        &format!("{SQUATTED}/32"),
+        "dev",
+        "eth0",
+    ]))?;
+    let links: Value = serde_json::from_str(&virtnet_e2e::command::run_stdout(
+        std::process::Command::new("ip").args(["-n", &router, "-j", "link", "show", "eth0"]),
+    )?)?;
+    let holder = links[0]["address"].as_str().unwrap_or_default().to_owned();
+
+    let veths_before = host_veths(node)?;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {
+            "name": "squatter",
+            "annotations": {
+                "ipam.virtnet.io/static-ips": format!(r#"[{{"interface":"eth0","ipv4":"{SQUATTED}"}}]"#),
+            },
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [{ "name": "main", "image": "registry.k8s.io/pause:3.10" }],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let message = cluster
+        .wait_for("pod squatter refused", POD_READY_TIMEOUT, || async {
+            let pod = pods
+                .get("squatter")
+                .await
+                .map_err(|error| error.to_string())?;
+            sandbox_failure(&pod).ok_or_else(|| format!("status {:?}", pod.status))
+        })
+        .await?;
+    ensure!(
+        message.contains(&format!(
+            "{SQUATTED} of pod interface eth0 is already in use"
+        )) && message.contains(&holder),
+        "the squatter failed with {message:?}, which does not name the address and its holder \
+         {holder}"
+    );
+    let veths_after = host_veths(node)?;
+    ensure!(
+        veths_after == veths_before,
+        "the refused pod left host veths on {node}: before {veths_before:?}, after \
          {veths_after:?}"
     );
     Ok(())
