@@ -3,7 +3,8 @@
 //!
 //! # What ADD builds, and why
 //!
-//! On the pod's default-route NIC (`podDefaultRouteNIC`, else `eth0`):
+//! On the pod's default-route NIC (the pod's `coordinator.virtnet.io/default-route-nic`
+//! annotation as the agent reports it, else `podDefaultRouteNIC`, else `eth0`):
 //! - a veth pair: [`POD_VETH`] in the pod, [`host_veth_name`] on the node. Both MACs are derived
 //!   from the container id and interface name ([`veth_macs`]), so the plan is deterministic and
 //!   systemd's `MACAddressPolicy` has nothing to rewrite.
@@ -24,7 +25,8 @@
 //! On any other NIC (a Multus `netN`): policy routing inside the pod, so replies leave by the NIC
 //! the request came in on. Its table is [`POLICY_TABLE_BASE`] + the number the interface name
 //! ends in (`net1` → 101, `net2` → 102), with the rule `from <address> lookup <table>` at
-//! preference = table number. DEL finds them again from the interface name alone.
+//! preference = table number. DEL finds the veth and the table again from the interface name
+//! alone, and removes both candidates, since the annotation that chose the role may be gone.
 //!
 //! KubeVirt: the underlay NIC's MAC and default route are never touched, which is what passt
 //! needs. The bridge binding moves the pod's MAC into the VM, which macvlan cannot carry, so it
