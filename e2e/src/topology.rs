@@ -112,6 +112,7 @@ impl Topology {
             self.cable_host(&node, &format!("node{index}"), NODE_NIC)?;
             add_address(&node, NODE_NIC, node_ip(index).into(), UNDERLAY_PREFIX_LEN)?;
             add_default_route(&node)?;
+            enable_forwarding(&node)?;
         }
         if self.second_underlay {
             self.create_second_underlay()?;
@@ -211,6 +212,22 @@ fn add_default_route(netns: &str) -> Result<(), CommandError> {
         netns,
         &["route", "add", "default", "via", &GATEWAY_V4.to_string()],
     )
+}
+
+/// A Kubernetes node forwards (kubeadm's preflight insists): kube-proxy's DNATed Service
+/// traffic leaves by another interface than it came in on.
+fn enable_forwarding(netns: &str) -> Result<(), CommandError> {
+    command::run(Command::new("ip").args([
+        "netns",
+        "exec",
+        netns,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ]))
+    .map(drop)
 }
 
 /// Runs `ip -n <netns> <args>`.

@@ -6,6 +6,8 @@
 //! is reported as ignored, with the reason.
 #[path = "e2e/cluster.rs"]
 mod cluster;
+#[path = "e2e/coordinator.rs"]
+mod coordinator;
 #[path = "e2e/gc.rs"]
 mod gc;
 #[path = "e2e/install.rs"]
@@ -71,6 +73,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "virtnet_agents_install_the_plugins_and_the_conflist_and_a_restart_keeps_them",
         install::virtnet_agents_install_the_plugins_and_the_conflist_and_a_restart_keeps_them,
+    ),
+    (
+        "coordinator_wires_pods_to_their_node_services_and_vms",
+        coordinator::coordinator_wires_pods_to_their_node_services_and_vms,
     ),
 ];
 

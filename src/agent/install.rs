@@ -359,7 +359,7 @@ impl NodeFile {
 struct Conflist<'a> {
     cni_version: &'a str,
     name: &'static str,
-    plugins: (InterfacePlugin<'a>, CoordinatorPlugin),
+    plugins: (InterfacePlugin<'a>, CoordinatorPlugin<'a>),
 }
 
 #[derive(Serialize)]
@@ -383,10 +383,12 @@ struct IpamSection<'a> {
     agent_socket: &'a Path,
 }
 
+/// The coordinator asks the agent for Service CIDRs and pod annotations, at the same socket.
 #[derive(Serialize)]
-struct CoordinatorPlugin {
+struct CoordinatorPlugin<'a> {
     #[serde(rename = "type")]
     plugin_type: &'static str,
+    agent_socket: &'a Path,
 }
 
 impl<'a> Conflist<'a> {
@@ -414,6 +416,7 @@ impl<'a> Conflist<'a> {
                 },
                 CoordinatorPlugin {
                     plugin_type: PLUGINS[1],
+                    agent_socket: socket,
                 },
             ),
         }
@@ -547,7 +550,8 @@ mod tests {
       }
     },
     {
-      "type": "virtnet-coordinator"
+      "type": "virtnet-coordinator",
+      "agent_socket": "/var/run/virtnet/agent.sock"
     }
   ]
 }

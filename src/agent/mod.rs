@@ -15,6 +15,7 @@
 //! API: [`virtnet_cni::agent_api`]. `/healthz`, `/readyz` and `/metrics` are served on
 //! `--http-address` by [`crate::observability`].
 
+mod coordinator;
 pub mod install;
 pub mod plan;
 mod service;
@@ -29,13 +30,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ipnet::IpNet;
 use tracing::{info, warn};
 use virtnet_cni::agent_api::{
-    ALLOCATE_PATH, AllocateRequest, AllocateResponse, ApiError, CHECK_PATH, CheckRequest, Empty,
-    ErrorKind, GC_PATH, GcRequest, RELEASE_PATH, ReleaseRequest, STATUS_PATH,
+    ALLOCATE_PATH, AllocateRequest, AllocateResponse, ApiError, CHECK_PATH, COORDINATOR_PATH,
+    CheckRequest, CoordinatorRequest, CoordinatorResponse, Empty, ErrorKind, GC_PATH, GcRequest,
+    RELEASE_PATH, ReleaseRequest, STATUS_PATH,
 };
 
 use crate::observability::{Health, Metrics};
+use coordinator::Coordination;
 use service::Agent;
 
 /// Errors that stop the agent; each tells the operator what to check.
@@ -81,6 +85,14 @@ pub struct AgentArgs {
     pub http_address: SocketAddr,
     #[command(flatten)]
     pub cni: install::CniInstallArgs,
+    /// The cluster's Service CIDRs, which virtnet-coordinator routes through the node
+    /// (comma-separated); unset, they are read from the ServiceCIDR objects.
+    #[arg(
+        long = "service-cidr",
+        env = "VIRTNET_SERVICE_CIDRS",
+        value_delimiter = ','
+    )]
+    pub service_cidrs: Vec<IpNet>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -102,7 +114,12 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
     })?;
     tokio::spawn(server);
 
-    let agent = Arc::new(Agent::start(client, args.node_name.clone()).await?);
+    let agent = Arc::new(Agent::start(client.clone(), args.node_name.clone()).await?);
+    let coordination = Arc::new(Coordination::start(
+        Arc::clone(&agent),
+        client,
+        args.service_cidrs.clone(),
+    ));
     let listener = bind_socket(&args.socket)?;
     health.set_ready(true);
     info!(node = %args.node_name, socket = %args.socket.display(), "serving virtnet-ipam");
@@ -112,7 +129,12 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         .route(CHECK_PATH, post(check))
         .route(GC_PATH, post(gc))
         .route(STATUS_PATH, get(status))
-        .with_state(agent);
+        .with_state(agent)
+        .merge(
+            Router::new()
+                .route(COORDINATOR_PATH, post(coordinate))
+                .with_state(coordination),
+        );
     axum::serve(listener, router)
         .with_graceful_shutdown(crate::telemetry::shutdown_signal())
         .await
@@ -197,6 +219,13 @@ async fn gc(
 ) -> Result<Json<Empty>, Refusal> {
     agent.gc(&request).await?;
     Ok(Json(Empty {}))
+}
+
+async fn coordinate(
+    State(coordination): State<Arc<Coordination>>,
+    Json(request): Json<CoordinatorRequest>,
+) -> Result<Json<CoordinatorResponse>, Refusal> {
+    Ok(Json(coordination.answer(&request).await?))
 }
 
 async fn status() -> Json<Empty> {

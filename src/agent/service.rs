@@ -147,7 +147,7 @@ impl Agent {
     }
 
     /// The pod from the cache, or from the API server when the watch has not delivered it yet.
-    async fn pod(&self, pod: &PodRef) -> Result<Pod, ApiError> {
+    pub(super) async fn pod(&self, pod: &PodRef) -> Result<Pod, ApiError> {
         let cached = self
             .pods
             .get(&ObjectRef::new(&pod.name).within(&pod.namespace));

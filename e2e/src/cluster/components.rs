@@ -191,6 +191,10 @@ pub fn kube_proxy(bins: &Binaries, netns: &str, node: &str, kubeconfig: &Path) -
         // 0 leaves nf_conntrack_max alone: it is machine-wide, not per namespace.
         "--conntrack-max-per-core=0".into(),
         format!("--cluster-cidr={}", underlay_cidr()),
+        // Pods sit on the underlay, inside the cluster CIDR, and a backend answers a pod
+        // directly over the underlay: only a masqueraded request (source = this node) gets its
+        // reply back through this node's conntrack. VirtNet's README asks the same of clusters.
+        "--masquerade-all=true".into(),
         "--healthz-bind-address=127.0.0.1:10256".into(),
         "--metrics-bind-address=127.0.0.1:10249".into(),
     ])

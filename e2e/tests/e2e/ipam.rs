@@ -59,7 +59,8 @@ fn pool_records(cluster: &Cluster) -> anyhow::Result<Vec<(String, Value)>> {
         .collect())
 }
 
-async fn scenario(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
+/// Applies seed 000's Subnet (`subnet` is its file) and waits for its 3 IPPools.
+pub async fn apply_seed_subnet(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
     cluster.kubectl(&["apply", "-f", subnet])?;
     cluster
         .wait_for("seed 000's 3 IPPools", RELEASE_TIMEOUT, || async {
@@ -73,7 +74,11 @@ async fn scenario(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
             }
         })
         .await?;
+    Ok(())
+}
 
+async fn scenario(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
+    apply_seed_subnet(cluster, subnet).await?;
     let pods = create_spread_deployment(cluster, NAMESPACE).await?;
     let seed_range = "10.6.153.100".parse::<IpAddr>()?..="10.6.153.255".parse::<IpAddr>()?;
     let addresses: BTreeSet<IpAddr> = pods.iter().map(pod_ip).collect::<Result<_, _>>()?;

@@ -7,6 +7,7 @@
 //! | CHECK | `POST /v1/check` | [`CheckRequest`] | [`Empty`] |
 //! | GC | `POST /v1/gc` | [`GcRequest`] | [`Empty`] |
 //! | STATUS | `GET /v1/status` | none | [`Empty`] |
+//! | coordinator ADD | `POST /v1/coordinator` | [`CoordinatorRequest`] | [`CoordinatorResponse`] |
 //!
 //! Any other status carries an [`ApiError`], whose [`ErrorKind`] decides the CNI error code the
 //! plugin prints. The types are plain serde structs so both sides share them without either
@@ -26,6 +27,12 @@ pub const RELEASE_PATH: &str = "/v1/release";
 pub const CHECK_PATH: &str = "/v1/check";
 pub const GC_PATH: &str = "/v1/gc";
 pub const STATUS_PATH: &str = "/v1/status";
+pub const COORDINATOR_PATH: &str = "/v1/coordinator";
+
+/// The pod annotation that names the pod interface carrying the default route (and so the
+/// coordinator's veth to the node), e.g. `net1`; virtnet-coordinator's `podDefaultRouteNIC` is the
+/// fallback.
+pub const DEFAULT_ROUTE_NIC_ANNOTATION: &str = "coordinator.virtnet.io/default-route-nic";
 
 /// The pod an attachment belongs to, from `CNI_ARGS`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +131,37 @@ pub struct CheckRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GcRequest {
     pub valid_attachments: Vec<GcAttachment>,
+}
+
+/// virtnet-coordinator's ADD: what it needs beyond its own config, for this interface of this
+/// pod (the pod is known when the runtime passes `CNI_ARGS`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CoordinatorRequest {
+    pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// The agent's answer to [`CoordinatorRequest`]; every field is empty when unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CoordinatorResponse {
+    /// The cluster's Service CIDRs: the agent's `--service-cidr`, else the ServiceCIDR objects
+    /// (networking.k8s.io/v1).
+    #[serde(default, rename = "serviceCIDRs")]
+    pub service_cidrs: Vec<IpNet>,
+    /// The pod's [`DEFAULT_ROUTE_NIC_ANNOTATION`], validated as an interface name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_route_nic: Option<String>,
+    /// For a KubeVirt virt-launcher pod: the binding of the VM interface on this pod interface,
+    /// as KubeVirt names it (`passt`, `bridge`, `masquerade`, or a binding plugin's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubevirt_binding: Option<String>,
+    /// The pod is the target of a KubeVirt live migration, so it shares its address with the
+    /// source pod for a moment.
+    #[serde(default)]
+    pub migration_target: bool,
 }
 
 /// The body of a success that carries nothing (DEL, CHECK, GC, STATUS).
@@ -252,6 +290,37 @@ mod tests {
             })
         );
         assert_eq!(serde_json::from_value::<AllocateRequest>(wire)?, request);
+        Ok(())
+    }
+
+    #[test]
+    fn coordinator_wire_format() -> Result<(), Box<dyn Error>> {
+        let request: CoordinatorRequest = serde_json::from_value(json!({
+            "ifname": "eth0", "pod": {"namespace": "vms", "name": "virt-launcher-vm1-x"},
+        }))?;
+        assert_eq!(
+            request.pod.map(|pod| pod.name).as_deref(),
+            Some("virt-launcher-vm1-x")
+        );
+        let response = CoordinatorResponse {
+            service_cidrs: vec!["10.96.0.0/16".parse()?],
+            default_route_nic: None,
+            kubevirt_binding: Some("passt".into()),
+            migration_target: false,
+        };
+        let wire = serde_json::to_value(&response)?;
+        assert_eq!(
+            wire,
+            json!({"serviceCIDRs": ["10.96.0.0/16"], "kubevirtBinding": "passt", "migrationTarget": false})
+        );
+        assert_eq!(
+            serde_json::from_value::<CoordinatorResponse>(wire)?,
+            response
+        );
+        assert_eq!(
+            serde_json::from_value::<CoordinatorResponse>(json!({}))?,
+            CoordinatorResponse::default()
+        );
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! CNI plumbing shared by VirtNet's plugins. No Kubernetes dependency, so the plugin binaries
 //! stay small and start fast.
 //!
-//! - [`agent_api`]: the HTTP+JSON API between the IPAM plugin and the node agent.
+//! - [`agent_api`]: the HTTP+JSON API between the plugins and the node agent.
+//! - `agent_client` (feature `agent-client`): one request to the agent over its unix socket.
 //! - [`skel`]: the entry point. [`skel::run`] reads the environment and stdin, validates them,
 //!   dispatches to a [`skel::Plugin`] and prints the result or error JSON.
 //! - [`env`]: `CNI_*` variables and `CNI_ARGS` → [`env::Inputs`], validated per command.
@@ -16,6 +17,8 @@
 //! - `testing` (feature `testing`): run a plugin binary like a runtime does, for integration tests.
 
 pub mod agent_api;
+#[cfg(feature = "agent-client")]
+pub mod agent_client;
 pub mod config;
 pub mod env;
 pub mod error;

@@ -1,7 +1,12 @@
 //! The coordinator's keys, at the top level of its plugin config.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use ipnet::IpNet;
+use virtnet_cni::agent_api::CoordinatorResponse;
 use virtnet_cni::env::check_interface_name;
+use virtnet_cni::fields::as_absolute_path;
 use virtnet_cni::logging::LogSettings;
 use virtnet_cni::{CniError, NetworkConfig};
 
@@ -13,6 +18,12 @@ const MAX_HOST_RULE_TABLE: u32 = 1 << 31;
 /// IPv4's minimum reassembly size; a smaller MTU breaks IPv4 itself.
 const MIN_MTU: u32 = 576;
 const MAX_MTU: u32 = 65_535;
+/// Where the node agent listens (virtnet-ipam's default too).
+pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/virtnet/agent.sock";
+/// The agent answers from its caches; a slow answer only delays the pod, so give up early and
+/// wire what the config says.
+pub const DEFAULT_AGENT_TIMEOUT_MS: u64 = 2_000;
+const MAX_AGENT_TIMEOUT_MS: u64 = 30_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Mode {
@@ -36,22 +47,31 @@ impl Mode {
     }
 }
 
-/// The KubeVirt network binding of a virt-launcher pod, from `kubevirtBinding`.
+/// The KubeVirt network binding of a virt-launcher pod, from `kubevirtBinding` or the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KubevirtBinding {
     /// passt: the pod keeps its address, MAC and default route; the coordinator works as usual.
     Passt,
     /// bridge: the pod's MAC moves into the VM, which macvlan cannot carry; refused.
     Bridge,
+    /// Any other binding the agent reports (masquerade, a binding plugin): the pod interface
+    /// keeps its MAC, so the coordinator works as usual.
+    Other,
 }
 
 impl KubevirtBinding {
+    /// The config key's values.
     fn parse(name: &str) -> Option<Self> {
         match name {
             "passt" => Some(Self::Passt),
             "bridge" => Some(Self::Bridge),
             _ => None,
         }
+    }
+
+    /// A binding as KubeVirt names it (what the agent reports).
+    fn from_kubevirt(name: &str) -> Self {
+        Self::parse(name).unwrap_or(Self::Other)
     }
 }
 
@@ -68,6 +88,9 @@ pub struct CoordinatorConfig {
     pub veth_host_mtu: Option<u32>,
     /// Set for a KubeVirt virt-launcher pod (by the agent or the NAD).
     pub kubevirt_binding: Option<KubevirtBinding>,
+    /// The node agent, asked for the Service CIDRs and the pod's own choices.
+    pub agent_socket: PathBuf,
+    pub agent_timeout: Duration,
     pub logging: LogSettings,
 }
 
@@ -133,9 +156,26 @@ impl CoordinatorConfig {
             fields.get("kubevirtBinding", "one of \"passt\", \"bridge\"", |value| {
                 value.as_str().and_then(KubevirtBinding::parse)
             })?;
-        // Seed conflists set this so the coordinator could ask the agent for the Service CIDR;
-        // serviceCIDRs replaces that, so the key is accepted (for drop-in migration) and unused.
-        fields.string("coordinator_unix_socket_path", "a path string")?;
+        // The seed's name for the agent socket is accepted for drop-in migration.
+        let socket_key = fields.either("agent_socket", "coordinator_unix_socket_path")?;
+        let agent_socket = fields
+            .get(
+                socket_key,
+                "an absolute path to the agent's unix socket, e.g. \"/var/run/virtnet/agent.sock\"",
+                as_absolute_path,
+            )?
+            .map_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET), Path::to_path_buf);
+        let agent_timeout_ms = fields
+            .get(
+                "agent_timeout_ms",
+                "a whole number of milliseconds in 1..=30000, e.g. 2000",
+                |value| {
+                    value
+                        .as_u64()
+                        .filter(|ms| (1..=MAX_AGENT_TIMEOUT_MS).contains(ms))
+                },
+            )?
+            .unwrap_or(DEFAULT_AGENT_TIMEOUT_MS);
         let logging = LogSettings::read(&mut fields)?;
         fields.finish()?;
         Ok(Self {
@@ -146,8 +186,33 @@ impl CoordinatorConfig {
             detect_gateway,
             veth_host_mtu,
             kubevirt_binding,
+            agent_socket,
+            agent_timeout: Duration::from_millis(agent_timeout_ms),
             logging,
         })
+    }
+
+    /// Whether ADD needs the agent: for the pod's own choices (when the pod is known) or for
+    /// the Service CIDRs (when the config has none).
+    pub fn needs_agent(&self, pod_known: bool) -> bool {
+        pod_known || self.service_cidrs.is_empty()
+    }
+
+    /// The config for one ADD, with what the agent said: the config's Service CIDRs win (the
+    /// operator set them), the pod's annotation wins over `podDefaultRouteNIC`, and the binding
+    /// the agent read from the VM wins over `kubevirtBinding`.
+    pub fn with_agent_answer(&self, answer: CoordinatorResponse) -> Self {
+        let mut config = self.clone();
+        if config.service_cidrs.is_empty() {
+            config.service_cidrs = answer.service_cidrs;
+        }
+        if let Some(nic) = answer.default_route_nic {
+            config.pod_default_route_nic = Some(nic);
+        }
+        if let Some(binding) = answer.kubevirt_binding {
+            config.kubevirt_binding = Some(KubevirtBinding::from_kubevirt(&binding));
+        }
+        config
     }
 }
 
@@ -180,9 +245,45 @@ mod tests {
                 detect_gateway: false,
                 veth_host_mtu: None,
                 kubevirt_binding: None,
+                agent_socket: PathBuf::from(DEFAULT_AGENT_SOCKET),
+                agent_timeout: Duration::from_millis(DEFAULT_AGENT_TIMEOUT_MS),
                 logging: LogSettings::default(),
             }
         );
+        Ok(())
+    }
+
+    #[test]
+    fn agent_answer_fills_in_what_the_config_leaves_open() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let answer = CoordinatorResponse {
+            service_cidrs: vec!["10.96.0.0/16".parse()?],
+            default_route_nic: Some("net1".into()),
+            kubevirt_binding: Some("masquerade".into()),
+            migration_target: false,
+        };
+        let bare = parse(json!({}))?;
+        assert!(bare.needs_agent(false) && bare.needs_agent(true));
+        let merged = bare.with_agent_answer(answer.clone());
+        assert_eq!(merged.service_cidrs, answer.service_cidrs);
+        assert_eq!(merged.pod_default_route_nic.as_deref(), Some("net1"));
+        assert_eq!(merged.kubevirt_binding, Some(KubevirtBinding::Other));
+
+        let set = parse(json!({
+            "serviceCIDRs": ["10.100.0.0/16"],
+            "podDefaultRouteNIC": "eth0",
+            "kubevirtBinding": "passt",
+        }))?;
+        assert!(!set.needs_agent(false), "nothing to ask for an unknown pod");
+        let merged = set.with_agent_answer(CoordinatorResponse {
+            kubevirt_binding: Some("bridge".into()),
+            ..answer
+        });
+        assert_eq!(merged.service_cidrs, ["10.100.0.0/16".parse::<IpNet>()?]);
+        assert_eq!(merged.pod_default_route_nic.as_deref(), Some("net1"));
+        assert_eq!(merged.kubevirt_binding, Some(KubevirtBinding::Bridge));
+        let unchanged = set.with_agent_answer(CoordinatorResponse::default());
+        assert_eq!(unchanged, set);
         Ok(())
     }
 
@@ -210,6 +311,10 @@ mod tests {
         assert_eq!(config.pod_default_route_nic.as_deref(), Some("net1"));
         assert!(config.detect_ip_conflict && config.detect_gateway);
         assert_eq!(config.veth_host_mtu, Some(9000));
+        assert_eq!(
+            config.agent_socket,
+            Path::new("/var/run/virtnet/virtnet.sock")
+        );
         assert_eq!(config.logging.level, LogLevel::Trace);
         Ok(())
     }
@@ -268,6 +373,14 @@ mod tests {
             (
                 json!({"vethHostMTU": 100}),
                 "vethHostMTU must be a whole number in 576..=65535",
+            ),
+            (
+                json!({"agent_socket": "agent.sock"}),
+                "agent_socket must be an absolute path",
+            ),
+            (
+                json!({"agent_timeout_ms": 0}),
+                "agent_timeout_ms must be a whole number of milliseconds",
             ),
             (
                 json!({"hostRuleTabel": 500}),

@@ -54,6 +54,31 @@ pub enum CoordinatorError {
     )]
     UnnumberedInterface(String),
 
+    #[error(
+        "address {ip} of pod interface {ifname} is already in use on the underlay by MAC {mac}; \
+         find that host (or stale VM) and free the address, or exclude it from the Subnet's \
+         IPPools, then recreate the pod"
+    )]
+    IpConflict {
+        ip: std::net::IpAddr,
+        mac: String,
+        ifname: String,
+    },
+
+    #[error(
+        "gateway {gateway} did not answer ARP/neighbour solicitation on pod interface {ifname} \
+         within {} ms; check the Subnet's gateway and the node's uplink/VLAN, or turn \
+         detectGateway off",
+        crate::probe::MAX_CHECK.as_millis()
+    )]
+    GatewayUnreachable {
+        gateway: std::net::IpAddr,
+        ifname: String,
+    },
+
+    #[error(transparent)]
+    Probe(#[from] crate::probe::ProbeError),
+
     #[error(transparent)]
     Netlink(#[from] crate::netlink::NetlinkError),
 }
@@ -68,7 +93,9 @@ impl CoordinatorError {
             | Self::KubevirtBridge
             | Self::PodVethNameTaken
             | Self::UnnumberedInterface(_) => ErrorCode::INVALID_NETWORK_CONFIG,
-            Self::HostVethExists(_) | Self::Netlink(_) => ErrorCode::IO_FAILURE,
+            Self::IpConflict { .. } => ErrorCode::IP_CONFLICT,
+            Self::GatewayUnreachable { .. } => ErrorCode::TRY_AGAIN_LATER,
+            Self::HostVethExists(_) | Self::Probe(_) | Self::Netlink(_) => ErrorCode::IO_FAILURE,
         }
     }
 }

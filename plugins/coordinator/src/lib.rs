@@ -2,19 +2,27 @@
 //! plugin (macvlan) and wires the pod to its node and to Services, and routes extra NICs.
 //!
 //! - ADD validates the environment, its keys ([`config::CoordinatorConfig`]) and `prevResult`,
-//!   reads the node's addresses, plans ([`plan`]) and applies ([`netlink`]) the changes, rolling
-//!   back on failure, then prints `prevResult` unchanged (in the config's `cniVersion`).
+//!   asks the node agent ([`agent`]) for the Service CIDRs when the config has none and for the
+//!   pod's own choices (its default-route NIC annotation, its KubeVirt binding), reads the
+//!   node's addresses, plans ([`plan`]) and applies ([`netlink`]) the changes, rolling back on
+//!   failure, then prints `prevResult` unchanged (in the config's `cniVersion`). An agent that
+//!   cannot answer never fails the pod: the coordinator warns and wires what its config says.
 //! - DEL removes what ADD added, found from the container id and interface name alone; it
 //!   succeeds when things, or the pod netns, are already gone.
+//!   With `detectIPConflict` / `detectGateway`, ADD first probes the underlay ([`probe`]) and
+//!   refuses an address another host answers for, or a gateway that does not answer, before
+//!   changing anything; after wiring, it announces the pod's addresses (gratuitous ARP,
+//!   unsolicited NA). A KubeVirt live-migration target is neither checked nor announced.
 //! - CHECK validates `prevResult`; GC and STATUS succeed.
-//!
-//! Not yet: IP conflict and gateway detection (`detectIPConflict`, `detectGateway` are parsed).
 
+pub mod agent;
 pub mod config;
 pub mod error;
 pub mod netlink;
 pub mod plan;
+pub mod probe;
 
+use virtnet_cni::agent_api::{CoordinatorRequest, CoordinatorResponse, ErrorKind};
 use virtnet_cni::env::{Attachment, Detachment};
 use virtnet_cni::logging::LogSettings;
 use virtnet_cni::skel::{Call, Plugin};
@@ -22,8 +30,9 @@ use virtnet_cni::{CniError, CniResult, NetworkConfig};
 
 use crate::config::{CoordinatorConfig, Mode};
 use crate::error::CoordinatorError;
-use crate::netlink::{Netlink, NetlinkError};
-use crate::plan::{Op, Target, plan_add, plan_del};
+use crate::netlink::{Netlink, NetlinkError, show_mac};
+use crate::plan::{Op, Target, interface_addresses, plan_add, plan_del};
+use crate::probe::{Finding, Prober, plan_probes};
 
 pub const PLUGIN_NAME: &str = "virtnet-coordinator";
 
@@ -47,20 +56,18 @@ impl Plugin for CoordinatorPlugin {
         attachment: &Attachment,
     ) -> Result<CniResult, CniError> {
         let prev = chained_result(call.network)?;
-        let config = call.config;
-        if config.mode == Mode::Disabled {
+        if call.config.mode == Mode::Disabled {
             return Ok(prev);
         }
+        let answer = agent_answer(call.config, attachment)?;
+        let migration_target = answer.migration_target;
+        let config = &call.config.with_agent_answer(answer);
         if config.service_cidrs.is_empty() {
             tracing::warn!(
-                "serviceCIDRs is not set: the pod reaches its node but not Service ClusterIPs \
-                 through it; set serviceCIDRs, e.g. [\"10.96.0.0/12\"]"
-            );
-        }
-        if config.detect_ip_conflict || config.detect_gateway {
-            tracing::warn!(
-                "detectIPConflict and detectGateway are not implemented yet and are ignored; \
-                 the pod is wired without the probes"
+                "no Service CIDR is known: the pod reaches its node but not Service ClusterIPs \
+                 through it; set serviceCIDRs in the coordinator's config, e.g. \
+                 [\"10.96.0.0/12\"], or let the VirtNet agent read them (ServiceCIDR API, or \
+                 its --service-cidr flag)"
             );
         }
         let target = Target {
@@ -70,7 +77,43 @@ impl Plugin for CoordinatorPlugin {
         let netlink = Netlink::open(Some(&attachment.netns)).map_err(CoordinatorError::from)?;
         let node = netlink.node_snapshot().map_err(CoordinatorError::from)?;
         let ops = plan_add(config, target, &prev, &node)?;
+        let probes = plan_probes(
+            &attachment.ifname,
+            &interface_addresses(&prev, &attachment.ifname),
+            config.detect_ip_conflict,
+            config.detect_gateway,
+            migration_target,
+        );
+        // Before any change, so a refused pod leaves nothing to undo.
+        let prober = Prober::open(&attachment.netns, probes).map_err(CoordinatorError::from)?;
+        let finding = prober
+            .as_ref()
+            .map(Prober::check)
+            .transpose()
+            .map_err(CoordinatorError::from)?
+            .flatten();
+        match finding {
+            None => {}
+            Some(Finding::Conflict(answer)) => {
+                return Err(CoordinatorError::IpConflict {
+                    ip: answer.ip,
+                    mac: show_mac(&answer.mac),
+                    ifname: attachment.ifname.clone(),
+                }
+                .into());
+            }
+            Some(Finding::GatewayUnreachable(gateway)) => {
+                return Err(CoordinatorError::GatewayUnreachable {
+                    gateway,
+                    ifname: attachment.ifname.clone(),
+                }
+                .into());
+            }
+        }
         apply_all(&netlink, &ops).map_err(CoordinatorError::from)?;
+        if let Some(Err(error)) = prober.as_ref().map(Prober::announce) {
+            tracing::warn!(%error, "the pod is wired, but its addresses could not be announced");
+        }
         Ok(prev)
     }
 
@@ -83,7 +126,7 @@ impl Plugin for CoordinatorPlugin {
             container_id: &detachment.container_id,
             ifname: &detachment.ifname,
         };
-        let teardowns = plan_del(call.config, target)?;
+        let teardowns = plan_del(call.config, target);
         if teardowns.is_empty() {
             return Ok(());
         }
@@ -119,6 +162,36 @@ impl Plugin for CoordinatorPlugin {
 
     fn status(&self, _call: &Call<'_, CoordinatorConfig>) -> Result<(), CniError> {
         Ok(())
+    }
+}
+
+/// What the agent adds to the config for this ADD; nothing (with a warning) when it cannot
+/// answer. Only a refusal of the pod's own settings (a malformed annotation) fails the ADD.
+fn agent_answer(
+    config: &CoordinatorConfig,
+    attachment: &Attachment,
+) -> Result<CoordinatorResponse, CniError> {
+    let pod = agent::pod_ref(&attachment.args);
+    if !config.needs_agent(pod.is_some()) {
+        return Ok(CoordinatorResponse::default());
+    }
+    let request = CoordinatorRequest {
+        ifname: attachment.ifname.clone(),
+        pod,
+    };
+    match agent::ask(config, &request) {
+        Ok(answer) => Ok(answer),
+        Err(agent::AgentFailure::Refused(refusal)) if refusal.kind == ErrorKind::InvalidRequest => {
+            Err(refusal.into())
+        }
+        Err(failure) => {
+            tracing::warn!(
+                socket = %config.agent_socket.display(),
+                "the VirtNet agent did not answer ({failure}); wiring the pod from the \
+                 coordinator's config alone"
+            );
+            Ok(CoordinatorResponse::default())
+        }
     }
 }
 

@@ -518,7 +518,7 @@ fn connect(runtime: &tokio::runtime::Runtime) -> Result<Handle, NetlinkError> {
 }
 
 /// Runs `work` on a dedicated thread that has joined the netns at `path`.
-fn in_netns<T: Send + 'static>(
+pub(crate) fn in_netns<T: Send + 'static>(
     path: &Path,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, NetlinkError> {
@@ -538,7 +538,7 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| NetlinkError::Panicked(path.to_owned()))?
 }
 
-fn show_mac(mac: &[u8; 6]) -> String {
+pub(crate) fn show_mac(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|byte| format!("{byte:02x}"))
         .collect::<Vec<_>>()

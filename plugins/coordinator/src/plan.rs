@@ -3,7 +3,8 @@
 //!
 //! # What ADD builds, and why
 //!
-//! On the pod's default-route NIC (`podDefaultRouteNIC`, else `eth0`):
+//! On the pod's default-route NIC (the pod's `coordinator.virtnet.io/default-route-nic`
+//! annotation as the agent reports it, else `podDefaultRouteNIC`, else `eth0`):
 //! - a veth pair: [`POD_VETH`] in the pod, [`host_veth_name`] on the node. Both MACs are derived
 //!   from the container id and interface name ([`veth_macs`]), so the plan is deterministic and
 //!   systemd's `MACAddressPolicy` has nothing to rewrite.
@@ -24,10 +25,11 @@
 //! On any other NIC (a Multus `netN`): policy routing inside the pod, so replies leave by the NIC
 //! the request came in on. Its table is [`POLICY_TABLE_BASE`] + the number the interface name
 //! ends in (`net1` → 101, `net2` → 102), with the rule `from <address> lookup <table>` at
-//! preference = table number. DEL finds them again from the interface name alone. The default
-//! route the interface plugin also put in the main table for this NIC is deleted: the pod's
-//! default route stays on the default-route NIC (else the kernel would pick whichever default
-//! route comes first, and off-subnet traffic from eth0's address would leave by `net1`).
+//! preference = table number. DEL finds the veth and the table again from the interface name
+//! alone, and removes both candidates, since the annotation that chose the role may be gone. The
+//! default route the interface plugin also put in the main table for this NIC is deleted: the
+//! pod's default route stays on the default-route NIC (else the kernel would pick whichever
+//! default route comes first, and off-subnet traffic from eth0's address would leave by `net1`).
 //!
 //! KubeVirt: the underlay NIC's MAC and default route are never touched, which is what passt
 //! needs. The bridge binding moves the pod's MAC into the VM, which macvlan cannot carry, so it
@@ -37,6 +39,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use virtnet_cni::CniResult;
+use virtnet_cni::result::IpConfig;
 
 use crate::config::{CoordinatorConfig, KubevirtBinding, Mode};
 use crate::error::CoordinatorError;
@@ -213,25 +216,28 @@ pub fn plan_add(
     }
 }
 
-/// What DEL removes, derived from the names alone (DEL carries no reliable prevResult).
-pub fn plan_del(
-    config: &CoordinatorConfig,
-    target: Target<'_>,
-) -> Result<Vec<Teardown>, CoordinatorError> {
+/// What DEL removes, derived from the names alone (DEL carries no reliable prevResult, and the
+/// pod, whose annotation may have chosen the default-route NIC, may be gone): the host veth ADD
+/// would have made if `ifname` carried the default route, and the policy table it would have
+/// filled otherwise (when its name is numbered). Whichever ADD did not make is already absent,
+/// which teardown treats as success.
+pub fn plan_del(config: &CoordinatorConfig, target: Target<'_>) -> Vec<Teardown> {
     if config.mode == Mode::Disabled {
-        return Ok(Vec::new());
+        return Vec::new();
     }
-    if target.ifname == default_nic(config) {
-        Ok(vec![Teardown::DelLink {
-            side: Side::Node,
-            name: host_veth_name(target),
-        }])
-    } else {
-        Ok(vec![Teardown::DelTable {
-            side: Side::Pod,
-            table: policy_table(target.ifname)?,
-        }])
-    }
+    let mut teardowns = vec![Teardown::DelLink {
+        side: Side::Node,
+        name: host_veth_name(target),
+    }];
+    teardowns.extend(
+        policy_table(target.ifname)
+            .ok()
+            .map(|table| Teardown::DelTable {
+                side: Side::Pod,
+                table,
+            }),
+    );
+    teardowns
 }
 
 fn default_nic(config: &CoordinatorConfig) -> &str {
@@ -277,16 +283,31 @@ fn fnv1a(parts: &[&str]) -> u64 {
         })
 }
 
-/// The pod addresses prevResult gives `ifname` (all of them when IPs name no interface).
-fn interface_ips(prev: &CniResult, ifname: &str) -> Vec<IpNet> {
+/// The IP configs prevResult gives `ifname` (all of them when IPs name no interface).
+fn interface_ip_configs<'p>(
+    prev: &'p CniResult,
+    ifname: &str,
+) -> impl Iterator<Item = &'p IpConfig> {
     let index = prev
         .interfaces
         .iter()
         .position(|interface| interface.name == ifname && interface.sandbox.is_some());
     prev.ips
         .iter()
-        .filter(|ip| ip.interface.is_none() || ip.interface == index)
+        .filter(move |ip| ip.interface.is_none() || ip.interface == index)
+}
+
+/// The pod addresses prevResult gives `ifname`.
+fn interface_ips(prev: &CniResult, ifname: &str) -> Vec<IpNet> {
+    interface_ip_configs(prev, ifname)
         .map(|ip| ip.address)
+        .collect()
+}
+
+/// The pod addresses prevResult gives `ifname`, each with its gateway (what the probes need).
+pub fn interface_addresses(prev: &CniResult, ifname: &str) -> Vec<(IpAddr, Option<IpAddr>)> {
+    interface_ip_configs(prev, ifname)
+        .map(|ip| (ip.address.addr(), ip.gateway))
         .collect()
 }
 
@@ -769,7 +790,7 @@ mod tests {
             table: 102,
         };
         assert!(ops.iter().all(|op| op.undo() == Some(table.clone())));
-        assert_eq!(plan_del(&config(json!({}))?, net2)?, [table]);
+        assert!(plan_del(&config(json!({}))?, net2).contains(&table));
         Ok(())
     }
 
@@ -832,13 +853,52 @@ mod tests {
         let ops = plan_add(&config, net1, &prev, &node()?)?;
         assert!(matches!(&ops[0], Op::AddVeth { host, .. } if *host == host_veth_name(net1)));
         // eth0 is now an extra NIC: table 100.
-        assert_eq!(
-            plan_del(&config, TARGET)?,
-            [Teardown::DelTable {
-                side: Side::Pod,
-                table: 100
-            }]
+        let eth0 = plan_add(&config, TARGET, &v4_prev()?, &node()?)?;
+        assert!(matches!(&eth0[0], Op::AddRule { table: 100, .. }));
+        Ok(())
+    }
+
+    #[test]
+    fn the_pods_annotation_moves_the_veth_over_the_config() -> TestResult {
+        let net1 = Target {
+            ifname: "net1",
+            ..TARGET
+        };
+        let net1_prev = prev(
+            "net1",
+            json!([{"interface": 1, "address": "10.7.0.9/24", "gateway": "10.7.0.1"}]),
+        )?;
+        // The conflist says eth0; the pod's annotation (through the agent) says net1.
+        let annotated = config(json!({"podDefaultRouteNIC": "eth0"}))?.with_agent_answer(
+            virtnet_cni::agent_api::CoordinatorResponse {
+                default_route_nic: Some("net1".into()),
+                ..Default::default()
+            },
         );
+        let ops = plan_add(&annotated, net1, &net1_prev, &node()?)?;
+        assert!(matches!(&ops[0], Op::AddVeth { host, .. } if *host == host_veth_name(net1)));
+        let eth0 = plan_add(&annotated, TARGET, &v4_prev()?, &node()?)?;
+        assert!(
+            eth0.iter().all(|op| matches!(
+                op,
+                Op::AddRule { table: 100, .. }
+                    | Op::AddRoute {
+                        route: RouteSpec {
+                            table: Some(100),
+                            ..
+                        },
+                        ..
+                    }
+            )),
+            "{eth0:#?}"
+        );
+        // Without an annotation the config decides again.
+        let plain = config(json!({"podDefaultRouteNIC": "eth0"}))?
+            .with_agent_answer(virtnet_cni::agent_api::CoordinatorResponse::default());
+        assert!(matches!(
+            &plan_add(&plain, TARGET, &v4_prev()?, &node()?)?[0],
+            Op::AddVeth { .. }
+        ));
         Ok(())
     }
 
@@ -856,12 +916,30 @@ mod tests {
     }
 
     #[test]
-    fn del_removes_the_host_veth_by_name() -> TestResult {
+    fn del_removes_what_either_role_of_the_nic_made_whatever_the_default_nic() -> TestResult {
+        let either = vec![
+            Teardown::DelLink {
+                side: Side::Node,
+                name: host_veth_name(TARGET),
+            },
+            Teardown::DelTable {
+                side: Side::Pod,
+                table: 100,
+            },
+        ];
+        // The annotation that picked the default NIC at ADD is not known at DEL.
+        for keys in [json!({}), json!({"podDefaultRouteNIC": "net1"})] {
+            assert_eq!(plan_del(&config(keys)?, TARGET), either);
+        }
+        let unnumbered = Target {
+            ifname: "lan",
+            ..TARGET
+        };
         assert_eq!(
-            plan_del(&config(json!({}))?, TARGET)?,
+            plan_del(&config(json!({}))?, unnumbered),
             [Teardown::DelLink {
                 side: Side::Node,
-                name: host_veth_name(TARGET)
+                name: host_veth_name(unnumbered),
             }]
         );
         Ok(())
@@ -871,7 +949,7 @@ mod tests {
     fn disabled_changes_nothing() -> TestResult {
         let config = config(json!({"mode": "disabled", "kubevirtBinding": "bridge"}))?;
         assert!(plan_add(&config, TARGET, &v4_prev()?, &node()?)?.is_empty());
-        assert!(plan_del(&config, TARGET)?.is_empty());
+        assert!(plan_del(&config, TARGET).is_empty());
         Ok(())
     }
 

@@ -4,14 +4,10 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::client::conn::http1;
-use hyper::{Method, Request, StatusCode, header};
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
+use hyper::{Method, StatusCode};
 use virtnet_cni::CniResult;
 use virtnet_cni::agent_api as api;
+use virtnet_cni::agent_client::{self, TransportError};
 use virtnet_cni::config::GcAttachment;
 use virtnet_cni::env::{Attachment, CniArgs, Detachment};
 
@@ -187,20 +183,9 @@ impl AgentEndpoint {
             "asking the VirtNet agent to {request}"
         );
         let (method, path, body) = request.wire().map_err(|error| self.protocol(&error))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(IpamError::Runtime)?;
-        let (status, answer) = runtime
-            // The timer must be created inside the runtime.
-            .block_on(async {
-                tokio::time::timeout(self.timeout, self.exchange(method, path, body)).await
-            })
-            .map_err(|_| IpamError::AgentTimeout {
-                socket: self.socket.clone(),
-                timeout_ms: self.timeout.as_millis(),
-            })??;
+        let (status, answer) =
+            agent_client::exchange(&self.socket, self.timeout, method, path, body)
+                .map_err(|error| self.transport(error))?;
         tracing::debug!(%status, "the VirtNet agent answered");
         if status == StatusCode::OK {
             return request
@@ -216,46 +201,18 @@ impl AgentEndpoint {
         Err(IpamError::Agent(error))
     }
 
-    async fn exchange(
-        &self,
-        method: Method,
-        path: &str,
-        body: Vec<u8>,
-    ) -> Result<(StatusCode, Bytes), IpamError> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|cause| {
-            IpamError::AgentUnreachable {
-                socket: self.socket.clone(),
-                cause,
-            }
-        })?;
-        let dropped = |cause: hyper::Error| IpamError::AgentDropped {
-            socket: self.socket.clone(),
-            cause,
-        };
-        let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(dropped)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!("connection to the VirtNet agent ended: {error}");
-            }
-        });
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, "virtnet-agent")
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|error| self.protocol(&error))?;
-        let response = sender.send_request(request).await.map_err(dropped)?;
-        let status = response.status();
-        let answer = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(dropped)?
-            .to_bytes();
-        Ok((status, answer))
+    fn transport(&self, error: TransportError) -> IpamError {
+        let socket = self.socket.clone();
+        match error {
+            TransportError::Runtime(cause) => IpamError::Runtime(cause),
+            TransportError::Unreachable(cause) => IpamError::AgentUnreachable { socket, cause },
+            TransportError::Dropped(cause) => IpamError::AgentDropped { socket, cause },
+            TransportError::Timeout(timeout) => IpamError::AgentTimeout {
+                socket,
+                timeout_ms: timeout.as_millis(),
+            },
+            TransportError::Request(error) => self.protocol(&error),
+        }
     }
 
     fn protocol(&self, details: &dyn fmt::Display) -> IpamError {
