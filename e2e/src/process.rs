@@ -78,6 +78,24 @@ impl Daemon {
         }
     }
 
+    /// The same component with `env` added to its environment: it runs as
+    /// `env KEY=VALUE... <program> <args>`, so a variable the component's own `env` wrapper also
+    /// sets keeps that wrapper's value.
+    pub fn with_env(&self, env: &[(&str, &str)]) -> Self {
+        let mut args: Vec<OsString> = env
+            .iter()
+            .map(|(key, value)| OsString::from(format!("{key}={value}")))
+            .collect();
+        args.push(self.program.clone().into_os_string());
+        args.extend(self.args.iter().cloned());
+        Self {
+            name: self.name.clone(),
+            netns: self.netns.clone(),
+            program: PathBuf::from("env"),
+            args,
+        }
+    }
+
     pub fn args<I, A>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = A>,
@@ -173,12 +191,7 @@ fn recorded_groups(pid_dir: &Path) -> Result<Vec<u32>, ProcessError> {
     Ok(entries
         .filter_map(Result::ok)
         .filter_map(|entry| fs::read_to_string(entry.path()).ok())
-        .filter_map(|content| {
-            let mut fields = content.split_whitespace();
-            let pid: u32 = fields.next()?.parse().ok()?;
-            let recorded_start: u64 = fields.next()?.parse().ok()?;
-            (process_start_time(pid) == Some(recorded_start)).then_some(pid)
-        })
+        .filter_map(|content| running_group(&content))
         .collect())
 }
 
@@ -186,8 +199,33 @@ fn recorded_groups(pid_dir: &Path) -> Result<Vec<u32>, ProcessError> {
 /// to disappear. SIGKILL rather than a graceful stop: the cluster's state is thrown away anyway,
 /// and graceful apiserver and etcd shutdowns take seconds. Succeeds when nothing is recorded.
 pub fn stop_recorded(pid_dir: &Path) -> Result<(), ProcessError> {
-    let groups = recorded_groups(pid_dir)?;
-    for &pid in &groups {
+    kill_groups(&recorded_groups(pid_dir)?);
+    Ok(())
+}
+
+/// Kills one recorded component (`<pid_dir>/<name>.pid`) with its process group, as a crash or
+/// a lost node would, and waits for it to disappear. Succeeds when it is not running.
+pub fn stop_one(pid_dir: &Path, name: &str) -> Result<(), ProcessError> {
+    let path = pid_dir.join(format!("{name}.pid"));
+    let running = match fs::read_to_string(&path) {
+        Ok(content) => running_group(&content).into_iter().collect::<Vec<_>>(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => return Err(ProcessError::PidDir { path, source }),
+    };
+    kill_groups(&running);
+    Ok(())
+}
+
+/// The pid of a pid file's content if that process still runs (same start time).
+fn running_group(content: &str) -> Option<u32> {
+    let mut fields = content.split_whitespace();
+    let pid: u32 = fields.next()?.parse().ok()?;
+    let recorded_start: u64 = fields.next()?.parse().ok()?;
+    (process_start_time(pid) == Some(recorded_start)).then_some(pid)
+}
+
+fn kill_groups(groups: &[u32]) {
+    for &pid in groups {
         if let Ok(pid) = i32::try_from(pid) {
             // ESRCH (already gone) is fine.
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
@@ -197,7 +235,6 @@ pub fn stop_recorded(pid_dir: &Path) -> Result<(), ProcessError> {
     while groups.iter().any(|&pid| process_start_time(pid).is_some()) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// Kills processes outright: used for stragglers found in a namespace about to be deleted.

@@ -532,6 +532,9 @@ impl Worker {
             .list(&ListParams::default())
             .await?
             .items;
+        // Pools deleted with their Subnet leave no reconcile behind to drop their gauges.
+        let existing = pools.iter().map(ResourceExt::name_any).collect();
+        self.ctx.metrics.forget_pools_except(None, &existing);
         let listed: BTreeSet<(String, String)> = endpoints
             .iter()
             .flat_map(endpoint_addresses)

@@ -125,6 +125,8 @@ pub enum ClusterError {
         source: Box<ClusterError>,
         logs: String,
     },
+    #[error("no component {name} was started in this cluster (known: {known})")]
+    UnknownComponent { name: String, known: String },
     #[error("pod {pod} has no UID yet: wait until the apiserver has created it")]
     PodWithoutUid { pod: String },
     #[error(
@@ -195,6 +197,8 @@ pub struct Cluster {
     nodes: usize,
     bins: Binaries,
     client: Client,
+    /// Every long-running component as started, for [`Cluster::start_component`].
+    daemons: Vec<Daemon>,
 }
 
 impl Cluster {
@@ -227,6 +231,7 @@ impl Cluster {
             },
             harness_binary: options.harness_binary,
             virtnet: options.virtnet,
+            daemons: Vec::new(),
         };
         let client = match starting.start().await {
             Ok(client) => client,
@@ -248,6 +253,7 @@ impl Cluster {
             nodes: starting.nodes,
             bins: starting.bins,
             client,
+            daemons: starting.daemons,
         })
     }
 
@@ -331,6 +337,40 @@ impl Cluster {
         wait_for(what, timeout, &self.layout().logs, observe).await
     }
 
+    /// Kills component `name` (e.g. `virtnet-controller`, `kubelet-<node>`) with SIGKILL, as a
+    /// crash or a lost node would: it gets no chance to clean up.
+    pub fn stop_component(&self, name: &str) -> Result<(), ClusterError> {
+        self.component(name)?;
+        Ok(crate::process::stop_one(&self.layout().pids, name)?)
+    }
+
+    /// Starts component `name` again, as it was first started plus `env`.
+    pub fn start_component(
+        &mut self,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(), ClusterError> {
+        let daemon = self.component(name)?.with_env(env);
+        let child = daemon.start(&self.guard.layout.logs, &self.guard.layout.pids)?;
+        self.guard.children.push(child);
+        Ok(())
+    }
+
+    fn component(&self, name: &str) -> Result<&Daemon, ClusterError> {
+        self.daemons
+            .iter()
+            .find(|daemon| daemon.name == name)
+            .ok_or_else(|| ClusterError::UnknownComponent {
+                name: name.to_owned(),
+                known: self
+                    .daemons
+                    .iter()
+                    .map(|daemon| daemon.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
     /// Tears the cluster down now, reporting anything that could not be removed.
     pub fn down(mut self) -> Result<(), ClusterError> {
         self.guard.teardown()
@@ -383,6 +423,7 @@ struct StartingCluster {
     bins: Binaries,
     harness_binary: PathBuf,
     virtnet: Option<VirtnetOptions>,
+    daemons: Vec<Daemon>,
 }
 
 impl StartingCluster {
@@ -440,16 +481,18 @@ impl StartingCluster {
         )
         .await?;
         if let Some(options) = self.virtnet.clone() {
-            self.start_virtnet(&options, &pki).await?;
+            self.start_virtnet(&options, &pki, &client).await?;
         }
         Ok(client)
     }
 
-    /// Installs and starts VirtNet, then waits until every agent serves its socket.
+    /// Installs and starts VirtNet, then waits until every agent serves its socket and the
+    /// controller answers the Subnet admission webhook.
     async fn start_virtnet(
         &mut self,
         options: &VirtnetOptions,
         pki: &ControlPlanePki,
+        client: &Client,
     ) -> Result<(), ClusterError> {
         let layout = &self.guard.layout;
         let nodes: Vec<(String, String, NodeDirs)> = (1..=self.nodes)
@@ -497,6 +540,14 @@ impl StartingCluster {
                     }
                 }
             },
+        )
+        .await?;
+        // The webhook fails closed: until the controller answers, every Subnet write is refused.
+        wait_for(
+            "the controller to answer the Subnet admission webhook",
+            APISERVER_READY_TIMEOUT,
+            &self.guard.layout.logs,
+            || virtnet::webhook_answers(client),
         )
         .await
     }
@@ -663,6 +714,7 @@ impl StartingCluster {
     fn start_daemon(&mut self, daemon: &Daemon) -> Result<(), ClusterError> {
         let child = daemon.start(&self.guard.layout.logs, &self.guard.layout.pids)?;
         self.guard.children.push(child);
+        self.daemons.push(daemon.clone());
         Ok(())
     }
 
