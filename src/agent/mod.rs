@@ -31,6 +31,7 @@ use virtnet_cni::agent_api::{
     ErrorKind, GC_PATH, GcRequest, RELEASE_PATH, ReleaseRequest, STATUS_PATH,
 };
 
+use crate::ipam::FixedIpRetention;
 use crate::observability::{Health, Metrics};
 use service::Agent;
 
@@ -73,6 +74,8 @@ pub struct AgentArgs {
     /// Address of the /healthz, /readyz and /metrics endpoint.
     #[arg(long, env = "VIRTNET_HTTP_ADDR", default_value = "0.0.0.0:9741")]
     pub http_address: SocketAddr,
+    #[command(flatten)]
+    pub retention: FixedIpRetention,
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -91,7 +94,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
     })?;
     tokio::spawn(server);
 
-    let agent = Arc::new(Agent::start(client, args.node_name.clone()).await?);
+    let agent = Arc::new(Agent::start(client, args.node_name.clone(), args.retention).await?);
     let listener = bind_socket(&args.socket)?;
     health.set_ready(true);
     info!(node = %args.node_name, socket = %args.socket.display(), "serving virtnet-ipam");

@@ -19,7 +19,7 @@ use k8s_openapi::{
         apps::v1::StatefulSet,
         core::v1::{Node, Pod},
     },
-    jiff::Timestamp,
+    jiff::{SignedDuration, Timestamp},
 };
 use kube::{
     Api, Resource, ResourceExt,
@@ -55,6 +55,9 @@ use crate::{
 const CONFLICT_RETRIES: usize = 8;
 /// Delay before an Endpoint whose reconcile failed is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Allowance for clock skew between the API server and the controller, and for a list served
+/// from a slightly stale watch cache.
+const CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(5);
 /// A recheck runs this long after its grace ends, so the grace has surely ended by then.
 const RECHECK_MARGIN: Duration = Duration::from_millis(500);
 
@@ -82,6 +85,9 @@ struct Caches {
     /// UIDs of pods whose deletion the pod watch delivered, and when: such a pod's absence is
     /// not the cache lagging behind a new pod (see [`PodView::Deleted`]).
     deleted_pods: DeletedPods,
+    /// When the pod cache's first list was asked for: a pod that existed well before then and
+    /// is not in the cache was deleted (perhaps while no controller ran).
+    pods_listed_after: Timestamp,
 }
 
 type DeletedPods = Arc<Mutex<BTreeMap<String, Timestamp>>>;
@@ -152,6 +158,7 @@ async fn start_caches(
         |endpoint, _| vec![ObjectRef::from_obj(&endpoint)],
     );
     let deleted_pods = DeletedPods::default();
+    let pods_listed_after = Timestamp::now();
     let pods = cache(
         tasks,
         sender,
@@ -234,6 +241,7 @@ async fn start_caches(
         statefulsets,
         vms,
         deleted_pods,
+        pods_listed_after,
     }
 }
 
@@ -400,12 +408,18 @@ impl Worker {
                 .pods
                 .get(&ObjectRef::new(&endpoint.name_any()).within(&namespace))
         };
+        let now = Timestamp::now();
+        let endpoint_created = endpoint.creation_timestamp().map_or(now, |time| time.0);
+        // The agent writes an Endpoint while its pod exists; a list begun well after that
+        // (CLOCK_SKEW covers skew and a watch cache's lag) would show the pod unless deleted.
         let seen_deleted = || {
-            self.caches
-                .deleted_pods
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .contains_key(&spec.pod_uid)
+            endpoint_created + CLOCK_SKEW < self.caches.pods_listed_after
+                || self
+                    .caches
+                    .deleted_pods
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .contains_key(&spec.pod_uid)
         };
         let pod = match pod {
             None if seen_deleted() => PodView::Deleted,
@@ -420,12 +434,11 @@ impl Worker {
             .nodes
             .get(&ObjectRef::new(&spec.node))
             .map_or(NodeView::Gone, |node| node_view(&node));
-        let now = Timestamp::now();
         Observed {
             pod,
             node,
             owner,
-            endpoint_created: endpoint.creation_timestamp().map_or(now, |time| time.0),
+            endpoint_created,
             now,
         }
     }

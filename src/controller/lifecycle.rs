@@ -11,7 +11,7 @@
 //!
 //! | Holder pod (and its node)                                             | Pod verdict           |
 //! |-----------------------------------------------------------------------|-----------------------|
-//! | the pod cache saw the holder pod deleted                              | dead: `PodDeleted`    |
+//! | no such pod, and the pod cache saw it deleted or listed all pods well after the Endpoint was written | dead: `PodDeleted` |
 //! | no such pod, but the Endpoint is younger than the orphan grace         | alive (the pod cache may lag the agent) |
 //! | no pod of that name (force-deleted, or deleted and DEL never came)    | dead: `PodDeleted`    |
 //! | a pod of that name with another UID (recreated under the same name)   | dead: `PodReplaced`   |
@@ -120,7 +120,8 @@ pub enum Decision {
 /// The holder pod as the cache shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodView {
-    /// The pod cache saw the holder pod deleted: its absence is not the cache lagging behind.
+    /// No such pod, and its absence is not the cache lagging behind a new pod: the watch
+    /// delivered its deletion, or the cache listed every pod well after the Endpoint was written.
     Deleted,
     /// No such pod.
     Gone,

@@ -39,6 +39,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     crd::{IpPool, LABEL_SUBNET, Subnet},
+    ipam::FixedIpRetention,
     observability::{Health, Metrics},
 };
 
@@ -105,12 +106,8 @@ pub struct ControllerArgs {
         default_value = "virtnet-controller"
     )]
     pub leader_election_lease: String,
-    /// StatefulSet replicas keep their addresses until scaled down or deleted.
-    #[arg(long, env = "VIRTNET_FIXED_IP_STATEFULSET", default_value_t = true, action = clap::ArgAction::Set)]
-    pub fixed_ip_statefulset: bool,
-    /// KubeVirt VMs keep their addresses until the VirtualMachine is deleted.
-    #[arg(long, env = "VIRTNET_FIXED_IP_KUBEVIRT", default_value_t = true, action = clap::ArgAction::Set)]
-    pub fixed_ip_kubevirt: bool,
+    #[command(flatten)]
+    pub retention: FixedIpRetention,
     /// Seconds a Terminating pod's node may be NotReady before its addresses are reclaimed.
     #[arg(long, env = "VIRTNET_NODE_NOT_READY_GRACE", default_value_t = 300)]
     pub node_not_ready_grace_seconds: i64,
@@ -147,8 +144,8 @@ impl ControllerArgs {
     fn endpoint_config(&self) -> endpoint::Config {
         endpoint::Config {
             lifecycle: lifecycle::Settings {
-                fixed_ip_statefulset: self.fixed_ip_statefulset,
-                fixed_ip_kubevirt: self.fixed_ip_kubevirt,
+                fixed_ip_statefulset: self.retention.statefulset,
+                fixed_ip_kubevirt: self.retention.kubevirt,
                 node_not_ready_grace: SignedDuration::from_secs(self.node_not_ready_grace_seconds),
                 terminating_grace: SignedDuration::from_secs(self.terminating_grace_seconds),
                 orphan_grace: SignedDuration::from_secs(self.orphan_grace_seconds),

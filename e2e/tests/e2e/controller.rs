@@ -2,9 +2,9 @@
 //! `c`), scenarios in sequence: the Subnet webhook refuses an overlap; Subnet replicas 3→5→2 while
 //! pods hold addresses lose or duplicate none; seed 000's StatefulSet of 5 keeps its addresses
 //! through `kubectl rollout restart` and scaled to 2 releases exactly 3; the controller killed
-//! during a scale-down converges when restarted; pods force-deleted while their node is down are
-//! reclaimed; the sweep runs at its interval and deleted pools leave /metrics. Latencies are
-//! printed.
+//! during a scale-down converges when restarted; the sweep runs at its interval and deleted pools
+//! leave /metrics; with fixed-IP retention switched off a StatefulSet pod is like any other; pods
+//! force-deleted while their node is down are reclaimed. Latencies are printed.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
@@ -63,6 +63,7 @@ async fn scenarios(cluster: &mut Cluster, examples: &Path) -> anyhow::Result<()>
     statefulset_restart_and_scale_down(cluster, examples).await?;
     let restarted = controller_killed_during_a_scale_down(cluster).await?;
     sweeps_and_pool_gauges(cluster, restarted.unwrap_or(controller_started))?;
+    retention_switched_off(cluster, examples).await?;
     pods_of_a_lost_node_are_reclaimed(cluster).await
 }
 
@@ -506,9 +507,13 @@ async fn controller_killed_during_a_scale_down(
 
     let restarted = Instant::now();
     cluster.start_component(CONTROLLER, &[])?;
+    // The restarted controller never saw these pods, and their Endpoints are seconds old: it
+    // cannot tell them from pods its cache has not caught up with, so it waits out the orphan
+    // grace (30 s from the Endpoints' creation) before releasing.
     let latency = wait_released(cluster, STS_NAMESPACE, &sts_endpoints(2..5), restarted).await?;
     eprintln!(
-        "controller: restarted controller released the 3 scaled-down addresses {latency:?} after its start"
+        "controller: restarted controller released the 3 scaled-down addresses {latency:?} after \
+         its start (Endpoints younger than the orphan grace)"
     );
     let held = held_by(cluster, "sts/").map_err(anyhow::Error::msg)?;
     ensure!(
@@ -559,6 +564,90 @@ fn sweeps_and_pool_gauges(cluster: &Cluster, controller_started: Instant) -> any
         "pool gauges shown for {shown:?}, expected the 2 remaining pools"
     );
     Ok(())
+}
+
+/// `fixedIPRetention.statefulSet: false` (the env the chart gives the controller and the agents):
+/// a deleted StatefulSet pod's address goes back like a Deployment pod's, and its replacement
+/// holds whatever it got under its own UID.
+async fn retention_switched_off(cluster: &mut Cluster, examples: &Path) -> anyhow::Result<()> {
+    let off = [("VIRTNET_FIXED_IP_STATEFULSET", "false")];
+    let agents: Vec<String> = cluster
+        .node_names()
+        .iter()
+        .map(|node| format!("virtnet-agent-{node}"))
+        .collect();
+    for component in std::iter::once(CONTROLLER).chain(agents.iter().map(String::as_str)) {
+        cluster.stop_component(component)?;
+        cluster.start_component(component, &off)?;
+    }
+    let namespace = "nosticky";
+    create_namespace(cluster, namespace).await?;
+    let manifest = examples.join("statefulset.yaml");
+    cluster.kubectl(&["apply", "-n", namespace, "-f", &manifest.to_string_lossy()])?;
+    set_replicas(cluster, "statefulset/sample-ss", namespace, 2)?;
+    let pods = wait_for_ready_pods(cluster, namespace, "app=sample-ss", 2).await?;
+    check_pools_and_pods(cluster, namespace, &pods)?;
+    let first = pods
+        .iter()
+        .find(|pod| pod_name(pod) == "sample-ss-0")
+        .context("no sample-ss-0")?;
+    let old_uid = first.metadata.uid.clone().context("no uid")?;
+    let endpoint = kubectl_json(
+        cluster,
+        &[
+            "get",
+            "endpoints.virtnet.io",
+            "-n",
+            namespace,
+            "sample-ss-0",
+        ],
+    )?;
+    ensure!(
+        endpoint["spec"]["sticky"] != true,
+        "with retention off the Endpoint must not be sticky: {}",
+        endpoint["spec"]
+    );
+
+    let deleted = Instant::now();
+    cluster.kubectl(&["delete", "pod", "sample-ss-0", "-n", namespace])?;
+    let latency = cluster
+        .wait_for("sample-ss-0's old UID released", TIMEOUT, || async {
+            let records = pool_records(cluster).map_err(|error| error.to_string())?;
+            if records
+                .iter()
+                .any(|(_, record)| record["podUID"] == old_uid.as_str())
+            {
+                Err("the old pod's record is still there".to_owned())
+            } else {
+                Ok(deleted.elapsed())
+            }
+        })
+        .await?;
+    eprintln!(
+        "controller: retention off: deleted StatefulSet pod's address released {latency:?} after the delete call"
+    );
+    let api: Api<Pod> = Api::namespaced(cluster.client(), namespace);
+    let pods = cluster
+        .wait_for("sample-ss-0 recreated and Ready", TIMEOUT, || async {
+            let list = api
+                .list(&ListParams::default().labels("app=sample-ss"))
+                .await
+                .map_err(|error| error.to_string())?;
+            let fresh = list.items.iter().any(|pod| {
+                pod_name(pod) == "sample-ss-0"
+                    && pod.metadata.uid.as_deref() != Some(old_uid.as_str())
+                    && crate::support::is_pod_ready(pod)
+            });
+            if fresh && list.items.len() == 2 {
+                Ok(list.items)
+            } else {
+                Err("not yet".to_owned())
+            }
+        })
+        .await?;
+    check_pools_and_pods(cluster, namespace, &pods)?;
+    cluster.kubectl(&["delete", "statefulset", "sample-ss", "-n", namespace])?;
+    wait_until_no_records(cluster, namespace).await
 }
 
 /// Pods on a node whose kubelet is gone are force-deleted (no CNI DEL ever runs): the controller
