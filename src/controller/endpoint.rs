@@ -19,7 +19,7 @@ use k8s_openapi::{
         apps::v1::StatefulSet,
         core::v1::{Node, Pod},
     },
-    jiff::{SignedDuration, Timestamp},
+    jiff::Timestamp,
 };
 use kube::{
     Api, Resource, ResourceExt,
@@ -43,7 +43,7 @@ use super::{
     lifecycle::{
         AllocationRef, Decision, NodeView, OWNER_STATEFULSET, OWNER_VIRTUAL_MACHINE, Observed,
         OwnerView, PodState, PodView, Reason, Settings, StatefulSetView, VirtualMachineView,
-        decide, plan_orphans, recheck_after, release_patch, sticky_owner,
+        absent_pod, decide, plan_orphans, recheck_after, release_patch, sticky_owner,
     },
 };
 use crate::{
@@ -55,9 +55,6 @@ use crate::{
 const CONFLICT_RETRIES: usize = 8;
 /// Delay before an Endpoint whose reconcile failed is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
-/// Allowance for clock skew between the API server and the controller, and for a list served
-/// from a slightly stale watch cache.
-const CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(5);
 /// A recheck runs this long after its grace ends, so the grace has surely ended by then.
 const RECHECK_MARGIN: Duration = Duration::from_millis(500);
 
@@ -410,20 +407,20 @@ impl Worker {
         };
         let now = Timestamp::now();
         let endpoint_created = endpoint.creation_timestamp().map_or(now, |time| time.0);
-        // The agent writes an Endpoint while its pod exists; a list begun well after that
-        // (CLOCK_SKEW covers skew and a watch cache's lag) would show the pod unless deleted.
-        let seen_deleted = || {
-            endpoint_created + CLOCK_SKEW < self.caches.pods_listed_after
-                || self
+        let pod = match pod {
+            None => {
+                let deletion_seen = self
                     .caches
                     .deleted_pods
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .contains_key(&spec.pod_uid)
-        };
-        let pod = match pod {
-            None if seen_deleted() => PodView::Deleted,
-            None => PodView::Gone,
+                    .contains_key(&spec.pod_uid);
+                absent_pod(
+                    endpoint_created,
+                    self.caches.pods_listed_after,
+                    deletion_seen,
+                )
+            }
             Some(pod) if pod.metadata.uid.as_deref() != Some(spec.pod_uid.as_str()) => {
                 PodView::Replaced
             }

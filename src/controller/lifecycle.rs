@@ -243,6 +243,27 @@ fn pod_verdict(observed: &Observed, settings: &Settings) -> Option<Reason> {
         .then_some(Reason::PodStuckTerminating)
 }
 
+/// Allowance for clock skew between the API server and the controller, for the second
+/// granularity of `creationTimestamp`, and for a list served from a slightly stale watch cache.
+const CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(5);
+
+/// What it means that the pod cache does not hold the holder pod: [`PodView::Deleted`] when the
+/// watch delivered its deletion, or when the cache's first list was begun well after the
+/// Endpoint was written (the agent writes it while the pod exists, so that list would show the
+/// pod unless it was deleted, perhaps while no controller ran); else [`PodView::Gone`], which
+/// may be the cache lagging behind a brand-new pod.
+pub fn absent_pod(
+    endpoint_created: Timestamp,
+    pods_listed_after: Timestamp,
+    deletion_seen: bool,
+) -> PodView {
+    if deletion_seen || endpoint_created + CLOCK_SKEW < pods_listed_after {
+        PodView::Deleted
+    } else {
+        PodView::Gone
+    }
+}
+
 /// When a grace period that keeps the holder pod "alive" ends, so the Endpoint is decided again
 /// then; `None` when no grace is running (the verdict only changes with the cluster's state).
 pub fn recheck_after(observed: &Observed, settings: &Settings) -> Option<SignedDuration> {
@@ -495,6 +516,16 @@ mod tests {
             decide("p", &spec("Pod", "p", false), &facts, &settings()),
             Decision::Release(Reason::PodDeleted)
         );
+    }
+
+    #[test]
+    fn an_absent_pod_is_deleted_when_the_watch_said_so_or_a_later_list_misses_it() {
+        assert_eq!(absent_pod(at(100), at(50), true), PodView::Deleted);
+        // Listed 10 s after the Endpoint was written: the list would have shown the pod.
+        assert_eq!(absent_pod(at(100), at(110), false), PodView::Deleted);
+        // Listed 3 s after (within the skew allowance) or before: may be a lagging cache.
+        assert_eq!(absent_pod(at(100), at(103), false), PodView::Gone);
+        assert_eq!(absent_pod(at(100), at(50), false), PodView::Gone);
     }
 
     #[test]
