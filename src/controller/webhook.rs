@@ -67,7 +67,7 @@ pub async fn serve(
         .route(SUBNETS_PATH, post(validate_subnets))
         .with_state(Arc::new(client));
     info!(address = %config.address, path = SUBNETS_PATH, "serving the admission webhook");
-    let listener = TlsListener::start(listener, TlsAcceptor::from(Arc::new(tls)))?;
+    let listener = TlsListener::start(listener, TlsAcceptor::from(Arc::new(tls)), config.address)?;
     Ok(async move { axum::serve(listener, router).await })
 }
 
@@ -147,11 +147,14 @@ struct TlsListener {
 }
 
 impl TlsListener {
-    fn start(listener: TcpListener, acceptor: TlsAcceptor) -> Result<Self, Error> {
-        let local = listener.local_addr().map_err(|source| Error::Serve {
-            address: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+    fn start(
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        address: SocketAddr,
+    ) -> Result<Self, Error> {
+        let local = listener
+            .local_addr()
+            .map_err(|source| Error::Serve { address, source })?;
         let (sender, ready) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
