@@ -202,3 +202,35 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(result: Result<ServerConfig, Error>) -> String {
+        match result {
+            Ok(_) => panic!("an unusable certificate was accepted"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_unusable_certificate_says_which_file_and_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("virtnet-webhook-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let missing = dir.join("missing.crt");
+        let message = problem(server_config(&missing, &missing));
+        assert!(
+            message.starts_with(&format!(
+                "cannot use the webhook certificate file {}",
+                missing.display()
+            )) && message.contains("--webhook-cert/--webhook-key"),
+            "{message}"
+        );
+        let not_pem = dir.join("not-pem.crt");
+        fs::write(&not_pem, "hello").expect("write");
+        let message = problem(server_config(&not_pem, &not_pem));
+        assert!(message.contains("it holds no PEM CERTIFICATE"), "{message}");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
