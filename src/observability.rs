@@ -1,10 +1,11 @@
 //! Health, readiness and Prometheus metrics, served over HTTP by the controller and the agent.
 
 use std::{
+    collections::BTreeSet,
     future::Future,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Instant,
@@ -36,7 +37,7 @@ struct ReclaimLabels {
     reason: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct PoolLabels {
     pool: String,
     subnet: String,
@@ -50,6 +51,9 @@ pub struct Metrics {
     durations: Family<ReconcileLabels, Histogram>,
     pool_total: Family<PoolLabels, Gauge>,
     pool_allocated: Family<PoolLabels, Gauge>,
+    /// The label sets of the pool gauges, so those of deleted pools can be removed (a Family
+    /// cannot be iterated).
+    pools_shown: Mutex<BTreeSet<PoolLabels>>,
     reclaims: Family<ReclaimLabels, Counter>,
 }
 
@@ -97,6 +101,7 @@ impl Default for Metrics {
             durations,
             pool_total,
             pool_allocated,
+            pools_shown: Mutex::default(),
             reclaims,
         }
     }
@@ -153,6 +158,28 @@ impl Metrics {
         });
         self.pool_total.get_or_create(&labels).set(total);
         self.pool_allocated.get_or_create(&labels).set(allocated);
+        self.pools_shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(labels);
+    }
+
+    /// Removes the gauges of pools that no longer exist: of `subnet`'s pools (or of every
+    /// Subnet's, when `None`) only those named in `existing` stay.
+    pub fn forget_pools_except(&self, subnet: Option<&str>, existing: &BTreeSet<String>) {
+        let mut shown = self
+            .pools_shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shown.retain(|labels| {
+            let keep = subnet.is_some_and(|subnet| labels.subnet != subnet)
+                || existing.contains(&labels.pool);
+            if !keep {
+                self.pool_total.remove(labels);
+                self.pool_allocated.remove(labels);
+            }
+            keep
+        });
     }
 
     /// Counts one address returned to its pool for `reason`.
@@ -217,5 +244,41 @@ async fn metrics_text(State(state): State<ServerState>) -> (StatusCode, String) 
     match state.metrics.render() {
         Ok(text) => (StatusCode::OK, text),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pool(name: &str, subnet: &str) -> IpPool {
+        serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": name},
+            "spec": {"subnet": subnet, "cidr": "10.6.0.0/16", "ips": ["10.6.153.100"]},
+            "status": {"totalIPCount": 1, "allocatedIPCount": 0},
+        }))
+        .expect("pool deserializes")
+    }
+
+    #[test]
+    fn gauges_of_deleted_pools_leave_the_metrics() {
+        let metrics = Metrics::default();
+        for (name, subnet) in [("a-0", "a"), ("a-1", "a"), ("b-0", "b")] {
+            metrics.observe_pool(&pool(name, subnet));
+        }
+        let kept: BTreeSet<String> = ["a-0".to_owned()].into();
+        metrics.forget_pools_except(Some("a"), &kept);
+        let text = metrics.render().expect("renders");
+        assert!(
+            text.contains("pool=\"a-0\"") && text.contains("pool=\"b-0\""),
+            "{text}"
+        );
+        assert!(!text.contains("pool=\"a-1\""), "{text}");
+        metrics.forget_pools_except(None, &BTreeSet::new());
+        let text = metrics.render().expect("renders");
+        assert!(!text.contains("pool=\""), "{text}");
     }
 }

@@ -78,6 +78,24 @@ impl Daemon {
         }
     }
 
+    /// The same component with `env` added to its environment: it runs as
+    /// `env KEY=VALUE... <program> <args>`, so a variable the component's own `env` wrapper also
+    /// sets keeps that wrapper's value.
+    pub fn with_env(&self, env: &[(&str, &str)]) -> Self {
+        let mut args: Vec<OsString> = env
+            .iter()
+            .map(|(key, value)| OsString::from(format!("{key}={value}")))
+            .collect();
+        args.push(self.program.clone().into_os_string());
+        args.extend(self.args.iter().cloned());
+        Self {
+            name: self.name.clone(),
+            netns: self.netns.clone(),
+            program: PathBuf::from("env"),
+            args,
+        }
+    }
+
     pub fn args<I, A>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = A>,

@@ -6,6 +6,8 @@
 //! is reported as ignored, with the reason.
 #[path = "e2e/cluster.rs"]
 mod cluster;
+#[path = "e2e/controller.rs"]
+mod controller;
 #[path = "e2e/coordinator.rs"]
 mod coordinator;
 #[path = "e2e/gc.rs"]
@@ -61,6 +63,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones",
         gc::controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones,
+    ),
+    (
+        "controller_keeps_addresses_right_with_the_real_agent",
+        controller::controller_keeps_addresses_right_with_the_real_agent,
     ),
     (
         "virtnet_allocates_seed_000_addresses_and_returns_them",

@@ -38,6 +38,7 @@ use virtnet_cni::agent_api::{
     RELEASE_PATH, ReleaseRequest, STATUS_PATH,
 };
 
+use crate::ipam::FixedIpRetention;
 use crate::observability::{Health, Metrics};
 use coordinator::Coordination;
 use service::Agent;
@@ -93,6 +94,8 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub service_cidrs: Vec<IpNet>,
+    #[command(flatten)]
+    pub retention: FixedIpRetention,
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -114,7 +117,8 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
     })?;
     tokio::spawn(server);
 
-    let agent = Arc::new(Agent::start(client.clone(), args.node_name.clone()).await?);
+    let agent =
+        Arc::new(Agent::start(client.clone(), args.node_name.clone(), args.retention).await?);
     let coordination = Arc::new(Coordination::start(
         Arc::clone(&agent),
         client,

@@ -17,10 +17,10 @@ use virtnet_cni::agent_api::{
 use crate::controller::pools::{PlanError, subnet_addresses};
 use crate::crd::{EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
 use crate::ipam::{
-    AllocationHolder, AllocationKey, IpFamily, IpSet, IpamError, LabelRequirement, LabelSelector,
-    NamespaceDefaultSubnet, OwnerRef, PodFacts, PodIpamAnnotations, PoolState, Selection,
-    SelectionRequest, SelectorOperator, SubnetFacts, allocate_in_pools, find_static_pool,
-    parse_pool_name, select_for_interface,
+    AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpSet, IpamError,
+    LabelRequirement, LabelSelector, NamespaceDefaultSubnet, OwnerRef, PodFacts,
+    PodIpamAnnotations, PoolState, Selection, SelectionRequest, SelectorOperator, SubnetFacts,
+    allocate_in_pools, find_static_pool, parse_pool_name, select_for_interface,
 };
 
 /// Why an allocation cannot be decided; each maps to an [`ErrorKind`] for the plugin.
@@ -201,6 +201,8 @@ pub struct AllocationInput<'a> {
     pub cni_default_subnets: &'a [String],
     pub subnets: &'a [Subnet],
     pub pools: &'a [IpPool],
+    /// Whether StatefulSet replicas and VMs keep their addresses (sticky keys).
+    pub retention: FixedIpRetention,
 }
 
 /// One address to hold: from which pool (at which resourceVersion), and whether the pool
@@ -283,7 +285,7 @@ fn label_selector(selector: &KubeLabelSelector) -> Result<LabelSelector, PlanFai
 pub fn plan_allocation(input: &AllocationInput<'_>) -> Result<AllocationPlan, PlanFailure> {
     let facts = pod_facts(input.pod);
     let holder = AllocationHolder {
-        key: AllocationKey::for_pod(&facts, true),
+        key: AllocationKey::for_pod(&facts, input.retention),
         interface: input.interface.to_owned(),
     };
     let annotations = PodIpamAnnotations::parse(input.pod.annotations())?;
@@ -616,6 +618,7 @@ mod tests {
             cni_default_subnets: &["subnet".to_owned()],
             subnets,
             pools,
+            retention: FixedIpRetention::ON,
         })
     }
 

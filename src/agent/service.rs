@@ -25,7 +25,7 @@ use super::plan::{
     self, AllocationInput, AllocationPlan, Claim, allocation_record, claim_patch, pod_facts,
 };
 use crate::crd::{Endpoint, EndpointSpec, FINALIZER_ENDPOINT, IpPool, Subnet};
-use crate::ipam::{AllocationHolder, AllocationKey};
+use crate::ipam::{AllocationHolder, AllocationKey, FixedIpRetention};
 
 /// Conflicting writes are retried this many times before the plugin is told to try again.
 const MAX_ATTEMPTS: u32 = 8;
@@ -34,6 +34,7 @@ const MAX_ATTEMPTS: u32 = 8;
 pub struct Agent {
     client: Client,
     node: String,
+    retention: FixedIpRetention,
     subnets: Store<Subnet>,
     pools: Store<IpPool>,
     namespaces: Store<Namespace>,
@@ -85,7 +86,11 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Agent {
     /// Checks the CRDs are installed, starts the caches and waits until they have synced.
-    pub async fn start(client: Client, node: String) -> Result<Self, Error> {
+    pub async fn start(
+        client: Client,
+        node: String,
+        retention: FixedIpRetention,
+    ) -> Result<Self, Error> {
         crate::crd::ensure_installed(&client).await?;
         let config = watcher::Config::default;
         let agent = Self {
@@ -105,6 +110,7 @@ impl Agent {
             remembered: std::sync::Mutex::default(),
             client,
             node,
+            retention,
         };
         for (what, ready) in [
             ("Subnets", agent.subnets.wait_until_ready().await),
@@ -195,7 +201,7 @@ impl Agent {
             .map(|s| Subnet::clone(s))
             .collect();
         let holder = AllocationHolder {
-            key: AllocationKey::for_pod(&pod_facts(&pod), true),
+            key: AllocationKey::for_pod(&pod_facts(&pod), self.retention),
             interface: request.ifname.clone(),
         };
         let mut claimed: Vec<Claim> = Vec::new();
@@ -220,6 +226,7 @@ impl Agent {
                 cni_default_subnets: &request.default_subnets,
                 subnets: &subnets,
                 pools: &pools,
+                retention: self.retention,
             });
             let plan = match plan {
                 Ok(plan) => plan,

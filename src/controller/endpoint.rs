@@ -8,8 +8,8 @@
 //! are settled in the API server by resourceVersion and podUID guards.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -43,7 +43,7 @@ use super::{
     lifecycle::{
         AllocationRef, Decision, NodeView, OWNER_STATEFULSET, OWNER_VIRTUAL_MACHINE, Observed,
         OwnerView, PodState, PodView, Reason, Settings, StatefulSetView, VirtualMachineView,
-        decide, plan_orphans, release_patch, sticky_owner,
+        absent_pod, decide, plan_orphans, recheck_after, release_patch, sticky_owner,
     },
 };
 use crate::{
@@ -55,6 +55,8 @@ use crate::{
 const CONFLICT_RETRIES: usize = 8;
 /// Delay before an Endpoint whose reconcile failed is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
+/// A recheck runs this long after its grace ends, so the grace has surely ended by then.
+const RECHECK_MARGIN: Duration = Duration::from_millis(500);
 
 /// Settings of the Endpoint reconciler.
 #[derive(Clone, Copy, Debug)]
@@ -77,7 +79,15 @@ struct Caches {
     statefulsets: Store<StatefulSet>,
     /// `None` when the KubeVirt CRDs are not installed.
     vms: Option<(Store<DynamicObject>, ApiResource)>,
+    /// UIDs of pods whose deletion the pod watch delivered, and when: such a pod's absence is
+    /// not the cache lagging behind a new pod (see [`PodView::Deleted`]).
+    deleted_pods: DeletedPods,
+    /// When the pod cache's first list was asked for: a pod that existed well before then and
+    /// is not in the cache was deleted (perhaps while no controller ran).
+    pods_listed_after: Timestamp,
 }
+
+type DeletedPods = Arc<Mutex<BTreeMap<String, Timestamp>>>;
 
 /// Runs the Endpoint reconciler until `stopped` resolves.
 pub async fn run(ctx: Arc<Context>, stopped: impl Future<Output = ()>) {
@@ -114,6 +124,7 @@ pub async fn run(ctx: Arc<Context>, stopped: impl Future<Output = ()>) {
         caches,
         retry: sender,
         suspects: BTreeMap::new(),
+        rechecks: HashMap::new(),
     };
     loop {
         let trigger = tokio::select! {
@@ -141,14 +152,27 @@ async fn start_caches(
         sender,
         Api::<Endpoint>::all(client.clone()),
         Writer::default(),
-        |endpoint| vec![ObjectRef::from_obj(&endpoint)],
+        |endpoint, _| vec![ObjectRef::from_obj(&endpoint)],
     );
+    let deleted_pods = DeletedPods::default();
+    let pods_listed_after = Timestamp::now();
     let pods = cache(
         tasks,
         sender,
         Api::<Pod>::all(client.clone()),
         Writer::default(),
-        |pod| endpoints_of_pod(&pod),
+        {
+            let deleted_pods = deleted_pods.clone();
+            move |pod, deleted| {
+                if deleted && let Some(uid) = pod.uid() {
+                    deleted_pods
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(uid, Timestamp::now());
+                }
+                endpoints_of_pod(&pod)
+            }
+        },
     );
     let nodes = cache(
         tasks,
@@ -157,7 +181,7 @@ async fn start_caches(
         Writer::default(),
         {
             let endpoints = endpoints.clone();
-            move |node| {
+            move |node, _| {
                 select_endpoints(&endpoints, |endpoint| endpoint.spec.node == node.name_any())
             }
         },
@@ -169,7 +193,7 @@ async fn start_caches(
         Writer::default(),
         {
             let endpoints = endpoints.clone();
-            move |statefulset| {
+            move |statefulset, _| {
                 select_endpoints(&endpoints, |endpoint| {
                     endpoint.spec.owner_kind == OWNER_STATEFULSET
                         && endpoint.spec.owner_name == statefulset.name_any()
@@ -190,7 +214,7 @@ async fn start_caches(
                 sender,
                 vm_api,
                 Writer::new(vm_resource.clone()),
-                |vm| {
+                |vm, _| {
                     let namespace = vm.namespace().unwrap_or_default();
                     vec![ObjectRef::new(&vm.name_any()).within(&namespace)]
                 },
@@ -213,17 +237,19 @@ async fn start_caches(
         nodes,
         statefulsets,
         vms,
+        deleted_pods,
+        pods_listed_after,
     }
 }
 
 /// Starts a reflector of `api` into a new store; each applied or deleted object queues the
-/// Endpoints `affected` names.
+/// Endpoints `affected` names (told whether the watch deleted the object).
 fn cache<K>(
     tasks: &mut JoinSet<()>,
     sender: &mpsc::Sender<Trigger>,
     api: Api<K>,
     writer: Writer<K>,
-    affected: impl Fn(K) -> Vec<ObjectRef<Endpoint>> + Send + 'static,
+    affected: impl Fn(K, bool) -> Vec<ObjectRef<Endpoint>> + Send + 'static,
 ) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -233,27 +259,32 @@ where
     let sender = sender.clone();
     let stream = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .reflect(writer)
-        .touched_objects();
+        .reflect(writer);
     tasks.spawn(forward(stream, sender, affected));
     store
 }
 
 async fn forward<K>(
-    stream: impl Stream<Item = Result<K, watcher::Error>>,
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     sender: mpsc::Sender<Trigger>,
-    affected: impl Fn(K) -> Vec<ObjectRef<Endpoint>>,
+    affected: impl Fn(K, bool) -> Vec<ObjectRef<Endpoint>>,
 ) {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
-        let object = match event {
-            Ok(object) => object,
+        // Only a Delete event says the object was deleted: objects that vanish in a re-list
+        // (InitDone) may just as well be unknown to a lagging cache.
+        let (object, deleted) = match event {
+            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+                (object, false)
+            }
+            Ok(watcher::Event::Delete(object)) => (object, true),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => continue,
             Err(error) => {
                 warn!(%error, "watch failed; retrying with backoff");
                 continue;
             }
         };
-        for endpoint in affected(object) {
+        for endpoint in affected(object, deleted) {
             if sender.send(Trigger::Endpoint(endpoint)).await.is_err() {
                 return;
             }
@@ -289,6 +320,8 @@ struct Worker {
     retry: mpsc::Sender<Trigger>,
     /// Unlisted allocations and when the sweep first saw them.
     suspects: BTreeMap<AllocationRef, Timestamp>,
+    /// Endpoints queued again for when a grace ends, and when.
+    rechecks: HashMap<ObjectRef<Endpoint>, tokio::time::Instant>,
 }
 
 impl Worker {
@@ -299,28 +332,51 @@ impl Worker {
         let timer = self.ctx.metrics.reconcile_started("endpoint");
         let result = self.reconcile_endpoint(&endpoint).await;
         timer.finish(result.as_ref().err().map(Error::metric_label));
-        if let Err(error) = result {
-            warn!(endpoint = %reference, %error, "reconcile failed; retrying");
-            let retry = self.retry.clone();
-            let reference = reference.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(RETRY_DELAY).await;
-                let _ = retry.send(Trigger::Endpoint(reference)).await;
-            });
+        match result {
+            Ok(None) => {}
+            Ok(Some(grace_left)) => self.recheck(reference, grace_left + RECHECK_MARGIN),
+            Err(error) => {
+                warn!(endpoint = %reference, %error, "reconcile failed; retrying");
+                self.trigger_later(reference, RETRY_DELAY);
+            }
         }
     }
 
-    async fn reconcile_endpoint(&self, endpoint: &Endpoint) -> Result<(), Error> {
+    /// Decides one Endpoint and applies the decision; `Some(delay)` when it is kept only by a
+    /// grace period that ends after `delay`.
+    async fn reconcile_endpoint(&self, endpoint: &Endpoint) -> Result<Option<Duration>, Error> {
         let observed = self.observe(endpoint);
-        match decide(
-            &endpoint.name_any(),
-            &endpoint.spec,
-            &observed,
-            &self.ctx.endpoints.lifecycle,
-        ) {
-            Decision::Keep => Ok(()),
-            Decision::Release(reason) => self.release(endpoint, reason).await,
+        let settings = &self.ctx.endpoints.lifecycle;
+        match decide(&endpoint.name_any(), &endpoint.spec, &observed, settings) {
+            Decision::Keep => {
+                Ok(recheck_after(&observed, settings).map(|left| left.unsigned_abs()))
+            }
+            Decision::Release(reason) => self.release(endpoint, reason).await.map(|()| None),
         }
+    }
+
+    /// Queues `reference` again after `delay`, unless a recheck that soon is already queued.
+    fn recheck(&mut self, reference: &ObjectRef<Endpoint>, delay: Duration) {
+        let due = tokio::time::Instant::now() + delay;
+        let now = tokio::time::Instant::now();
+        if self
+            .rechecks
+            .get(reference)
+            .is_some_and(|&queued| queued > now && queued <= due)
+        {
+            return;
+        }
+        self.rechecks.insert(reference.clone(), due);
+        self.trigger_later(reference, delay);
+    }
+
+    fn trigger_later(&self, reference: &ObjectRef<Endpoint>, delay: Duration) {
+        let queue = self.retry.clone();
+        let reference = reference.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = queue.send(Trigger::Endpoint(reference)).await;
+        });
     }
 
     fn observe(&self, endpoint: &Endpoint) -> Observed {
@@ -349,8 +405,22 @@ impl Worker {
                 .pods
                 .get(&ObjectRef::new(&endpoint.name_any()).within(&namespace))
         };
+        let now = Timestamp::now();
+        let endpoint_created = endpoint.creation_timestamp().map_or(now, |time| time.0);
         let pod = match pod {
-            None => PodView::Gone,
+            None => {
+                let deletion_seen = self
+                    .caches
+                    .deleted_pods
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .contains_key(&spec.pod_uid);
+                absent_pod(
+                    endpoint_created,
+                    self.caches.pods_listed_after,
+                    deletion_seen,
+                )
+            }
             Some(pod) if pod.metadata.uid.as_deref() != Some(spec.pod_uid.as_str()) => {
                 PodView::Replaced
             }
@@ -361,12 +431,11 @@ impl Worker {
             .nodes
             .get(&ObjectRef::new(&spec.node))
             .map_or(NodeView::Gone, |node| node_view(&node));
-        let now = Timestamp::now();
         Observed {
             pod,
             node,
             owner,
-            endpoint_created: endpoint.creation_timestamp().map_or(now, |time| time.0),
+            endpoint_created,
             now,
         }
     }
@@ -515,6 +584,16 @@ impl Worker {
         if let Err(error) = result {
             warn!(%error, "sweep of pool allocations failed; the next sweep retries");
         }
+        // Past the orphan grace an unseen pod counts as deleted anyway; past their time,
+        // rechecks have run.
+        let forget_before = Timestamp::now() - ctx.endpoints.lifecycle.orphan_grace;
+        self.caches
+            .deleted_pods
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, seen| *seen > forget_before);
+        let now = tokio::time::Instant::now();
+        self.rechecks.retain(|_, due| *due > now);
         for endpoint in self.caches.endpoints.state() {
             self.reconcile(&ObjectRef::from_obj(endpoint.as_ref()))
                 .await;
@@ -532,6 +611,9 @@ impl Worker {
             .list(&ListParams::default())
             .await?
             .items;
+        // Pools deleted with their Subnet leave no reconcile behind to drop their gauges.
+        let existing = pools.iter().map(ResourceExt::name_any).collect();
+        self.ctx.metrics.forget_pools_except(None, &existing);
         let listed: BTreeSet<(String, String)> = endpoints
             .iter()
             .flat_map(endpoint_addresses)

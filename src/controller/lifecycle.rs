@@ -11,6 +11,7 @@
 //!
 //! | Holder pod (and its node)                                             | Pod verdict           |
 //! |-----------------------------------------------------------------------|-----------------------|
+//! | no such pod, and the pod cache saw it deleted or listed all pods well after the Endpoint was written | dead: `PodDeleted` |
 //! | no such pod, but the Endpoint is younger than the orphan grace         | alive (the pod cache may lag the agent) |
 //! | no pod of that name (force-deleted, or deleted and DEL never came)    | dead: `PodDeleted`    |
 //! | a pod of that name with another UID (recreated under the same name)   | dead: `PodReplaced`   |
@@ -19,6 +20,10 @@
 //! | Terminating, and its node NotReady for longer than the NotReady grace | dead: `NodeNotReady`  |
 //! | Terminating for longer than the terminating grace after its deadline  | dead: `PodStuckTerminating` |
 //! | anything else (Pending, Running, Terminating within grace, NotReady node but not evicted) | alive |
+//!
+//! A verdict of "alive" that only a grace period upholds (a young Endpoint whose pod the cache
+//! does not show, a pod Terminating within its grace, a NotReady node within its grace) is
+//! re-examined when that grace ends ([`recheck_after`]), not only at the next sweep.
 //!
 //! A pod on a NotReady node that nobody has evicted may still run (a network partition), so it
 //! counts as alive; the node lifecycle controller evicts it (makes it Terminating) after its
@@ -115,6 +120,9 @@ pub enum Decision {
 /// The holder pod as the cache shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodView {
+    /// No such pod, and its absence is not the cache lagging behind a new pod: the watch
+    /// delivered its deletion, or the cache listed every pod well after the Endpoint was written.
+    Deleted,
     /// No such pod.
     Gone,
     /// A pod of the Endpoint's name exists, with another UID.
@@ -215,7 +223,7 @@ fn pod_verdict(observed: &Observed, settings: &Settings) -> Option<Reason> {
         {
             return None;
         }
-        PodView::Gone => return Some(Reason::PodDeleted),
+        PodView::Gone | PodView::Deleted => return Some(Reason::PodDeleted),
         PodView::Replaced => return Some(Reason::PodReplaced),
         PodView::Present(pod) => pod,
     };
@@ -233,6 +241,48 @@ fn pod_verdict(observed: &Observed, settings: &Settings) -> Option<Reason> {
     }
     (observed.now.duration_since(deadline) >= settings.terminating_grace)
         .then_some(Reason::PodStuckTerminating)
+}
+
+/// Allowance for clock skew between the API server and the controller, for the second
+/// granularity of `creationTimestamp`, and for a list served from a slightly stale watch cache.
+const CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(5);
+
+/// What it means that the pod cache does not hold the holder pod: [`PodView::Deleted`] when the
+/// watch delivered its deletion, or when the cache's first list was begun well after the
+/// Endpoint was written (the agent writes it while the pod exists, so that list would show the
+/// pod unless it was deleted, perhaps while no controller ran); else [`PodView::Gone`], which
+/// may be the cache lagging behind a brand-new pod.
+pub fn absent_pod(
+    endpoint_created: Timestamp,
+    pods_listed_after: Timestamp,
+    deletion_seen: bool,
+) -> PodView {
+    if deletion_seen || endpoint_created + CLOCK_SKEW < pods_listed_after {
+        PodView::Deleted
+    } else {
+        PodView::Gone
+    }
+}
+
+/// When a grace period that keeps the holder pod "alive" ends, so the Endpoint is decided again
+/// then; `None` when no grace is running (the verdict only changes with the cluster's state).
+pub fn recheck_after(observed: &Observed, settings: &Settings) -> Option<SignedDuration> {
+    let now = observed.now;
+    let ends = match observed.pod {
+        PodView::Gone => vec![observed.endpoint_created + settings.orphan_grace],
+        PodView::Present(pod) if !pod.terminal => {
+            let mut ends = vec![pod.deletion? + settings.terminating_grace];
+            if let NodeView::NotReadySince(since) = observed.node {
+                ends.push(since + settings.node_not_ready_grace);
+            }
+            ends
+        }
+        _ => return None,
+    };
+    ends.into_iter()
+        .map(|end| end.duration_since(now))
+        .filter(|left| left.is_positive())
+        .min()
 }
 
 /// `Some(reason)` when the StatefulSet no longer keeps replica `name`.
@@ -441,6 +491,64 @@ mod tests {
         facts.endpoint_created = at(990);
         let decision = decide("p", &spec("Pod", "p", false), &facts, &settings());
         assert_eq!(decision, Decision::Keep);
+        // ... until the orphan grace ends, 20 s from now.
+        assert_eq!(
+            recheck_after(&facts, &settings()),
+            Some(SignedDuration::from_secs(20))
+        );
+    }
+
+    #[test]
+    fn a_pod_the_cache_saw_deleted_is_dead_however_young_its_endpoint() {
+        // A StatefulSet scaled down right after it was created: no waiting for the grace.
+        let mut facts = observed(PodView::Deleted, statefulset(2, 0, false));
+        facts.endpoint_created = at(995);
+        let decision = decide(
+            "db-4",
+            &spec(OWNER_STATEFULSET, "db", true),
+            &facts,
+            &settings(),
+        );
+        assert_eq!(decision, Decision::Release(Reason::StatefulSetScaledDown));
+        facts.pod = PodView::Deleted;
+        facts.owner = OwnerView::NotSticky;
+        assert_eq!(
+            decide("p", &spec("Pod", "p", false), &facts, &settings()),
+            Decision::Release(Reason::PodDeleted)
+        );
+    }
+
+    #[test]
+    fn an_absent_pod_is_deleted_when_the_watch_said_so_or_a_later_list_misses_it() {
+        assert_eq!(absent_pod(at(100), at(50), true), PodView::Deleted);
+        // Listed 10 s after the Endpoint was written: the list would have shown the pod.
+        assert_eq!(absent_pod(at(100), at(110), false), PodView::Deleted);
+        // Listed 3 s after (within the skew allowance) or before: may be a lagging cache.
+        assert_eq!(absent_pod(at(100), at(103), false), PodView::Gone);
+        assert_eq!(absent_pod(at(100), at(50), false), PodView::Gone);
+    }
+
+    #[test]
+    fn graces_that_keep_a_pod_alive_are_rechecked_when_they_end() {
+        // Terminating since its deadline at 990 (60 s grace): decided again at 1050.
+        let mut facts = observed(terminating(990), OwnerView::NotSticky);
+        assert_eq!(
+            recheck_after(&facts, &settings()),
+            Some(SignedDuration::from_secs(50))
+        );
+        // Deadline 995 (grace ends 1055) on a node NotReady since 750 (grace ends 1050): the
+        // sooner end wins.
+        facts.node = NodeView::NotReadySince(at(750));
+        facts.pod = terminating(995);
+        assert_eq!(
+            recheck_after(&facts, &settings()),
+            Some(SignedDuration::from_secs(50))
+        );
+        // Nothing pending: running, long-gone or replaced pods, and graces already over.
+        for pod in [running(), PodView::Gone, PodView::Replaced, terminating(0)] {
+            let facts = observed(pod, OwnerView::NotSticky);
+            assert_eq!(recheck_after(&facts, &settings()), None, "{pod:?}");
+        }
     }
 
     #[test]

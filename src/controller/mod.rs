@@ -10,13 +10,18 @@
 //! - [`endpoint`]: the Endpoint lifecycle and garbage collection (the state machine is
 //!   [`lifecycle::decide`]; its table is in [`lifecycle`]'s docs) and the periodic sweep of
 //!   every pool's allocations.
+//!
+//! With a serving certificate, every replica also serves the validating admission webhook for
+//! Subnets ([`webhook`], deciding with [`admission::review_subnet`]).
 
+mod admission;
 mod endpoint;
 mod lifecycle;
 pub mod pools;
 mod subnet;
+mod webhook;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::jiff::SignedDuration;
@@ -34,6 +39,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     crd::{IpPool, LABEL_SUBNET, Subnet},
+    ipam::FixedIpRetention,
     observability::{Health, Metrics},
 };
 
@@ -53,7 +59,12 @@ pub enum Error {
     PoolContended { pool: String, address: String },
     #[error("leader election failed: {0}; check RBAC for coordination.k8s.io leases")]
     LeaderElection(String),
-    #[error("cannot serve health and metrics on {address}: {source}")]
+    #[error(
+        "cannot use the webhook certificate file {path}: {problem}; mount the chart's \
+         virtnet-webhook-tls Secret or pass PEM files with --webhook-cert/--webhook-key"
+    )]
+    WebhookCertificate { path: PathBuf, problem: String },
+    #[error("cannot listen on {address}: {source}")]
     Serve {
         address: SocketAddr,
         source: std::io::Error,
@@ -70,6 +81,7 @@ impl Error {
             Self::MissingUid(_) => "missing_uid",
             Self::PoolContended { .. } => "pool_contended",
             Self::LeaderElection(_) => "leader_election",
+            Self::WebhookCertificate { .. } => "webhook_certificate",
             Self::Serve { .. } => "serve",
         }
     }
@@ -94,12 +106,8 @@ pub struct ControllerArgs {
         default_value = "virtnet-controller"
     )]
     pub leader_election_lease: String,
-    /// StatefulSet replicas keep their addresses until scaled down or deleted.
-    #[arg(long, env = "VIRTNET_FIXED_IP_STATEFULSET", default_value_t = true, action = clap::ArgAction::Set)]
-    pub fixed_ip_statefulset: bool,
-    /// KubeVirt VMs keep their addresses until the VirtualMachine is deleted.
-    #[arg(long, env = "VIRTNET_FIXED_IP_KUBEVIRT", default_value_t = true, action = clap::ArgAction::Set)]
-    pub fixed_ip_kubevirt: bool,
+    #[command(flatten)]
+    pub retention: FixedIpRetention,
     /// Seconds a Terminating pod's node may be NotReady before its addresses are reclaimed.
     #[arg(long, env = "VIRTNET_NODE_NOT_READY_GRACE", default_value_t = 300)]
     pub node_not_ready_grace_seconds: i64,
@@ -113,14 +121,31 @@ pub struct ControllerArgs {
     /// Seconds between full sweeps of every pool and Endpoint.
     #[arg(long, env = "VIRTNET_GC_INTERVAL", default_value_t = 60)]
     pub gc_interval_seconds: u64,
+    /// Address of the validating admission webhook (HTTPS), served when --webhook-cert is set.
+    #[arg(long, env = "VIRTNET_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_address: SocketAddr,
+    /// PEM serving certificate (chain) of the webhook; without it no webhook is served.
+    #[arg(long, env = "VIRTNET_WEBHOOK_CERT", requires = "webhook_key")]
+    pub webhook_cert: Option<PathBuf>,
+    /// PEM private key of the webhook's serving certificate.
+    #[arg(long, env = "VIRTNET_WEBHOOK_KEY", requires = "webhook_cert")]
+    pub webhook_key: Option<PathBuf>,
 }
 
 impl ControllerArgs {
+    fn webhook_config(&self) -> Option<webhook::WebhookConfig> {
+        Some(webhook::WebhookConfig {
+            address: self.webhook_address,
+            cert: self.webhook_cert.clone()?,
+            key: self.webhook_key.clone()?,
+        })
+    }
+
     fn endpoint_config(&self) -> endpoint::Config {
         endpoint::Config {
             lifecycle: lifecycle::Settings {
-                fixed_ip_statefulset: self.fixed_ip_statefulset,
-                fixed_ip_kubevirt: self.fixed_ip_kubevirt,
+                fixed_ip_statefulset: self.retention.statefulset,
+                fixed_ip_kubevirt: self.retention.kubevirt,
                 node_not_ready_grace: SignedDuration::from_secs(self.node_not_ready_grace_seconds),
                 terminating_grace: SignedDuration::from_secs(self.terminating_grace_seconds),
                 orphan_grace: SignedDuration::from_secs(self.orphan_grace_seconds),
@@ -152,6 +177,15 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             source,
         })?;
     tokio::spawn(server);
+    match args.webhook_config() {
+        Some(config) => {
+            tokio::spawn(webhook::serve(&config, client.clone()).await?);
+        }
+        None => info!(
+            "no --webhook-cert: not serving the Subnet admission webhook (overlapping Subnets \
+             are not rejected)"
+        ),
+    }
     health.set_ready(true);
 
     let ctx = Arc::new(Context {

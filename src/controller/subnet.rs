@@ -56,6 +56,8 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
     for pool in &pools {
         ctx.metrics.observe_pool(pool);
     }
+    let existing = pools.iter().map(ResourceExt::name_any).collect();
+    ctx.metrics.forget_pools_except(Some(&name), &existing);
     let message = format!(
         "{} pools serve {} addresses",
         subnet.spec.replicas, plan.total

@@ -100,8 +100,8 @@ pub struct SubnetSpec {
     pub node_selector: Option<LabelSelector>,
 
     /// Use this Subnet for workloads that neither name a Subnet nor match a `namespaceSelector`.
-    /// At most one Subnet should set it; CEL cannot see other objects, so the controller reports
-    /// a conflict in the Subnets' conditions.
+    /// Several defaults of one family must differ in their node or namespace selectors (the
+    /// controller's admission webhook rejects a second default for the same pods).
     #[serde(default)]
     pub default: bool,
 }

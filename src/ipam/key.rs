@@ -72,24 +72,47 @@ pub enum AllocationKey {
     },
 }
 
+/// Which workloads keep their addresses when their pods are replaced (the chart's
+/// `fixedIPRetention`); the controller and the agent read the same settings.
+#[derive(clap::Args, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FixedIpRetention {
+    /// StatefulSet replicas keep their addresses until scaled down or deleted.
+    #[arg(long = "fixed-ip-statefulset", env = "VIRTNET_FIXED_IP_STATEFULSET", default_value_t = true, action = clap::ArgAction::Set)]
+    pub statefulset: bool,
+    /// KubeVirt VMs keep their addresses until the VirtualMachine is deleted.
+    #[arg(long = "fixed-ip-kubevirt", env = "VIRTNET_FIXED_IP_KUBEVIRT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kubevirt: bool,
+}
+
+impl FixedIpRetention {
+    /// The default: both kinds keep their addresses.
+    pub const ON: Self = Self {
+        statefulset: true,
+        kubevirt: true,
+    };
+    /// Every pod is treated like a Deployment's.
+    pub const OFF: Self = Self {
+        statefulset: false,
+        kubevirt: false,
+    };
+}
+
 impl AllocationKey {
-    /// The key for `pod`. With `fixed_ip_retention` off, every pod gets a non-sticky UID key.
-    pub fn for_pod(pod: &PodFacts, fixed_ip_retention: bool) -> Self {
-        let sticky = fixed_ip_retention
-            .then(|| {
-                virtual_machine_name(pod)
-                    .map(|vm| Self::VirtualMachine {
-                        namespace: pod.namespace.clone(),
-                        name: vm.to_string(),
-                    })
-                    .or_else(|| {
-                        is_statefulset_pod(pod).then(|| Self::StatefulSetPod {
-                            namespace: pod.namespace.clone(),
-                            name: pod.name.clone(),
-                        })
-                    })
+    /// The key for `pod`: sticky for a StatefulSet replica or a VM whose retention is on, else a
+    /// non-sticky UID key.
+    pub fn for_pod(pod: &PodFacts, retention: FixedIpRetention) -> Self {
+        let sticky = virtual_machine_name(pod)
+            .filter(|_| retention.kubevirt)
+            .map(|vm| Self::VirtualMachine {
+                namespace: pod.namespace.clone(),
+                name: vm.to_string(),
             })
-            .flatten();
+            .or_else(|| {
+                (retention.statefulset && is_statefulset_pod(pod)).then(|| Self::StatefulSetPod {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                })
+            });
         sticky.unwrap_or_else(|| Self::Pod {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
@@ -202,16 +225,16 @@ mod tests {
             vec![owner("ReplicaSet", "sample-78b779bcc7", "apps")],
             &[],
         );
-        let key = AllocationKey::for_pod(&replica, true);
+        let key = AllocationKey::for_pod(&replica, FixedIpRetention::ON);
         assert_eq!(key.to_string(), "uid-sample-78b779bcc7-d29fb");
         assert!(!key.is_sticky());
         assert_eq!(key.endpoint_name(), "sample-78b779bcc7-d29fb");
         assert_eq!(key.namespace(), "default");
         assert_eq!(key.kind(), "Pod");
         let daemon = pod("ds-abcde", vec![owner("DaemonSet", "ds", "apps")], &[]);
-        assert!(!AllocationKey::for_pod(&daemon, true).is_sticky());
+        assert!(!AllocationKey::for_pod(&daemon, FixedIpRetention::ON).is_sticky());
         let bare = pod("bare", vec![], &[]);
-        assert!(!AllocationKey::for_pod(&bare, true).is_sticky());
+        assert!(!AllocationKey::for_pod(&bare, FixedIpRetention::ON).is_sticky());
     }
 
     #[test]
@@ -221,7 +244,7 @@ mod tests {
             vec![owner("StatefulSet", "sample-ss", "apps")],
             &[],
         );
-        let key = AllocationKey::for_pod(&member, true);
+        let key = AllocationKey::for_pod(&member, FixedIpRetention::ON);
         assert_eq!(key.to_string(), "default/sample-ss-0");
         assert!(key.is_sticky());
         assert_eq!(key.endpoint_name(), "sample-ss-0");
@@ -231,7 +254,7 @@ mod tests {
             ..member.clone()
         };
         assert_eq!(
-            AllocationKey::for_pod(&recreated, true),
+            AllocationKey::for_pod(&recreated, FixedIpRetention::ON),
             key,
             "survives re-creation"
         );
@@ -240,7 +263,7 @@ mod tests {
             vec![owner("StatefulSet", "kruise", "apps.kruise.io")],
             &[],
         );
-        assert!(!AllocationKey::for_pod(&third_party, true).is_sticky());
+        assert!(!AllocationKey::for_pod(&third_party, FixedIpRetention::ON).is_sticky());
     }
 
     #[test]
@@ -253,7 +276,7 @@ mod tests {
                 ("vm.kubevirt.io/name", "vm1"),
             ],
         );
-        let key = AllocationKey::for_pod(&by_labels, true);
+        let key = AllocationKey::for_pod(&by_labels, FixedIpRetention::ON);
         assert_eq!(key.to_string(), "default/vm1");
         assert_eq!(key.endpoint_name(), "vm1");
         assert_eq!(key.kind(), "VirtualMachine");
@@ -263,7 +286,7 @@ mod tests {
             &[],
         );
         assert_eq!(
-            AllocationKey::for_pod(&by_owner, true),
+            AllocationKey::for_pod(&by_owner, FixedIpRetention::ON),
             key,
             "same VM after migration"
         );
@@ -272,7 +295,7 @@ mod tests {
             vec![],
             &[("kubevirt.io", "virt-launcher")],
         );
-        assert!(!AllocationKey::for_pod(&label_without_vm, true).is_sticky());
+        assert!(!AllocationKey::for_pod(&label_without_vm, FixedIpRetention::ON).is_sticky());
     }
 
     #[test]
@@ -287,12 +310,25 @@ mod tests {
             vec![owner("VirtualMachineInstance", "vm1", "kubevirt.io")],
             &[],
         );
-        for facts in [member, vm] {
-            let key = AllocationKey::for_pod(&facts, false);
+        for facts in [&member, &vm] {
+            let key = AllocationKey::for_pod(facts, FixedIpRetention::OFF);
             assert!(!key.is_sticky());
             assert_eq!(key.to_string(), facts.uid);
             assert_eq!(key.endpoint_name(), facts.name);
         }
+        // Each kind has its own switch.
+        let statefulsets_only = FixedIpRetention {
+            statefulset: true,
+            kubevirt: false,
+        };
+        assert!(AllocationKey::for_pod(&member, statefulsets_only).is_sticky());
+        assert!(!AllocationKey::for_pod(&vm, statefulsets_only).is_sticky());
+        let vms_only = FixedIpRetention {
+            statefulset: false,
+            kubevirt: true,
+        };
+        assert!(!AllocationKey::for_pod(&member, vms_only).is_sticky());
+        assert!(AllocationKey::for_pod(&vm, vms_only).is_sticky());
     }
 
     #[test]
@@ -304,8 +340,8 @@ mod tests {
             &[],
         );
         let (a, b) = (
-            AllocationKey::for_pod(&member, true),
-            AllocationKey::for_pod(&vm, true),
+            AllocationKey::for_pod(&member, FixedIpRetention::ON),
+            AllocationKey::for_pod(&vm, FixedIpRetention::ON),
         );
         assert_eq!(a.to_string(), b.to_string());
         assert_ne!(a, b);

@@ -36,8 +36,8 @@ pub use annotations::{
 };
 pub use error::IpamError;
 pub use key::{
-    AllocationKey, KUBEVIRT_API_GROUP, KUBEVIRT_LAUNCHER_LABEL, KUBEVIRT_LAUNCHER_VALUE,
-    KUBEVIRT_VM_NAME_LABEL, OwnerRef, PodFacts,
+    AllocationKey, FixedIpRetention, KUBEVIRT_API_GROUP, KUBEVIRT_LAUNCHER_LABEL,
+    KUBEVIRT_LAUNCHER_VALUE, KUBEVIRT_VM_NAME_LABEL, OwnerRef, PodFacts,
 };
 pub use pick::{order_pools_for_node, pick_free_address, stable_hash};
 pub use pool::{

@@ -126,8 +126,8 @@ pub enum ClusterError {
         source: Box<ClusterError>,
         logs: String,
     },
-    #[error("this cluster started no component named {name}")]
-    UnknownComponent { name: String },
+    #[error("no component {name} was started in this cluster (known: {known})")]
+    UnknownComponent { name: String, known: String },
     #[error("pod {pod} has no UID yet: wait until the apiserver has created it")]
     PodWithoutUid { pod: String },
     #[error(
@@ -340,26 +340,50 @@ impl Cluster {
         wait_for(what, timeout, &self.layout().logs, observe).await
     }
 
-    /// Kills component `name` (as a crash would: SIGKILL to its process group) and starts it
-    /// again the way it was started. Does not wait for it to be ready.
-    pub fn restart(&mut self, name: &str) -> Result<(), ClusterError> {
-        let daemon = self
-            .guard
-            .daemons
-            .iter()
-            .find(|daemon| daemon.name == name)
-            .cloned()
-            .ok_or_else(|| ClusterError::UnknownComponent {
-                name: name.to_owned(),
-            })?;
+    /// Kills component `name` (e.g. `virtnet-controller`, `kubelet-<node>`) with SIGKILL, as a
+    /// crash or a lost node would, and reaps it: only reaping waits for every thread to exit, and
+    /// with the last one its sockets close (/proc shows the group leader as a zombie while the
+    /// others are still going). Succeeds when it is not running.
+    pub fn stop_component(&mut self, name: &str) -> Result<(), ClusterError> {
+        self.component(name)?;
         let killed = crate::process::stop_one(&self.guard.layout.pids, name);
-        // Only reaping waits for every thread to exit, and with the last one its sockets close:
-        // /proc shows the group leader as a zombie while the others are still going.
         let children = &mut self.guard.children;
         if let Some(position) = children.iter().position(|child| Some(child.id()) == killed) {
             let _ = children.swap_remove(position).wait();
         }
-        self.guard.start(&daemon)
+        Ok(())
+    }
+
+    /// Starts component `name` again, as it was first started plus `env`.
+    pub fn start_component(
+        &mut self,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(), ClusterError> {
+        let daemon = self.component(name)?.with_env(env);
+        self.guard.spawn(&daemon)
+    }
+
+    /// Kills component `name` as a crash would and starts it again as it was first started.
+    /// Does not wait for it to be ready.
+    pub fn restart(&mut self, name: &str) -> Result<(), ClusterError> {
+        self.stop_component(name)?;
+        self.start_component(name, &[])
+    }
+
+    fn component(&self, name: &str) -> Result<&Daemon, ClusterError> {
+        let daemons = &self.guard.daemons;
+        daemons
+            .iter()
+            .find(|daemon| daemon.name == name)
+            .ok_or_else(|| ClusterError::UnknownComponent {
+                name: name.to_owned(),
+                known: daemons
+                    .iter()
+                    .map(|daemon| daemon.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// Tears the cluster down now, reporting anything that could not be removed.
@@ -379,18 +403,24 @@ struct TeardownGuard {
     layout: Layout,
     /// The components this process started, kept only to reap them after teardown.
     children: Vec<Child>,
-    /// How each component was started, for [`Cluster::restart`].
+    /// How each component was first started, for [`Cluster::start_component`].
     daemons: Vec<Daemon>,
     /// False once torn down or handed over to `virtnet-e2e down`.
     armed: bool,
 }
 
 impl TeardownGuard {
-    /// Starts `daemon` and keeps it, to reap it and to restart it.
+    /// Starts `daemon` and keeps it, to reap it and to start it again.
     fn start(&mut self, daemon: &Daemon) -> Result<(), ClusterError> {
+        self.spawn(daemon)?;
+        self.daemons.push(daemon.clone());
+        Ok(())
+    }
+
+    /// Starts `daemon`, keeping only the child, to reap it.
+    fn spawn(&mut self, daemon: &Daemon) -> Result<(), ClusterError> {
         let child = daemon.start(&self.layout.logs, &self.layout.pids)?;
         self.children.push(child);
-        self.daemons.push(daemon.clone());
         Ok(())
     }
 
@@ -484,17 +514,19 @@ impl StartingCluster {
         )
         .await?;
         if let Some(options) = self.virtnet.clone() {
-            self.start_virtnet(&options, &pki).await?;
+            self.start_virtnet(&options, &pki, &client).await?;
         }
         Ok(client)
     }
 
     /// Installs and starts VirtNet, then waits until every agent serves its socket (it installs
-    /// the plugins and the conflist first); in Multus mode Multus then wraps each conflist.
+    /// the plugins and the conflist first) and the controller answers the Subnet admission
+    /// webhook; in Multus mode Multus then wraps each conflist.
     async fn start_virtnet(
         &mut self,
         options: &VirtnetOptions,
         pki: &ControlPlanePki,
+        client: &Client,
     ) -> Result<(), ClusterError> {
         // Owned copies: the target outlives the `&mut self` of starting the daemons.
         let layout = self.guard.layout.clone();
@@ -554,7 +586,14 @@ impl StartingCluster {
                 multus.configure_node(&target, node, dirs)?;
             }
         }
-        Ok(())
+        // The webhook fails closed: until the controller answers, every Subnet write is refused.
+        wait_for(
+            "the controller to answer the Subnet admission webhook",
+            APISERVER_READY_TIMEOUT,
+            &self.guard.layout.logs,
+            || virtnet::webhook_answers(client),
+        )
+        .await
     }
 
     fn create_pki(&self) -> Result<ControlPlanePki, ClusterError> {

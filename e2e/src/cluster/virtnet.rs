@@ -5,10 +5,19 @@
 //! default-CNI mode, installs virtnet-ipam and virtnet-coordinator from the build output into its
 //! node's CNI bin dir and seed 000's conflist as the node's default network (in Multus mode, the
 //! network Multus delegates to by default: see `multus.rs`), as the chart's DaemonSet does.
+//!
+//! The controller serves the Subnet admission webhook with a certificate from the harness CA;
+//! the chart's ValidatingWebhookConfiguration is registered with its `clientConfig` pointed at
+//! the controller's address (the apiserver runs in the same namespace) instead of the Service.
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+};
+
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
 };
 
 use super::{ClusterError, components::apiserver_url, multus::Multus};
@@ -33,6 +42,11 @@ const RBAC_KINDS: &[&str] = &[
     "Role",
     "RoleBinding",
 ];
+/// Where the controller serves the webhook, in the control-plane namespace.
+pub const WEBHOOK_ADDRESS: &str = "127.0.0.1:9443";
+/// The chart's ValidatingWebhookConfiguration and the path `virtnet controller` serves.
+const WEBHOOK_CONFIGURATION: &str = "virtnet-controller";
+const WEBHOOK_PATH: &str = "/validate/subnets";
 
 /// Where VirtNet's build output and sources are.
 #[derive(Debug, Clone)]
@@ -44,6 +58,8 @@ pub struct VirtnetOptions {
     /// Multus mode: Multus (thin plugin) is the nodes' default CNI and delegates to seed 000's
     /// conflist; every node also gets a second NIC on a second underlay (see `topology`).
     pub multus: bool,
+    /// Extra environment of `virtnet controller` (e.g. `VIRTNET_GC_INTERVAL`).
+    pub controller_env: Vec<(String, String)>,
 }
 
 impl VirtnetOptions {
@@ -58,6 +74,7 @@ impl VirtnetOptions {
             binaries: target.join("debug"),
             repo,
             multus: false,
+            controller_env: Vec::new(),
         }
     }
 
@@ -139,6 +156,7 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Installe
     let rbac = target.state.join("virtnet-rbac.yaml");
     write(&rbac, &documents_of_kinds(&rendered, RBAC_KINDS))?;
     kubectl(&["apply", "-f", &rbac.to_string_lossy()])?;
+    let webhook_cert = register_webhook(target, &rendered, &kubectl)?;
 
     let virtnet = options.binaries.join("virtnet");
     let mut daemons = vec![
@@ -154,9 +172,17 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Installe
             ),
             format!("POD_NAMESPACE={NAMESPACE}"),
             "VIRTNET_HTTP_ADDR=127.0.0.1:8080".to_owned(),
-            virtnet.display().to_string(),
-            "controller".to_owned(),
-        ]),
+            format!("VIRTNET_WEBHOOK_ADDR={WEBHOOK_ADDRESS}"),
+            format!("VIRTNET_WEBHOOK_CERT={}", webhook_cert.cert.display()),
+            format!("VIRTNET_WEBHOOK_KEY={}", webhook_cert.key.display()),
+        ])
+        .args(
+            options
+                .controller_env
+                .iter()
+                .map(|(key, value)| format!("{key}={value}")),
+        )
+        .args([virtnet.display().to_string(), "controller".to_owned()]),
     ];
     let agent_kubeconfig = service_account_kubeconfig(target, "virtnet-agent")?;
     let multus = options
@@ -183,6 +209,74 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Installe
         );
     }
     Ok(Installed { daemons, multus })
+}
+
+/// Issues the webhook's serving certificate and registers the chart's webhook configuration,
+/// pointed at [`WEBHOOK_ADDRESS`] and trusting the harness CA.
+fn register_webhook(
+    target: &Target<'_>,
+    rendered: &str,
+    kubectl: &dyn Fn(&[&str]) -> Result<String, command::CommandError>,
+) -> Result<CertAndKey, ClusterError> {
+    let host = WEBHOOK_ADDRESS
+        .split_once(':')
+        .map_or(WEBHOOK_ADDRESS, |(host, _)| host);
+    let cert = target.ca.issue_server(
+        "virtnet-webhook",
+        "virtnet-controller-webhook",
+        vec![host.to_owned()],
+    )?;
+    let configuration = target.state.join("virtnet-webhook.yaml");
+    write(
+        &configuration,
+        &documents_of_kinds(rendered, &["ValidatingWebhookConfiguration"]),
+    )?;
+    kubectl(&["apply", "-f", &configuration.to_string_lossy()])?;
+    let ca = fs::read(target.ca.cert_path()).map_err(|source| ClusterError::StateDir {
+        path: target.ca.cert_path().to_owned(),
+        source,
+    })?;
+    let client_config = serde_json::json!([{
+        "op": "replace", "path": "/webhooks/0/clientConfig",
+        "value": {
+            "url": format!("https://{WEBHOOK_ADDRESS}{WEBHOOK_PATH}"),
+            "caBundle": k8s_openapi::ByteString(ca),
+        },
+    }]);
+    kubectl(&[
+        "patch",
+        "validatingwebhookconfiguration",
+        WEBHOOK_CONFIGURATION,
+        "--type=json",
+        "-p",
+        &client_config.to_string(),
+    ])?;
+    Ok(cert)
+}
+
+/// Whether a server-side dry-run create of a Subnet gets through admission, which calls the
+/// webhook (it declares no side effects).
+pub async fn webhook_answers(client: &kube::Client) -> Result<(), kube::Error> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("virtnet.io", "v1alpha1", "Subnet"),
+        "subnets",
+    );
+    let probe: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet",
+        "metadata": { "name": "virtnet-e2e-webhook-probe" },
+        "spec": { "subnet": "192.0.2.0/24" },
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    Api::<DynamicObject>::all_with(client.clone(), &resource)
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            },
+            &probe,
+        )
+        .await
+        .map(drop)
 }
 
 /// A client certificate acting as ServiceAccount `kube-system/<sa>` (user name and

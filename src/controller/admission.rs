@@ -1,0 +1,209 @@
+//! What the validating webhook decides about a Subnet (pure): the rules CEL in the CRD cannot
+//! express, because they look at other Subnets or need arithmetic CEL lacks.
+//!
+//! A Subnet is rejected when:
+//! - its addressing does not parse as the IPAM engine reads it (for example an IPv6 range that
+//!   starts after it ends: CEL cannot order IPv6 addresses);
+//! - its CIDR overlaps another Subnet's (two Subnets would hand out the same addresses);
+//! - it is a cluster default (`default: true`) of the same family as another default Subnet with
+//!   the very same node and namespace selectors (both would claim the same pods; defaults with
+//!   different selectors serve different pods and are allowed).
+//!
+//! An update that leaves the spec as it was is always allowed, so that labels, annotations and
+//! finalizers of Subnets admitted before a rule existed can still change.
+
+use ipnet::IpNet;
+use kube::ResourceExt;
+
+use super::pools::subnet_addresses;
+use crate::crd::Subnet;
+
+/// Decides whether `candidate` (replacing `previous` on an update) may be stored, given every
+/// other Subnet in the cluster (the candidate's own stored version may be among them and is
+/// skipped by name). `Err` carries the message the user sees.
+pub fn review_subnet(
+    candidate: &Subnet,
+    previous: Option<&Subnet>,
+    others: &[Subnet],
+) -> Result<(), String> {
+    if previous.is_some_and(|previous| previous.spec == candidate.spec) {
+        return Ok(());
+    }
+    let name = candidate.name_any();
+    let addresses = subnet_addresses(candidate).map_err(|error| format!("spec: {error}"))?;
+    let cidr = addresses.cidr();
+    let others = others.iter().filter(|other| other.name_any() != name);
+    for other in others {
+        // A stored Subnet whose CIDR does not parse cannot overlap anything usable.
+        let Ok(other_cidr) = other.spec.subnet.parse::<IpNet>() else {
+            continue;
+        };
+        if overlaps(cidr, other_cidr) {
+            return Err(format!(
+                "spec.subnet {cidr} overlaps Subnet {:?} ({other_cidr}): two Subnets must not \
+                 share addresses; choose a CIDR outside {other_cidr}, or add the addresses to \
+                 Subnet {:?} instead",
+                other.name_any(),
+                other.name_any()
+            ));
+        }
+        if candidate.spec.default
+            && other.spec.default
+            && cidr.network().is_ipv4() == other_cidr.network().is_ipv4()
+            && candidate.spec.node_selector == other.spec.node_selector
+            && candidate.spec.namespace_selector == other.spec.namespace_selector
+        {
+            return Err(format!(
+                "Subnet {:?} is already the default {} Subnet for the same nodes and namespaces: \
+                 set default: false here, or give the two Subnets different nodeSelector or \
+                 namespaceSelector",
+                other.name_any(),
+                if cidr.network().is_ipv4() {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two networks share an address (networks of different families never do).
+fn overlaps(a: IpNet, b: IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn subnet(name: &str, spec: Value) -> Subnet {
+        serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .expect("subnet deserializes")
+    }
+
+    fn seed() -> Subnet {
+        subnet(
+            "subnet",
+            json!({"subnet": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ["10.6.153.100-10.6.153.255"], "replicas": 3}),
+        )
+    }
+
+    #[test]
+    fn disjoint_subnets_are_admitted() {
+        let others = [
+            seed(),
+            subnet("v6", json!({"subnet": "fd00:6::/64"})),
+            subnet("broken", json!({"subnet": "not-a-cidr"})),
+        ];
+        for candidate in [
+            subnet("storage", json!({"subnet": "10.7.0.0/16"})),
+            subnet("right-after", json!({"subnet": "10.5.255.0/24"})),
+            subnet("v6b", json!({"subnet": "fd00:7::/64"})),
+        ] {
+            assert_eq!(
+                review_subnet(&candidate, None, &others),
+                Ok(()),
+                "{}",
+                candidate.spec.subnet
+            );
+        }
+    }
+
+    #[test]
+    fn an_overlap_names_the_other_subnet_and_its_cidr() {
+        let others = [seed()];
+        for cidr in ["10.6.153.0/24", "10.0.0.0/8", "10.6.0.0/16"] {
+            let candidate = subnet("second", json!({"subnet": cidr}));
+            let message = review_subnet(&candidate, None, &others).expect_err(cidr);
+            assert!(
+                message.starts_with(&format!(
+                    "spec.subnet {cidr} overlaps Subnet \"subnet\" (10.6.0.0/16): two Subnets must not share addresses"
+                )),
+                "{message}"
+            );
+        }
+        let v6 = [subnet("v6", json!({"subnet": "fd00:6::/48"}))];
+        let message = review_subnet(
+            &subnet("v6b", json!({"subnet": "fd00:6:0:1::/64"})),
+            None,
+            &v6,
+        )
+        .expect_err("IPv6 overlap");
+        assert!(
+            message.contains("overlaps Subnet \"v6\" (fd00:6::/48)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_subnet_does_not_overlap_its_own_stored_version() {
+        let stored = seed();
+        let mut scaled = seed();
+        scaled.spec.replicas = 5;
+        assert_eq!(
+            review_subnet(&scaled, Some(&stored), std::slice::from_ref(&stored)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_reversed_ipv6_range_is_rejected_with_the_order_to_write() {
+        let candidate = subnet(
+            "v6",
+            json!({"subnet": "fd00:6::/64", "ips": ["fd00:6::1ff-fd00:6::100"]}),
+        );
+        let message = review_subnet(&candidate, None, &[]).expect_err("reversed range");
+        assert_eq!(
+            message,
+            "spec: \"fd00:6::1ff-fd00:6::100\" starts after it ends: write the lower address first, e.g. fd00:6::100-fd00:6::1ff"
+        );
+        let excluded = subnet(
+            "v6",
+            json!({"subnet": "fd00:6::/64", "excludeIPs": ["fd00:6::9-fd00:6::1"]}),
+        );
+        assert!(review_subnet(&excluded, None, &[]).is_err());
+    }
+
+    #[test]
+    fn two_defaults_for_the_same_pods_are_rejected_but_selected_ones_are_not() {
+        let first = subnet("first", json!({"subnet": "10.6.0.0/16", "default": true}));
+        let second = subnet("second", json!({"subnet": "10.7.0.0/16", "default": true}));
+        let message =
+            review_subnet(&second, None, std::slice::from_ref(&first)).expect_err("second default");
+        assert!(
+            message.starts_with("Subnet \"first\" is already the default IPv4 Subnet"),
+            "{message}"
+        );
+        let rack = subnet(
+            "rack-b",
+            json!({"subnet": "10.7.0.0/16", "default": true,
+                   "nodeSelector": {"matchLabels": {"rack": "b"}}}),
+        );
+        let v6 = subnet("v6", json!({"subnet": "fd00:6::/64", "default": true}));
+        let plain = subnet("plain", json!({"subnet": "10.8.0.0/16"}));
+        for candidate in [rack, v6, plain] {
+            assert_eq!(
+                review_subnet(&candidate, None, std::slice::from_ref(&first)),
+                Ok(())
+            );
+        }
+    }
+
+    #[test]
+    fn a_metadata_only_update_is_admitted_even_for_a_subnet_that_breaks_a_rule() {
+        let stored = subnet("second", json!({"subnet": "10.6.153.0/24"}));
+        let mut labelled = stored.clone();
+        labelled
+            .labels_mut()
+            .insert("team".to_owned(), "net".to_owned());
+        assert_eq!(review_subnet(&labelled, Some(&stored), &[seed()]), Ok(()));
+    }
+}
