@@ -4,7 +4,10 @@
 //! A Subnet is rejected when:
 //! - its addressing does not parse as the IPAM engine reads it (for example an IPv6 range that
 //!   starts after it ends: CEL cannot order IPv6 addresses);
-//! - its CIDR overlaps another Subnet's (two Subnets would hand out the same addresses);
+//! - its CIDR overlaps another Subnet's without being the same network (the two would disagree
+//!   about the network), or it is the same network and the two hand out a common address (the
+//!   ranges of Subnets on one L2 network must be disjoint: teams may share an underlay, never an
+//!   address);
 //! - it is a cluster default (`default: true`) of the same family as another default Subnet with
 //!   the very same node and namespace selectors (both would claim the same pods; defaults with
 //!   different selectors serve different pods and are allowed).
@@ -38,7 +41,23 @@ pub fn review_subnet(
         let Ok(other_cidr) = other.spec.subnet.parse::<IpNet>() else {
             continue;
         };
-        if overlaps(cidr, other_cidr) {
+        if cidr == other_cidr {
+            let other_addresses = match subnet_addresses(other) {
+                Ok(other_addresses) => other_addresses,
+                // A stored Subnet the engine cannot read hands out nothing.
+                Err(_) => continue,
+            };
+            let shared = addresses.effective().intersect(other_addresses.effective());
+            if !shared.is_empty() {
+                return Err(format!(
+                    "Subnet {name:?} would hand out {} that Subnet {:?} on the same network \
+                     {cidr} hands out too: two Subnets must not share addresses; leave them out \
+                     of spec.ips here (or list them in spec.excludeIPs of one of the two)",
+                    shared.to_range_strings().join(", "),
+                    other.name_any(),
+                ));
+            }
+        } else if overlaps(cidr, other_cidr) {
             return Err(format!(
                 "spec.subnet {cidr} overlaps Subnet {:?} ({other_cidr}): two Subnets must not \
                  share addresses; choose a CIDR outside {other_cidr}, or add the addresses to \
@@ -120,7 +139,7 @@ mod tests {
     #[test]
     fn an_overlap_names_the_other_subnet_and_its_cidr() {
         let others = [seed()];
-        for cidr in ["10.6.153.0/24", "10.0.0.0/8", "10.6.0.0/16"] {
+        for cidr in ["10.6.153.0/24", "10.0.0.0/8"] {
             let candidate = subnet("second", json!({"subnet": cidr}));
             let message = review_subnet(&candidate, None, &others).expect_err(cidr);
             assert!(
@@ -141,6 +160,29 @@ mod tests {
             message.contains("overlaps Subnet \"v6\" (fd00:6::/48)"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn subnets_of_one_network_are_admitted_only_with_disjoint_addresses() {
+        let others = [seed()];
+        let beside = subnet(
+            "team-b",
+            json!({"subnet": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ["10.6.160.10-10.6.160.49"]}),
+        );
+        assert_eq!(review_subnet(&beside, None, &others), Ok(()));
+        let sharing = subnet(
+            "team-c",
+            json!({"subnet": "10.6.0.0/16", "ips": ["10.6.153.200-10.6.154.10"]}),
+        );
+        let message = review_subnet(&sharing, None, &others).expect_err("shared addresses");
+        assert!(
+            message.starts_with(
+                "Subnet \"team-c\" would hand out 10.6.153.200-10.6.153.255 that Subnet \"subnet\" on the same network 10.6.0.0/16 hands out too"
+            ),
+            "{message}"
+        );
+        let everything = subnet("all", json!({"subnet": "10.6.0.0/16"}));
+        assert!(review_subnet(&everything, None, &others).is_err());
     }
 
     #[test]
