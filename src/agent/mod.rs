@@ -32,7 +32,7 @@ use virtnet_cni::agent_api::{
 };
 
 use crate::observability::{Health, Metrics};
-use service::Agent;
+use service::{Agent, AgentSettings};
 
 /// Errors that stop the agent; each tells the operator what to check.
 #[derive(Debug, thiserror::Error)]
@@ -73,25 +73,38 @@ pub struct AgentArgs {
     /// Address of the /healthz, /readyz and /metrics endpoint.
     #[arg(long, env = "VIRTNET_HTTP_ADDR", default_value = "0.0.0.0:9741")]
     pub http_address: SocketAddr,
+    /// Group commit: ADDs arriving while a pool write is under way are decided together and
+    /// written with one write per pool (false: one write per ADD).
+    #[arg(long, env = "VIRTNET_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub group_commit: bool,
 }
+
+/// Most ADDs one group commit carries: enough for a node's burst of pod starts, few enough
+/// that one merge patch stays small.
+const GROUP_COMMIT_LIMIT: usize = 64;
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(args: AgentArgs) -> Result<(), Error> {
     let client = kube::Client::try_default().await?;
     let health = Health::default();
-    let server = crate::observability::serve(
-        args.http_address,
-        Arc::new(Metrics::default()),
-        health.clone(),
-    )
-    .await
-    .map_err(|source| Error::Serve {
-        address: args.http_address,
-        source,
-    })?;
+    let metrics = Arc::new(Metrics::default());
+    let server = crate::observability::serve(args.http_address, metrics.clone(), health.clone())
+        .await
+        .map_err(|source| Error::Serve {
+            address: args.http_address,
+            source,
+        })?;
     tokio::spawn(server);
 
-    let agent = Arc::new(Agent::start(client, args.node_name.clone()).await?);
+    let settings = AgentSettings {
+        batch_limit: if args.group_commit {
+            GROUP_COMMIT_LIMIT
+        } else {
+            1
+        },
+        metrics,
+    };
+    let agent = Agent::start(client, args.node_name.clone(), settings).await?;
     let listener = bind_socket(&args.socket)?;
     health.set_ready(true);
     info!(node = %args.node_name, socket = %args.socket.display(), "serving virtnet-ipam");
@@ -188,7 +201,8 @@ async fn gc(
     Ok(Json(Empty {}))
 }
 
-async fn status() -> Json<Empty> {
-    // Requests are served only once every cache has synced.
-    Json(Empty {})
+/// Requests are served only once every cache has synced, so STATUS only reports exhaustion.
+async fn status(State(agent): State<Arc<Agent>>) -> Result<Json<Empty>, Refusal> {
+    agent.status()?;
+    Ok(Json(Empty {}))
 }
