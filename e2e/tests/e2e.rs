@@ -4,6 +4,8 @@
 //!
 //! Without root or without the third-party binaries (`e2e/tools/install` builds them) every test
 //! is reported as ignored, with the reason.
+#[path = "e2e/agent.rs"]
+mod agent;
 #[path = "e2e/cluster.rs"]
 mod cluster;
 #[path = "e2e/gc.rs"]
@@ -59,6 +61,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "virtnet_allocates_seed_000_addresses_and_returns_them",
         ipam::virtnet_allocates_seed_000_addresses_and_returns_them,
+    ),
+    (
+        "agent_allocates_exactly_under_burst_exhaustion_and_dual_stack",
+        agent::agent_allocates_exactly_under_burst_exhaustion_and_dual_stack,
     ),
 ];
 

@@ -36,6 +36,8 @@ pub struct VirtnetOptions {
     pub binaries: PathBuf,
     /// The repository root, for `chart/` and `chart/crds/`.
     pub repo: PathBuf,
+    /// Extra environment of every `virtnet agent` (e.g. `VIRTNET_GROUP_COMMIT=false`).
+    pub agent_env: Vec<String>,
 }
 
 impl VirtnetOptions {
@@ -49,6 +51,7 @@ impl VirtnetOptions {
         Self {
             binaries: target.join("debug"),
             repo,
+            agent_env: Vec::new(),
         }
     }
 
@@ -169,14 +172,15 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Vec<Daem
             &format!("{:#}\n", seed_conflist(&socket)),
         )?;
         daemons.push(
-            Daemon::new(format!("virtnet-agent-{node}"), Some(netns.clone()), "env").args([
-                format!("KUBECONFIG={}", agent_kubeconfig.display()),
-                format!("NODE_NAME={node}"),
-                format!("VIRTNET_SOCKET={}", socket.display()),
-                "VIRTNET_HTTP_ADDR=127.0.0.1:9741".to_owned(),
-                virtnet.display().to_string(),
-                "agent".to_owned(),
-            ]),
+            Daemon::new(format!("virtnet-agent-{node}"), Some(netns.clone()), "env")
+                .args([
+                    format!("KUBECONFIG={}", agent_kubeconfig.display()),
+                    format!("NODE_NAME={node}"),
+                    format!("VIRTNET_SOCKET={}", socket.display()),
+                    "VIRTNET_HTTP_ADDR=127.0.0.1:9741".to_owned(),
+                ])
+                .args(options.agent_env.iter().cloned())
+                .args([virtnet.display().to_string(), "agent".to_owned()]),
         );
     }
     Ok(daemons)
