@@ -12,6 +12,7 @@
 //! API: [`virtnet_cni::agent_api`]. `/healthz`, `/readyz` and `/metrics` are served on
 //! `--http-address` by [`crate::observability`].
 
+pub mod install;
 pub mod plan;
 mod service;
 
@@ -50,6 +51,13 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Install(#[from] install::InstallError),
+    #[error(
+        "default-CNI mode needs the node interface for macvlan: set defaultCNI.master \
+         (VIRTNET_DEFAULT_CNI_MASTER) and defaultCNI.subnet (VIRTNET_DEFAULT_CNI_SUBNET)"
+    )]
+    DefaultCniIncomplete,
     #[error("cannot serve health and metrics on {address}: {source}")]
     Serve {
         address: SocketAddr,
@@ -77,6 +85,25 @@ pub struct AgentArgs {
     /// written with one write per pool (false: one write per ADD).
     #[arg(long, env = "VIRTNET_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
     pub group_commit: bool,
+    /// Where to install virtnet-ipam and virtnet-coordinator (the host's /opt/cni/bin, as
+    /// mounted); nothing is installed without it.
+    #[arg(long, env = "VIRTNET_CNI_BIN_DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// Where the plugins to install are; default: next to this binary.
+    #[arg(long, env = "VIRTNET_PLUGIN_DIR")]
+    pub plugin_dir: Option<PathBuf>,
+    /// Where to write the default-CNI conflist (the host's /etc/cni/net.d, as mounted).
+    #[arg(long, env = "VIRTNET_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Make VirtNet the node's default network: write seed 000's conflist once serving.
+    #[arg(long, env = "VIRTNET_DEFAULT_CNI_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub default_cni: bool,
+    /// The node interface macvlan hangs pods on, in the default conflist.
+    #[arg(long, env = "VIRTNET_DEFAULT_CNI_MASTER", default_value = "ens192")]
+    pub default_cni_master: String,
+    /// The Subnet of pods that choose none, in the default conflist.
+    #[arg(long, env = "VIRTNET_DEFAULT_CNI_SUBNET", default_value = "subnet")]
+    pub default_cni_subnet: String,
 }
 
 /// Most ADDs one group commit carries: enough for a node's burst of pod starts, few enough
@@ -85,6 +112,22 @@ const GROUP_COMMIT_LIMIT: usize = 64;
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(args: AgentArgs) -> Result<(), Error> {
+    if args.default_cni
+        && (args.default_cni_master.is_empty() || args.default_cni_subnet.is_empty())
+    {
+        return Err(Error::DefaultCniIncomplete);
+    }
+    if let Some(cni_bin_dir) = &args.cni_bin_dir {
+        let plugin_dir = match &args.plugin_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(PathBuf::from))
+                .unwrap_or_default(),
+        };
+        let written = install::install_plugins(&plugin_dir, cni_bin_dir)?;
+        info!(?written, directory = %cni_bin_dir.display(), "CNI plugins installed");
+    }
     let client = kube::Client::try_default().await?;
     let health = Health::default();
     let metrics = Arc::new(Metrics::default());
@@ -106,6 +149,19 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
     };
     let agent = Agent::start(client, args.node_name.clone(), settings).await?;
     let listener = bind_socket(&args.socket)?;
+    if args.default_cni {
+        // Written only once the socket answers: the conflist tells the runtime the node's
+        // network is ready. It stays when the agent stops (an upgrade must not take the
+        // node's network away); pods started meanwhile retry until the agent is back.
+        let conflist = install::default_conflist(
+            &args.default_cni_master,
+            &args.default_cni_subnet,
+            &args.socket,
+        );
+        let path = args.cni_conf_dir.join(install::CONFLIST_NAME);
+        install::install_file(&path, format!("{conflist:#}\n").as_bytes(), 0o644)?;
+        info!(path = %path.display(), "default CNI conflist in place");
+    }
     health.set_ready(true);
     info!(node = %args.node_name, socket = %args.socket.display(), "serving virtnet-ipam");
     let router = Router::new()
