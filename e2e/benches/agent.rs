@@ -2,7 +2,9 @@
 //! in the same run:
 //! (a) single ADD latency (p50/p99) of the real `virtnet-ipam` binary against the real agent and
 //!     apiserver, vs host-local's ADD (a file lock and a file: the floor of any IPAM without an
-//!     API server), each run by this process from inside a node's netns, as a runtime would;
+//!     API server) and whereabouts' (the Kubernetes-backed peer: its CRDs come from the Go
+//!     module cache `make tools` filled; left out with a message when they are not there), each
+//!     run by this process from inside a node's netns, as a runtime would;
 //! (b) 200 pods created at once across 3 nodes: time until all are Ready, with group commit on
 //!     and off (a cluster each, the agents started with `VIRTNET_GROUP_COMMIT`).
 //!
@@ -22,7 +24,9 @@ use kube::Api;
 use kube::api::ListParams;
 use nix::sched::{CloneFlags, setns};
 use serde_json::{Value, json};
-use virtnet_e2e::cluster::{Cluster, ClusterOptions, VirtnetOptions, default_bin_dir};
+use virtnet_e2e::cluster::{
+    Cluster, ClusterOptions, VirtnetOptions, apiserver_url, default_bin_dir,
+};
 
 const WARMUP: usize = 5;
 const ROUNDS: usize = 100;
@@ -204,6 +208,7 @@ async fn burst(cluster: &Cluster) -> Fallible<Duration> {
 }
 
 /// One plugin binary and what it is given.
+#[derive(Clone)]
 struct Plugin {
     binary: PathBuf,
     config: Value,
@@ -257,49 +262,148 @@ async fn add_latency(cluster: &Cluster) -> Fallible<Vec<String>> {
             },
         ),
     ];
-    let netns = PathBuf::from("/var/run/netns").join(cluster.names().node_netns(1));
+    let mut plugins = plugins.to_vec();
     let mut lines = Vec::new();
+    match whereabouts(cluster).await {
+        Ok(plugin) => plugins.push(("whereabouts", plugin)),
+        Err(reason) => lines.push(format!("whereabouts left out: {reason}")),
+    }
+    let netns = Netns {
+        node: PathBuf::from("/var/run/netns").join(cluster.names().node_netns(1)),
+        // IPAM plugins never enter CNI_NETNS, but host-local insists it is not their own.
+        container: PathBuf::from("/var/run/netns").join(cluster.names().control_plane_netns()),
+    };
     let mut medians = Vec::new();
     for (label, plugin) in &plugins {
-        let mut samples = time_adds(&netns, plugin, &pod_args)?;
+        let mut samples = match time_adds(&netns, plugin, &pod_args) {
+            Ok(samples) => samples,
+            // The peer is optional; VirtNet's own figures and the floor are not.
+            Err(error) if *label == "whereabouts" => {
+                lines.push(format!("whereabouts left out: {error}"));
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         samples.sort_unstable();
         let p50 = samples[samples.len() / 2];
         let p99 = samples[(samples.len() - 1) * 99 / 100];
-        medians.push(p50);
+        medians.push((label, p50));
         lines.push(format!(
             "single ADD {label:<13} p50 {:>7.2} ms  p99 {:>7.2} ms",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3
         ));
     }
-    if let [virtnet, host_local] = medians[..] {
-        lines.push(format!(
-            "single ADD p50 ratio virtnet-ipam / host-local = {:.1}x (host-local: no API server)",
-            virtnet.as_secs_f64() / host_local.as_secs_f64()
-        ));
+    if let Some(((_, virtnet), baselines)) = medians.split_first() {
+        for (label, p50) in baselines {
+            lines.push(format!(
+                "single ADD p50 ratio virtnet-ipam / {label} = {:.2}",
+                virtnet.as_secs_f64() / p50.as_secs_f64()
+            ));
+        }
     }
     Ok(lines)
+}
+
+/// whereabouts with its CRDs installed and a kubeconfig that reaches the apiserver from a node's
+/// netns, or why not.
+async fn whereabouts(cluster: &Cluster) -> Fallible<Plugin> {
+    let binary = default_bin_dir().join("whereabouts");
+    if !binary.is_file() {
+        return Err(format!("no {}; run `make tools`", binary.display()).into());
+    }
+    let cache = Command::new("go")
+        .args(["env", "GOMODCACHE"])
+        .output()
+        .ok()
+        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        .filter(|path| path.is_dir())
+        .ok_or("no Go module cache (`go env GOMODCACHE`) with whereabouts' CRDs")?;
+    let crds = std::fs::read_dir(cache.join("github.com/k8snetworkplumbingwg"))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("whereabouts@"))
+        })
+        .max()
+        .map(|source| source.join("doc/crds"))
+        .ok_or("whereabouts' sources are not in the Go module cache")?;
+    for crd in ["ippools", "overlappingrangeipreservations"] {
+        let file = crds.join(format!("whereabouts.cni.cncf.io_{crd}.yaml"));
+        cluster.kubectl(&["apply", "-f", &file.to_string_lossy()])?;
+    }
+    cluster.kubectl(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/ippools.whereabouts.cni.cncf.io",
+        "crd/overlappingrangeipreservations.whereabouts.cni.cncf.io",
+    ])?;
+    // The admin identity, but the apiserver's address inside the cluster's network.
+    let mut kubeconfig: Value =
+        serde_json::from_str(&std::fs::read_to_string(cluster.kubeconfig())?)?;
+    kubeconfig["clusters"][0]["cluster"]["server"] = json!(apiserver_url());
+    let path = cluster.layout().root.join("bench-whereabouts.kubeconfig");
+    std::fs::write(&path, kubeconfig.to_string())?;
+    // whereabouts insists on its flat configuration file (its DaemonSet writes one per node).
+    let flat = cluster.layout().root.join("bench-whereabouts.conf");
+    std::fs::write(
+        &flat,
+        json!({"datastore": "kubernetes", "kubernetes": {"kubeconfig": path}}).to_string(),
+    )?;
+    Ok(Plugin {
+        binary,
+        config: json!({
+            "cniVersion": "0.3.1", "name": "bench", "type": "macvlan",
+            "ipam": {"type": "whereabouts", "range": "10.6.200.0/24",
+                     "configuration_path": flat, "kubernetes": {"kubeconfig": path},
+                     "log_level": "error"},
+        }),
+    })
+}
+
+/// The netns the plugins run in, and the one they are told is the container's.
+#[derive(Clone)]
+struct Netns {
+    node: PathBuf,
+    container: PathBuf,
 }
 
 /// Runs ADD (timed) then DEL (not timed) `WARMUP + ROUNDS` times, each with its own container
 /// id, from a thread that entered the node's netns (so the children start there, as under a
 /// runtime on that node).
-fn time_adds(netns: &Path, plugin: &Plugin, pod_args: &str) -> Fallible<Vec<Duration>> {
-    let netns = netns.to_owned();
+fn time_adds(netns: &Netns, plugin: &Plugin, pod_args: &str) -> Fallible<Vec<Duration>> {
+    let netns = netns.clone();
     let binary = plugin.binary.clone();
     let config = plugin.config.to_string();
     let pod_args = pod_args.to_owned();
     let worker = std::thread::spawn(move || -> Result<Vec<Duration>, String> {
-        let namespace =
-            File::open(&netns).map_err(|error| format!("{}: {error}", netns.display()))?;
+        let namespace = File::open(&netns.node)
+            .map_err(|error| format!("{}: {error}", netns.node.display()))?;
         setns(namespace, CloneFlags::CLONE_NEWNET).map_err(|error| error.to_string())?;
         let mut samples = Vec::with_capacity(ROUNDS);
         for round in 0..WARMUP + ROUNDS {
             let container = format!("bench{round:059}");
             let started = Instant::now();
-            run_plugin(&binary, "ADD", &container, &pod_args, &config, &netns)?;
+            run_plugin(
+                &binary,
+                "ADD",
+                &container,
+                &pod_args,
+                &config,
+                &netns.container,
+            )?;
             let elapsed = started.elapsed();
-            run_plugin(&binary, "DEL", &container, &pod_args, &config, &netns)?;
+            run_plugin(
+                &binary,
+                "DEL",
+                &container,
+                &pod_args,
+                &config,
+                &netns.container,
+            )?;
             if round >= WARMUP {
                 samples.push(elapsed);
             }
