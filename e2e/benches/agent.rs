@@ -88,11 +88,18 @@ async fn measure(cluster: &Cluster, group_commit: bool) -> Fallible<Vec<String>>
     if group_commit {
         lines.extend(add_latency(cluster).await?);
     }
+    let before = commit_counters(cluster)?;
     let burst = burst(cluster).await?;
+    let after = commit_counters(cluster)?;
     let mode = if group_commit { "on " } else { "off" };
+    let commits = after.commits - before.commits;
     lines.push(format!(
-        "{BURST} pods at once, group commit {mode}: all Ready after {:.1} s",
-        burst.as_secs_f64()
+        "{BURST} pods at once, group commit {mode}: all Ready after {:.1} s; {:.0} ADDs in {commits:.0} \
+         commits ({:.1} per commit), {:.0} conflicting pool writes",
+        burst.as_secs_f64(),
+        after.adds - before.adds,
+        (after.adds - before.adds) / commits.max(1.0),
+        after.conflicts - before.conflicts,
     ));
     Ok(lines)
 }
@@ -205,6 +212,52 @@ async fn burst(cluster: &Cluster) -> Fallible<Duration> {
     apply(cluster, &deployment("burst", BURST, false, None))?;
     wait_ready(cluster, "app=burst", BURST).await?;
     Ok(started.elapsed())
+}
+
+/// The agents' group-commit counters, summed over the nodes (from their `/metrics`).
+#[derive(Default)]
+struct CommitCounters {
+    adds: f64,
+    commits: f64,
+    conflicts: f64,
+}
+
+fn commit_counters(cluster: &Cluster) -> Fallible<CommitCounters> {
+    let mut counters = CommitCounters::default();
+    for index in 1..=cluster.node_names().len() {
+        let netns = PathBuf::from("/var/run/netns").join(cluster.names().node_netns(index));
+        let text = in_netns(&netns, || {
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9741")?;
+            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut stream, &mut text)?;
+            Ok(text)
+        })?;
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_default()
+        };
+        counters.adds += value("virtnet_ipam_commit_batch_size_sum ");
+        counters.commits += value("virtnet_ipam_commit_batch_size_count ");
+        counters.conflicts += value("virtnet_ipam_claim_conflicts_total ");
+    }
+    Ok(counters)
+}
+
+/// Runs `work` on a thread that entered `netns` (no other thread is ever switched).
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Fallible<T> {
+    let netns = netns.to_owned();
+    let worker = std::thread::spawn(move || -> Result<T, String> {
+        let namespace =
+            File::open(&netns).map_err(|error| format!("{}: {error}", netns.display()))?;
+        setns(namespace, CloneFlags::CLONE_NEWNET).map_err(|error| error.to_string())?;
+        work().map_err(|error| error.to_string())
+    });
+    Ok(worker.join().map_err(|_| "a netns thread panicked")??)
 }
 
 /// One plugin binary and what it is given.
@@ -375,42 +428,24 @@ struct Netns {
 /// id, from a thread that entered the node's netns (so the children start there, as under a
 /// runtime on that node).
 fn time_adds(netns: &Netns, plugin: &Plugin, pod_args: &str) -> Fallible<Vec<Duration>> {
-    let netns = netns.clone();
+    let container = netns.container.clone();
     let binary = plugin.binary.clone();
     let config = plugin.config.to_string();
     let pod_args = pod_args.to_owned();
-    let worker = std::thread::spawn(move || -> Result<Vec<Duration>, String> {
-        let namespace = File::open(&netns.node)
-            .map_err(|error| format!("{}: {error}", netns.node.display()))?;
-        setns(namespace, CloneFlags::CLONE_NEWNET).map_err(|error| error.to_string())?;
+    in_netns(&netns.node, move || {
         let mut samples = Vec::with_capacity(ROUNDS);
         for round in 0..WARMUP + ROUNDS {
-            let container = format!("bench{round:059}");
+            let id = format!("bench{round:059}");
             let started = Instant::now();
-            run_plugin(
-                &binary,
-                "ADD",
-                &container,
-                &pod_args,
-                &config,
-                &netns.container,
-            )?;
+            run_plugin(&binary, "ADD", &id, &pod_args, &config, &container)?;
             let elapsed = started.elapsed();
-            run_plugin(
-                &binary,
-                "DEL",
-                &container,
-                &pod_args,
-                &config,
-                &netns.container,
-            )?;
+            run_plugin(&binary, "DEL", &id, &pod_args, &config, &container)?;
             if round >= WARMUP {
                 samples.push(elapsed);
             }
         }
         Ok(samples)
-    });
-    Ok(worker.join().map_err(|_| "the timing thread panicked")??)
+    })
 }
 
 fn run_plugin(
@@ -420,7 +455,7 @@ fn run_plugin(
     pod_args: &str,
     config: &str,
     netns: &Path,
-) -> Result<(), String> {
+) -> std::io::Result<()> {
     let mut child = Command::new(binary)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
@@ -432,23 +467,19 @@ fn run_plugin(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|error| format!("{}: {error}", binary.display()))?;
+        .map_err(|error| std::io::Error::other(format!("{}: {error}", binary.display())))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(config.as_bytes())
-            .map_err(|error| error.to_string())?;
+        stdin.write_all(config.as_bytes())?;
     }
-    let output = child
-        .wait_with_output()
-        .map_err(|error| error.to_string())?;
+    let output = child.wait_with_output()?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(format!(
+        Err(std::io::Error::other(format!(
             "{} {command} failed: {}{}",
             binary.display(),
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
-        ))
+        )))
     }
 }

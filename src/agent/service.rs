@@ -379,7 +379,20 @@ impl Agent {
                 conflicts: 0,
             })
             .collect();
-        while !members.is_empty() {
+        loop {
+            // A plugin that stopped waiting (its timeout) is not served: deciding and writing
+            // for it would only be undone, and under load that wasted work is what makes the
+            // next requests time out too.
+            let (gone, live): (Vec<Member>, Vec<Member>) = members
+                .into_iter()
+                .partition(|member| member.job.reply.is_closed());
+            for member in gone {
+                self.undo(&member.claimed, &member.holder).await;
+            }
+            members = live;
+            if members.is_empty() {
+                break;
+            }
             let subnets = self.subnet_snapshot();
             let nodes = self.node_labels();
             let pools = plan::newest_pools(self.pool_snapshot(), &mut self.remembered());
@@ -578,11 +591,22 @@ impl Agent {
         let api = self.endpoint_api(plan.holder.key.namespace());
         let name = plan.holder.key.endpoint_name();
         let interface = plan::endpoint_interface(&request.ifname, &plan.claims);
+        let namespace = plan.holder.key.namespace();
         for attempt in 0..MAX_ATTEMPTS {
-            let existing = api
-                .get_opt(name)
-                .await
-                .map_err(|error| internal("reading the Endpoint", &error))?;
+            // A new pod's Endpoint does not exist yet: when the cache agrees, create it without
+            // asking (a stale cache makes the create fail as a conflict, and the retry reads).
+            let cached_absent = attempt == 0
+                && self
+                    .endpoints
+                    .get(&ObjectRef::new(name).within(namespace))
+                    .is_none();
+            let existing = if cached_absent {
+                None
+            } else {
+                api.get_opt(name)
+                    .await
+                    .map_err(|error| internal("reading the Endpoint", &error))?
+            };
             let spec = plan::endpoint_spec(
                 existing.as_ref().map(|endpoint| &endpoint.spec),
                 &plan.holder,
