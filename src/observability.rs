@@ -37,6 +37,11 @@ struct ReclaimLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct PoolLabels {
     pool: String,
@@ -55,6 +60,11 @@ pub struct Metrics {
     /// cannot be iterated).
     pools_shown: Mutex<BTreeSet<PoolLabels>>,
     reclaims: Family<ReclaimLabels, Counter>,
+    allocation_durations: Family<OutcomeLabels, Histogram>,
+    claim_conflicts: Counter,
+    claim_retries: Counter,
+    pool_exhaustions: Counter,
+    commit_batch_sizes: Histogram,
 }
 
 impl Default for Metrics {
@@ -68,6 +78,15 @@ impl Default for Metrics {
         let pool_total = Family::<PoolLabels, Gauge>::default();
         let pool_allocated = Family::<PoolLabels, Gauge>::default();
         let reclaims = Family::<ReclaimLabels, Counter>::default();
+        let allocation_durations = Family::<OutcomeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+        });
+        let claim_conflicts = Counter::default();
+        let claim_retries = Counter::default();
+        let pool_exhaustions = Counter::default();
+        let commit_batch_sizes = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -94,8 +113,38 @@ impl Default for Metrics {
             "Addresses returned to their pool by the controller, by reason",
             reclaims.clone(),
         );
+        registry.register(
+            "ipam_allocation_duration_seconds",
+            "Agent: time from an ADD's arrival to its answer, by outcome (ok or the error kind)",
+            allocation_durations.clone(),
+        );
+        registry.register(
+            "ipam_claim_conflicts",
+            "Agent: IPPool writes refused because the pool changed since it was read",
+            claim_conflicts.clone(),
+        );
+        registry.register(
+            "ipam_claim_retries",
+            "Agent: ADDs decided again after a conflicting write",
+            claim_retries.clone(),
+        );
+        registry.register(
+            "ipam_pool_exhaustions",
+            "Agent: ADDs refused because every pool they could use was full",
+            pool_exhaustions.clone(),
+        );
+        registry.register(
+            "ipam_commit_batch_size",
+            "Agent: ADDs decided and written together by one group commit",
+            commit_batch_sizes.clone(),
+        );
         Self {
             registry,
+            allocation_durations,
+            claim_conflicts,
+            claim_retries,
+            pool_exhaustions,
+            commit_batch_sizes,
             reconciles,
             failures,
             durations,
@@ -189,6 +238,35 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// Records one ADD's duration; `outcome` is `ok` or the error kind.
+    pub fn allocation_finished(&self, seconds: f64, outcome: &str) {
+        self.allocation_durations
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Counts a pool write refused for a stale resourceVersion.
+    pub fn claim_conflicted(&self) {
+        self.claim_conflicts.inc();
+    }
+
+    /// Counts an ADD decided again after a conflict.
+    pub fn claim_retried(&self) {
+        self.claim_retries.inc();
+    }
+
+    /// Counts an ADD refused for exhaustion.
+    pub fn pool_exhausted(&self) {
+        self.pool_exhaustions.inc();
+    }
+
+    /// Records how many ADDs one group commit carried.
+    pub fn batch_committed(&self, size: usize) {
+        self.commit_batch_sizes.observe(size as f64);
     }
 
     fn render(&self) -> Result<String, std::fmt::Error> {

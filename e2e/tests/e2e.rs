@@ -4,6 +4,8 @@
 //!
 //! Without root or without the third-party binaries (`e2e/tools/install` builds them) every test
 //! is reported as ignored, with the reason.
+#[path = "e2e/agent.rs"]
+mod agent;
 #[path = "e2e/cluster.rs"]
 mod cluster;
 #[path = "e2e/controller.rs"]
@@ -83,6 +85,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "coordinator_wires_pods_to_their_node_services_and_vms",
         coordinator::coordinator_wires_pods_to_their_node_services_and_vms,
+    ),
+    (
+        "agent_allocates_exactly_under_burst_exhaustion_and_dual_stack",
+        agent::agent_allocates_exactly_under_burst_exhaustion_and_dual_stack,
     ),
 ];
 

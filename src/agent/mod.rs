@@ -41,7 +41,7 @@ use virtnet_cni::agent_api::{
 use crate::ipam::FixedIpRetention;
 use crate::observability::{Health, Metrics};
 use coordinator::Coordination;
-use service::Agent;
+use service::{Agent, AgentSettings};
 
 /// Errors that stop the agent; each tells the operator what to check.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,15 @@ pub struct AgentArgs {
     pub service_cidrs: Vec<IpNet>,
     #[command(flatten)]
     pub retention: FixedIpRetention,
+    /// Group commit: ADDs arriving while a pool write is under way are decided together and
+    /// written with one write per pool (false: one write per ADD).
+    #[arg(long, env = "VIRTNET_GROUP_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub group_commit: bool,
 }
+
+/// Most ADDs one group commit carries: enough for a node's burst of pod starts, few enough
+/// that one merge patch stays small.
+const GROUP_COMMIT_LIMIT: usize = 64;
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(args: AgentArgs) -> Result<(), Error> {
@@ -105,20 +113,25 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
     install::install(&args.cni, &args.socket)?;
     let client = kube::Client::try_default().await?;
     let health = Health::default();
-    let server = crate::observability::serve(
-        args.http_address,
-        Arc::new(Metrics::default()),
-        health.clone(),
-    )
-    .await
-    .map_err(|source| Error::Serve {
-        address: args.http_address,
-        source,
-    })?;
+    let metrics = Arc::new(Metrics::default());
+    let server = crate::observability::serve(args.http_address, metrics.clone(), health.clone())
+        .await
+        .map_err(|source| Error::Serve {
+            address: args.http_address,
+            source,
+        })?;
     tokio::spawn(server);
 
-    let agent =
-        Arc::new(Agent::start(client.clone(), args.node_name.clone(), args.retention).await?);
+    let settings = AgentSettings {
+        batch_limit: if args.group_commit {
+            GROUP_COMMIT_LIMIT
+        } else {
+            1
+        },
+        metrics,
+        retention: args.retention,
+    };
+    let agent = Agent::start(client.clone(), args.node_name.clone(), settings).await?;
     let coordination = Arc::new(Coordination::start(
         Arc::clone(&agent),
         client,
@@ -232,7 +245,8 @@ async fn coordinate(
     Ok(Json(coordination.answer(&request).await?))
 }
 
-async fn status() -> Json<Empty> {
-    // Requests are served only once every cache has synced.
-    Json(Empty {})
+/// Requests are served only once every cache has synced, so STATUS only reports exhaustion.
+async fn status(State(agent): State<Arc<Agent>>) -> Result<Json<Empty>, Refusal> {
+    agent.status()?;
+    Ok(Json(Empty {}))
 }

@@ -80,6 +80,22 @@ impl PlanFailure {
     }
 }
 
+impl PlanFailure {
+    /// The reason of the Warning Event put on the pod for a failure its owner can act on (a
+    /// full Subnet, a bad annotation, a Subnet or pool that does not fit); `None` for transient
+    /// or internal failures, which the runtime retries anyway.
+    pub fn event_reason(&self) -> Option<&'static str> {
+        match (self, self.kind()) {
+            (Self::Ipam(IpamError::InvalidAnnotation { .. }), _) => Some("InvalidIPAMAnnotation"),
+            (_, ErrorKind::PoolExhausted) => Some("IPPoolExhausted"),
+            (_, ErrorKind::InvalidRequest | ErrorKind::SubnetNotFound | ErrorKind::IpConflict) => {
+                Some("IPAMRequestRejected")
+            }
+            _ => None,
+        }
+    }
+}
+
 impl From<PlanFailure> for ApiError {
     fn from(failure: PlanFailure) -> Self {
         Self::new(failure.kind(), failure.to_string())
@@ -191,16 +207,21 @@ pub fn newest_pools(
         .collect()
 }
 
-/// Everything one interface's decision reads from the caches.
+/// The cluster's node names and their labels.
+pub type NodeLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Everything one interface's decision reads from the caches, except the pools (a group commit
+/// decides several interfaces on one view of them, see [`plan_batch`]).
 pub struct AllocationInput<'a> {
     pub pod: &'a Pod,
     pub namespace: Option<&'a Namespace>,
     pub node: &'a str,
-    pub node_labels: &'a BTreeMap<String, String>,
+    /// Every node: this node's labels select Subnets, and the nodes a Subnet may serve share
+    /// out its pools (see [`crate::ipam::node_rotation`]).
+    pub nodes: &'a NodeLabels,
     pub interface: &'a str,
     pub cni_default_subnets: &'a [String],
     pub subnets: &'a [Subnet],
-    pub pools: &'a [IpPool],
     /// Whether StatefulSet replicas and VMs keep their addresses (sticky keys).
     pub retention: FixedIpRetention,
 }
@@ -282,12 +303,11 @@ fn label_selector(selector: &KubeLabelSelector) -> Result<LabelSelector, PlanFai
 
 /// Decides the addresses of one interface: selection by the engine, then the address the
 /// holder already holds, or a free one picked for this node.
-pub fn plan_allocation(input: &AllocationInput<'_>) -> Result<AllocationPlan, PlanFailure> {
-    let facts = pod_facts(input.pod);
-    let holder = AllocationHolder {
-        key: AllocationKey::for_pod(&facts, input.retention),
-        interface: input.interface.to_owned(),
-    };
+pub fn plan_allocation(
+    input: &AllocationInput<'_>,
+    pools: &[IpPool],
+) -> Result<AllocationPlan, PlanFailure> {
+    let holder = holder_of(input);
     let annotations = PodIpamAnnotations::parse(input.pod.annotations())?;
     let empty = BTreeMap::new();
     let namespace_annotations = input.namespace.map_or(&empty, |ns| ns.annotations());
@@ -303,20 +323,29 @@ pub fn plan_allocation(input: &AllocationInput<'_>) -> Result<AllocationPlan, Pl
         pod: &annotations,
         namespace_default: namespace_default.as_ref(),
         namespace_labels: input.namespace.map_or(&empty, |ns| ns.labels()),
-        node_labels: input.node_labels,
+        node_labels: input.nodes.get(input.node).unwrap_or(&empty),
         cni_default_subnets: input.cni_default_subnets,
         subnets: &subnets,
     })?;
     let claims = [selection.ipv4, selection.ipv6]
         .into_iter()
         .flatten()
-        .map(|selection| claim(input, &subnets, &holder, &selection))
+        .map(|selection| claim(input, pools, &subnets, &holder, &selection))
         .collect::<Result<_, _>>()?;
     Ok(AllocationPlan { holder, claims })
 }
 
+/// Who `input`'s addresses are for.
+fn holder_of(input: &AllocationInput<'_>) -> AllocationHolder {
+    AllocationHolder {
+        key: AllocationKey::for_pod(&pod_facts(input.pod), input.retention),
+        interface: input.interface.to_owned(),
+    }
+}
+
 fn claim(
     input: &AllocationInput<'_>,
+    pools: &[IpPool],
     subnets: &[SubnetFacts],
     holder: &AllocationHolder,
     selection: &Selection,
@@ -332,7 +361,7 @@ fn claim(
         let Some(subnet) = subnets.iter().find(|facts| facts.name == name) else {
             continue;
         };
-        match claim_in_subnet(input, subnet, holder, selection) {
+        match claim_in_subnet(input, pools, subnet, holder, selection) {
             Ok(claim) => return Ok(claim),
             Err(failure) => last_failure = Some(failure),
         }
@@ -346,12 +375,12 @@ fn claim(
 
 fn claim_in_subnet(
     input: &AllocationInput<'_>,
+    pools: &[IpPool],
     subnet: &SubnetFacts,
     holder: &AllocationHolder,
     selection: &Selection,
 ) -> Result<Claim, PlanFailure> {
-    let objects: Vec<&IpPool> = input
-        .pools
+    let objects: Vec<&IpPool> = pools
         .iter()
         .filter(|pool| pool.spec.subnet == subnet.name)
         .filter(|pool| match selection {
@@ -383,7 +412,10 @@ fn claim_in_subnet(
             states[position].allocate_static(addresses, holder.clone(), *address)?;
             (position, *address)
         }
-        (None, _) => allocate_in_pools(&mut states, addresses, holder.clone(), input.node)?,
+        (None, _) => {
+            let peers = nodes_served(subnet, input.nodes);
+            allocate_in_pools(&mut states, addresses, holder.clone(), input.node, &peers)?
+        }
     };
     Ok(Claim {
         pool: objects[position].name_any(),
@@ -393,6 +425,70 @@ fn claim_in_subnet(
         gateway: addresses.gateway(),
         subnet: subnet.name.clone(),
         already_held: held.is_some(),
+    })
+}
+
+/// The nodes whose labels `subnet`'s node selector accepts (all nodes without one).
+fn nodes_served(subnet: &SubnetFacts, nodes: &NodeLabels) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|(_, labels)| {
+            subnet
+                .node_selector
+                .as_ref()
+                .is_none_or(|selector| selector.matches(labels))
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Why this node cannot allocate at all: every pool of every Subnet it may use (by node
+/// selector) is full or draining. `None` while any such pool has a free address, and when
+/// there is nothing to judge by (no Subnet for this node, or one whose pools do not exist yet).
+pub fn node_exhaustion(
+    node_labels: &BTreeMap<String, String>,
+    subnets: &[Subnet],
+    pools: &[IpPool],
+) -> Option<String> {
+    let nobody = AllocationHolder {
+        key: AllocationKey::Pod {
+            namespace: String::new(),
+            name: String::new(),
+            uid: String::new(),
+        },
+        interface: String::new(),
+    };
+    let mut full = Vec::new();
+    for subnet in subnets
+        .iter()
+        .filter_map(|subnet| subnet_facts(subnet).ok())
+    {
+        if !subnet
+            .node_selector
+            .as_ref()
+            .is_none_or(|selector| selector.matches(node_labels))
+        {
+            continue;
+        }
+        let states: Vec<PoolState> = pools
+            .iter()
+            .filter(|pool| pool.spec.subnet == subnet.name)
+            .filter_map(|pool| pool_state(pool, &nobody).ok())
+            .collect();
+        let can_allocate = states
+            .iter()
+            .any(|pool| !pool.draining && !pool.free(&subnet.addresses).is_empty());
+        if states.is_empty() || can_allocate {
+            return None;
+        }
+        full.push(subnet.name);
+    }
+    (!full.is_empty()).then(|| {
+        format!(
+            "every IPPool of the Subnets this node may use ({}) is full: add addresses to a \
+             Subnet's ips, or delete pods that no longer need theirs",
+            full.join(", ")
+        )
     })
 }
 
@@ -406,13 +502,107 @@ pub fn allocation_record(holder: &AllocationHolder, pod_uid: &str, node: &str) -
     }
 }
 
-/// The merge patch (on the status subresource) that records `address` for `record`, accepted
-/// only if the pool is still at `resource_version` — optimistic concurrency, no lock.
-pub fn claim_patch(resource_version: &str, address: IpAddr, record: &IpAllocation) -> Value {
-    json!({
-        "metadata": {"resourceVersion": resource_version},
-        "status": {"allocations": {address.to_string(): record}},
-    })
+/// What one request of a group commit comes to.
+#[derive(Debug)]
+pub enum BatchOutcome {
+    /// Decided; its new claims are in the batch's [`PoolWrite`]s.
+    Planned(AllocationPlan),
+    /// Cannot be decided; the request gets this answer and claims nothing.
+    Failed(PlanFailure),
+    /// Another request of the batch is for the same holder (a replayed ADD racing the first):
+    /// it is decided after that one is settled, so it cannot count an unwritten claim as held.
+    Deferred,
+}
+
+/// One write of a group commit: every address the batch claims in `pool`, recorded by one merge
+/// patch guarded by the pool's resourceVersion — all of them are written, or none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolWrite {
+    pub pool: String,
+    pub resource_version: String,
+    pub records: BTreeMap<IpAddr, IpAllocation>,
+    /// Positions (in the batch) of the requests whose claims this write carries.
+    pub members: Vec<usize>,
+}
+
+impl PoolWrite {
+    /// The merge patch (on the status subresource) that records every claim, accepted only if
+    /// the pool is still at the resourceVersion it was decided on — optimistic concurrency, no
+    /// lock.
+    pub fn patch(&self) -> Value {
+        let allocations: serde_json::Map<String, Value> = self
+            .records
+            .iter()
+            .map(|(address, record)| (address.to_string(), json!(record)))
+            .collect();
+        json!({
+            "metadata": {"resourceVersion": self.resource_version},
+            "status": {"allocations": allocations},
+        })
+    }
+}
+
+/// The decisions of a group commit and the writes that make them real.
+#[derive(Debug)]
+pub struct BatchPlan {
+    /// One per request, in the batch's order.
+    pub outcomes: Vec<BatchOutcome>,
+    /// At most one per pool, in pool name order.
+    pub writes: Vec<PoolWrite>,
+}
+
+/// Decides a batch of concurrent ADDs on this node on one view of the pools: each request is
+/// decided as if the requests before it had already claimed their addresses (so no two get the
+/// same one), and the claims are grouped into one write per pool.
+pub fn plan_batch(inputs: &[AllocationInput<'_>], mut pools: Vec<IpPool>) -> BatchPlan {
+    let mut outcomes = Vec::with_capacity(inputs.len());
+    let mut writes: BTreeMap<String, PoolWrite> = BTreeMap::new();
+    let mut holders: Vec<AllocationHolder> = Vec::new();
+    for (position, input) in inputs.iter().enumerate() {
+        let holder = holder_of(input);
+        if holders.contains(&holder) {
+            outcomes.push(BatchOutcome::Deferred);
+            continue;
+        }
+        holders.push(holder);
+        let plan = match plan_allocation(input, &pools) {
+            Ok(plan) => plan,
+            Err(failure) => {
+                outcomes.push(BatchOutcome::Failed(failure));
+                continue;
+            }
+        };
+        let record = allocation_record(
+            &plan.holder,
+            &input.pod.uid().unwrap_or_default(),
+            input.node,
+        );
+        for claim in plan.claims.iter().filter(|claim| !claim.already_held) {
+            if let Some(pool) = pools.iter_mut().find(|pool| pool.name_any() == claim.pool) {
+                pool.status
+                    .get_or_insert_with(Default::default)
+                    .allocations
+                    .insert(claim.address.to_string(), record.clone());
+            }
+            let write = writes
+                .entry(claim.pool.clone())
+                .or_insert_with(|| PoolWrite {
+                    pool: claim.pool.clone(),
+                    resource_version: claim.resource_version.clone(),
+                    records: BTreeMap::new(),
+                    members: Vec::new(),
+                });
+            write.records.insert(claim.address, record.clone());
+            if !write.members.contains(&position) {
+                write.members.push(position);
+            }
+        }
+        outcomes.push(BatchOutcome::Planned(plan));
+    }
+    BatchPlan {
+        outcomes,
+        writes: writes.into_values().collect(),
+    }
 }
 
 /// The merge patch that removes `address`, if the pool at `resource_version` still records it
@@ -566,6 +756,8 @@ pub fn recorded_addresses(interface: &EndpointInterface) -> Vec<(String, IpAddr)
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use serde_json::json;
 
     use super::*;
@@ -604,22 +796,31 @@ mod tests {
         .expect("valid Pod")
     }
 
+    fn input<'a>(
+        pod: &'a Pod,
+        subnets: &'a [Subnet],
+        nodes: &'a NodeLabels,
+        defaults: &'a [String],
+    ) -> AllocationInput<'a> {
+        AllocationInput {
+            pod,
+            namespace: None,
+            node: "node-1",
+            nodes,
+            interface: "eth0",
+            cni_default_subnets: defaults,
+            subnets,
+            retention: FixedIpRetention::ON,
+        }
+    }
+
     fn plan(
         pod: &Pod,
         subnets: &[Subnet],
         pools: &[IpPool],
     ) -> Result<AllocationPlan, PlanFailure> {
-        plan_allocation(&AllocationInput {
-            pod,
-            namespace: None,
-            node: "node-1",
-            node_labels: &BTreeMap::new(),
-            interface: "eth0",
-            cni_default_subnets: &["subnet".to_owned()],
-            subnets,
-            pools,
-            retention: FixedIpRetention::ON,
-        })
+        let nodes = NodeLabels::new();
+        plan_allocation(&input(pod, subnets, &nodes, &["subnet".to_owned()]), pools)
     }
 
     fn seed_pools() -> Vec<IpPool> {
@@ -765,8 +966,14 @@ mod tests {
         let address: IpAddr = "10.6.153.200".parse().map_err(|_| PlanFailure::NoPools {
             subnet: String::new(),
         })?;
+        let write = PoolWrite {
+            pool: "subnet-1".into(),
+            resource_version: "42".into(),
+            records: BTreeMap::from([(address, record.clone())]),
+            members: vec![0],
+        };
         assert_eq!(
-            claim_patch("42", address, &record),
+            write.patch(),
             json!({
                 "metadata": {"resourceVersion": "42"},
                 "status": {"allocations": {"10.6.153.200": {
@@ -846,5 +1053,218 @@ mod tests {
         assert_eq!(response.dns.nameservers, ["10.96.0.10"]);
         assert_eq!(response.ips[0].address.prefix_len(), 16);
         Ok(())
+    }
+
+    fn pods(count: usize) -> Vec<Pod> {
+        (0..count)
+            .map(|n| pod(&format!("web-{n}"), &format!("uid-{n}"), None, json!({})))
+            .collect()
+    }
+
+    fn planned(outcome: &BatchOutcome) -> &AllocationPlan {
+        match outcome {
+            BatchOutcome::Planned(plan) => plan,
+            other => panic!("planned expected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_node_starts_on_its_own_pool() -> Result<(), PlanFailure> {
+        let nodes: NodeLabels = ["node-1", "node-2"]
+            .map(|name| (name.to_owned(), BTreeMap::new()))
+            .into();
+        let defaults = ["subnet".to_owned()];
+        let subnets = [subnet(json!({}))];
+        let pod = pod("web-1", "uid-1", None, json!({}));
+        let mut chosen = Vec::new();
+        for node in ["node-1", "node-2"] {
+            let request = AllocationInput {
+                node,
+                ..input(&pod, &subnets, &nodes, &defaults)
+            };
+            chosen.push(
+                plan_allocation(&request, &seed_pools())?.claims[0]
+                    .pool
+                    .clone(),
+            );
+        }
+        assert_eq!(chosen, ["subnet-0", "subnet-1"]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_claims_distinct_addresses_in_one_write_per_pool() {
+        let pods = pods(3);
+        let nodes = NodeLabels::new();
+        let defaults = ["subnet".to_owned()];
+        let subnets = [subnet(json!({}))];
+        let inputs: Vec<_> = pods
+            .iter()
+            .map(|pod| input(pod, &subnets, &nodes, &defaults))
+            .collect();
+        let batch = plan_batch(&inputs, seed_pools());
+        let addresses: BTreeSet<IpAddr> = batch
+            .outcomes
+            .iter()
+            .map(|outcome| planned(outcome).claims[0].address)
+            .collect();
+        assert_eq!(addresses.len(), 3, "{batch:?}");
+        let [write] = batch.writes.as_slice() else {
+            panic!("one node prefers one pool, so one write: {batch:?}")
+        };
+        assert_eq!(write.members, [0, 1, 2]);
+        assert_eq!(
+            write.records.keys().copied().collect::<BTreeSet<_>>(),
+            addresses
+        );
+        let patch = write.patch();
+        assert_eq!(
+            patch["metadata"]["resourceVersion"],
+            if write.pool == "subnet-0" { "10" } else { "11" }
+        );
+        assert_eq!(
+            patch["status"]["allocations"].as_object().map(|a| a.len()),
+            Some(3)
+        );
+        let first = planned(&batch.outcomes[0]).claims[0].address.to_string();
+        assert_eq!(patch["status"]["allocations"][first]["podUID"], "uid-0");
+    }
+
+    #[test]
+    fn a_batch_answers_each_request_on_its_own() {
+        let mut pods = pods(2);
+        // A replayed ADD racing the first one, a bad annotation, and a pod already holding one.
+        pods.push(pods[0].clone());
+        pods.push(pod(
+            "bad",
+            "uid-bad",
+            None,
+            json!({"ipam.virtnet.io/subnet": "{\"ipv4\": \"nope\"}"}),
+        ));
+        pods.push(pod("held", "uid-held", None, json!({})));
+        let mut pools = seed_pools();
+        pools[0] = pool(
+            0,
+            &["10.6.153.100-10.6.153.177"],
+            json!({"10.6.153.150": {"endpoint": "default/held", "interface": "eth0", "podUID": "uid-held", "node": "node-1"}}),
+        );
+        let nodes = NodeLabels::new();
+        let defaults = ["subnet".to_owned()];
+        let subnets = [subnet(json!({}))];
+        let inputs: Vec<_> = pods
+            .iter()
+            .map(|pod| input(pod, &subnets, &nodes, &defaults))
+            .collect();
+        let batch = plan_batch(&inputs, pools);
+        assert!(
+            matches!(batch.outcomes[2], BatchOutcome::Deferred),
+            "{batch:?}"
+        );
+        assert!(
+            matches!(&batch.outcomes[3], BatchOutcome::Failed(failure) if failure.kind() == ErrorKind::SubnetNotFound),
+            "{batch:?}"
+        );
+        let held = planned(&batch.outcomes[4]);
+        assert!(held.claims[0].already_held);
+        assert_eq!(held.claims[0].address.to_string(), "10.6.153.150");
+        let members: Vec<usize> = batch
+            .writes
+            .iter()
+            .flat_map(|write| write.members.iter().copied())
+            .collect();
+        assert_eq!(members, [0, 1], "only new claims are written");
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_subnet_fills_it_and_refuses_the_rest() {
+        let pods = pods(200);
+        let nodes = NodeLabels::new();
+        let defaults = ["subnet".to_owned()];
+        let subnets = [subnet(json!({}))];
+        let inputs: Vec<_> = pods
+            .iter()
+            .map(|pod| input(pod, &subnets, &nodes, &defaults))
+            .collect();
+        let batch = plan_batch(&inputs, seed_pools());
+        let mut addresses = BTreeSet::new();
+        let mut exhausted = 0;
+        for outcome in &batch.outcomes {
+            match outcome {
+                BatchOutcome::Planned(plan) => {
+                    assert!(
+                        addresses.insert(plan.claims[0].address),
+                        "duplicate: {plan:?}"
+                    )
+                }
+                BatchOutcome::Failed(failure) => {
+                    assert_eq!(failure.kind(), ErrorKind::PoolExhausted, "{failure}");
+                    exhausted += 1;
+                }
+                BatchOutcome::Deferred => panic!("no holder repeats"),
+            }
+        }
+        assert_eq!((addresses.len(), exhausted), (156, 44));
+        assert_eq!(batch.writes.len(), 2);
+        assert_eq!(
+            batch
+                .writes
+                .iter()
+                .map(|write| write.records.len())
+                .sum::<usize>(),
+            156
+        );
+    }
+
+    #[test]
+    fn the_node_is_exhausted_only_when_every_usable_pool_is_full() {
+        let labels = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
+        let tiny = [subnet(json!({"ips": ["10.6.153.100"], "replicas": 1}))];
+        let taken = json!({"10.6.153.100": {"endpoint": "default/a", "interface": "eth0", "podUID": "a", "node": "n"}});
+        let full = [pool(0, &["10.6.153.100"], taken.clone())];
+        let message = node_exhaustion(&labels, &tiny, &full).expect("exhausted");
+        assert!(
+            message.contains("(subnet)") && message.contains("add addresses"),
+            "{message}"
+        );
+        assert_eq!(
+            node_exhaustion(&labels, &tiny, &[pool(0, &["10.6.153.100"], json!({}))]),
+            None
+        );
+        assert_eq!(
+            node_exhaustion(&labels, &tiny, &[]),
+            None,
+            "no pools yet: nothing to judge"
+        );
+        assert_eq!(
+            node_exhaustion(&labels, &[], &full),
+            None,
+            "no Subnet: nothing to judge"
+        );
+        // A Subnet for other nodes does not count, either way.
+        let elsewhere = subnet(json!({"nodeSelector": {"matchLabels": {"zone": "b"}}}));
+        assert_eq!(node_exhaustion(&labels, &[elsewhere], &full), None);
+        let mut draining = pool(0, &["10.6.153.100"], json!({}));
+        draining.spec.draining = true;
+        assert!(node_exhaustion(&labels, &tiny, &[draining]).is_some());
+    }
+
+    #[test]
+    fn refusals_the_pod_owner_can_act_on_become_events() {
+        let pod = pod(
+            "web-1",
+            "uid-1",
+            None,
+            json!({"ipam.virtnet.io/subnet": "not json"}),
+        );
+        let bad = plan(&pod, &[subnet(json!({}))], &seed_pools()).expect_err("bad annotation");
+        assert_eq!(bad.event_reason(), Some("InvalidIPAMAnnotation"), "{bad}");
+        let exhausted = PlanFailure::Ipam(IpamError::SubnetExhausted {
+            cidr: "10.6.0.0/16".parse().expect("cidr"),
+        });
+        assert_eq!(exhausted.event_reason(), Some("IPPoolExhausted"));
+        let unknown = PlanFailure::UnknownPool { pool: "x".into() };
+        assert_eq!(unknown.event_reason(), Some("IPAMRequestRejected"));
+        let transient = PlanFailure::NoPools { subnet: "s".into() };
+        assert_eq!(transient.event_reason(), None);
     }
 }

@@ -4,17 +4,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use virtnet_cni::agent_api::{
     AllocateRequest, AllocateResponse, ApiError, CheckRequest, ErrorKind, GcRequest, PodRef,
@@ -22,13 +25,24 @@ use virtnet_cni::agent_api::{
 
 use super::Error;
 use super::plan::{
-    self, AllocationInput, AllocationPlan, Claim, allocation_record, claim_patch, pod_facts,
+    self, AllocationInput, AllocationPlan, BatchOutcome, Claim, PlanFailure, PoolWrite, pod_facts,
 };
 use crate::crd::{Endpoint, EndpointSpec, FINALIZER_ENDPOINT, IpPool, Subnet};
 use crate::ipam::{AllocationHolder, AllocationKey, FixedIpRetention};
+use crate::observability::Metrics;
 
 /// Conflicting writes are retried this many times before the plugin is told to try again.
 const MAX_ATTEMPTS: u32 = 8;
+
+/// How the agent commits claims.
+#[derive(Clone)]
+pub struct AgentSettings {
+    /// Most ADDs decided and written together (1: every ADD on its own).
+    pub batch_limit: usize,
+    pub metrics: Arc<Metrics>,
+    /// Whether StatefulSet replicas and VMs keep their addresses (sticky keys).
+    pub retention: FixedIpRetention,
+}
 
 /// The node agent: its caches and its client.
 pub struct Agent {
@@ -38,13 +52,69 @@ pub struct Agent {
     subnets: Store<Subnet>,
     pools: Store<IpPool>,
     namespaces: Store<Namespace>,
-    nodes: Store<Node>,
+    /// Every node's name and labels: the Subnets' pools are shared out among the nodes.
+    nodes: Store<PartialObjectMeta<Node>>,
     pods: Store<Pod>,
     endpoints: Store<Endpoint>,
-    /// Held while deciding and claiming (see [`Agent::allocate`]).
+    /// Held while deciding and claiming (see [`Agent::commit`]) and releasing.
     claiming: tokio::sync::Mutex<()>,
     /// Pools as this agent last wrote or re-read them, until the cache moves on.
     remembered: std::sync::Mutex<HashMap<String, plan::Remembered>>,
+    /// ADDs waiting for [`Agent::run_commits`].
+    jobs: mpsc::UnboundedSender<ClaimJob>,
+    batch_limit: usize,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+}
+
+/// One ADD waiting to be decided and claimed.
+struct ClaimJob {
+    request: AllocateRequest,
+    pod: Pod,
+    reply: oneshot::Sender<Result<Claimed, ApiError>>,
+}
+
+/// A request of a batch while it is being committed.
+struct Member {
+    job: ClaimJob,
+    holder: AllocationHolder,
+    /// Addresses written for it so far (given back if it fails).
+    claimed: Vec<Claim>,
+    conflicts: u32,
+}
+
+/// What the commit hands back to the ADD: the decision and the addresses it newly claimed.
+struct Claimed {
+    plan: AllocationPlan,
+    claimed: Vec<Claim>,
+    attempts: u32,
+    batch: usize,
+}
+
+/// How one pool write of a batch went.
+enum PoolWritten {
+    Done,
+    Conflict,
+    Failed(ApiError),
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        ErrorKind::NotReady,
+        "the agent is shutting down; the runtime retries the ADD",
+    )
+}
+
+fn gave_up(claims: &[&Claim]) -> ApiError {
+    let pools: Vec<&str> = claims.iter().map(|claim| claim.pool.as_str()).collect();
+    ApiError::new(
+        ErrorKind::NotReady,
+        format!(
+            "gave up claiming an address after {MAX_ATTEMPTS} attempts (IPPool {} kept \
+             changing); the runtime retries the ADD",
+            pools.join(", ")
+        ),
+    )
 }
 
 /// Starts a reflector for `api` and returns its store.
@@ -85,22 +155,22 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl Agent {
-    /// Checks the CRDs are installed, starts the caches and waits until they have synced.
+    /// Checks the CRDs are installed, starts the caches, waits until they have synced and starts
+    /// the commit task.
     pub async fn start(
         client: Client,
         node: String,
-        retention: FixedIpRetention,
-    ) -> Result<Self, Error> {
+        settings: AgentSettings,
+    ) -> Result<Arc<Self>, Error> {
         crate::crd::ensure_installed(&client).await?;
         let config = watcher::Config::default;
+        let (jobs, queued) = mpsc::unbounded_channel();
         let agent = Self {
             subnets: cache(Api::all(client.clone()), config()),
             pools: cache(Api::all(client.clone()), config()),
             namespaces: cache(Api::all(client.clone()), config()),
-            nodes: cache(
-                Api::all(client.clone()),
-                config().fields(&format!("metadata.name={node}")),
-            ),
+            // Metadata only: names and labels are all the agent reads of other nodes.
+            nodes: cache(Api::all(client.clone()), config()),
             pods: cache(
                 Api::all(client.clone()),
                 config().fields(&format!("spec.nodeName={node}")),
@@ -108,9 +178,19 @@ impl Agent {
             endpoints: cache(Api::all(client.clone()), config()),
             claiming: tokio::sync::Mutex::new(()),
             remembered: std::sync::Mutex::default(),
+            jobs,
+            batch_limit: settings.batch_limit.max(1),
+            metrics: settings.metrics,
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "virtnet-agent".to_owned(),
+                    instance: Some(node.clone()),
+                },
+            ),
             client,
             node,
-            retention,
+            retention: settings.retention,
         };
         for (what, ready) in [
             ("Subnets", agent.subnets.wait_until_ready().await),
@@ -125,6 +205,8 @@ impl Agent {
             }
         }
         info!("caches synced");
+        let agent = Arc::new(agent);
+        tokio::spawn(Arc::clone(&agent).run_commits(queued));
         Ok(agent)
     }
 
@@ -184,131 +266,306 @@ impl Agent {
         }
     }
 
-    /// ADD: decide on the cache, claim with optimistic concurrency, then record the Endpoint.
+    /// ADD: decide on the cache, claim with optimistic concurrency (grouped with the other ADDs
+    /// arriving meanwhile, see [`Agent::commit`]), then record the Endpoint.
     pub async fn allocate(&self, request: &AllocateRequest) -> Result<AllocateResponse, ApiError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        let result = self.allocate_unmeasured(request).await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(error) => serde_json::to_value(error.kind)
+                .ok()
+                .and_then(|kind| kind.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        };
+        self.metrics
+            .allocation_finished(started.elapsed().as_secs_f64(), &outcome);
+        if let Err(error) = &result
+            && error.kind == ErrorKind::PoolExhausted
+        {
+            self.metrics.pool_exhausted();
+        }
+        result
+    }
+
+    async fn allocate_unmeasured(
+        &self,
+        request: &AllocateRequest,
+    ) -> Result<AllocateResponse, ApiError> {
+        let started = Instant::now();
         let pod = self.pod(&request.pod).await?;
-        let namespace = self.namespaces.get(&ObjectRef::new(&request.pod.namespace));
-        let node = self.nodes.get(&ObjectRef::new(&self.node));
-        let node_labels = node
-            .as_ref()
-            .map(|node| node.labels().clone())
-            .unwrap_or_default();
-        let subnets: Vec<Subnet> = self
-            .subnets
-            .state()
-            .iter()
-            .map(|s| Subnet::clone(s))
-            .collect();
-        let holder = AllocationHolder {
-            key: AllocationKey::for_pod(&pod_facts(&pod), self.retention),
-            interface: request.ifname.clone(),
+        let (reply, answer) = oneshot::channel();
+        let job = ClaimJob {
+            request: request.clone(),
+            pod: pod.clone(),
+            reply,
         };
-        let mut claimed: Vec<Claim> = Vec::new();
-        let mut attempt = 0;
-        // This node's claims go one at a time, so they never conflict with each other; other
-        // nodes are not waited for (their writes show up as conflicts).
-        let claiming = self.claiming.lock().await;
-        let plan = loop {
-            let cached: Vec<IpPool> = self
-                .pools
-                .state()
-                .iter()
-                .map(|pool| IpPool::clone(pool))
-                .collect();
-            let pools = plan::newest_pools(cached, &mut self.remembered());
-            let plan = plan::plan_allocation(&AllocationInput {
-                pod: &pod,
-                namespace: namespace.as_deref(),
-                node: &self.node,
-                node_labels: &node_labels,
-                interface: &request.ifname,
-                cni_default_subnets: &request.default_subnets,
-                subnets: &subnets,
-                pools: &pools,
-                retention: self.retention,
-            });
-            let plan = match plan {
-                Ok(plan) => plan,
-                Err(failure) => {
-                    self.undo(&claimed, &holder).await;
-                    return Err(failure.into());
-                }
-            };
-            match self.claim_all(&plan, &pod, &mut claimed).await {
-                Ok(()) => break plan,
-                Err(Some(pool)) if attempt + 1 < MAX_ATTEMPTS => {
-                    attempt += 1;
-                    debug!(%pool, attempt, "conflict claiming an address; re-reading the pool");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    match self.pool_api().get(&pool).await {
-                        Ok(current) => self.remember(current),
-                        Err(error) => {
-                            self.undo(&claimed, &holder).await;
-                            return Err(internal("re-reading an IPPool", &error));
-                        }
-                    }
-                }
-                Err(pool) => {
-                    self.undo(&claimed, &holder).await;
-                    return Err(ApiError::new(
-                        ErrorKind::NotReady,
-                        format!(
-                            "gave up claiming an address after {MAX_ATTEMPTS} attempts ({}); \
-                             the runtime retries the ADD",
-                            pool.map_or_else(
-                                || "the API server refused the write".to_owned(),
-                                |pool| format!("IPPool {pool} kept changing"),
-                            ),
-                        ),
-                    ));
-                }
-            }
-        };
-        drop(claiming);
-        if let Err(error) = self.record_endpoint(&plan, &pod, request).await {
-            self.undo(&claimed, &holder).await;
+        self.jobs.send(job).map_err(|_| shutting_down())?;
+        let claimed = answer.await.map_err(|_| shutting_down())??;
+        if let Err(error) = self.record_endpoint(&claimed.plan, &pod, request).await {
+            self.undo(&claimed.claimed, &claimed.plan.holder).await;
             return Err(error);
         }
         info!(
             pod = %format!("{}/{}", request.pod.namespace, request.pod.name),
             interface = %request.ifname,
-            addresses = ?plan.claims.iter().map(|claim| claim.address).collect::<Vec<_>>(),
-            attempts = attempt + 1,
+            addresses = ?claimed.plan.claims.iter().map(|claim| claim.address).collect::<Vec<_>>(),
+            attempts = claimed.attempts,
+            batch = claimed.batch,
             elapsed_ms = started.elapsed().as_millis(),
             "allocated"
         );
-        Ok(plan::allocate_response(&plan.claims, &subnets))
+        Ok(plan::allocate_response(
+            &claimed.plan.claims,
+            &self.subnet_snapshot(),
+        ))
     }
 
-    /// Claims every address of `plan` the pool does not record yet; newly claimed ones are
-    /// added to `claimed`. `Err(Some(pool))`: a conflict on `pool`; `Err(None)`: another failure.
-    async fn claim_all(
-        &self,
-        plan: &AllocationPlan,
-        pod: &Pod,
-        claimed: &mut Vec<Claim>,
-    ) -> Result<(), Option<String>> {
-        let record = allocation_record(&plan.holder, &pod.uid().unwrap_or_default(), &self.node);
-        for claim in plan.claims.iter().filter(|claim| !claim.already_held) {
-            let patch = claim_patch(&claim.resource_version, claim.address, &record);
-            match self
-                .pool_api()
-                .patch_status(&claim.pool, &PatchParams::default(), &Patch::Merge(&patch))
+    fn subnet_snapshot(&self) -> Vec<Subnet> {
+        self.subnets
+            .state()
+            .iter()
+            .map(|subnet| Subnet::clone(subnet))
+            .collect()
+    }
+
+    fn pool_snapshot(&self) -> Vec<IpPool> {
+        self.pools
+            .state()
+            .iter()
+            .map(|pool| IpPool::clone(pool))
+            .collect()
+    }
+
+    fn node_labels(&self) -> plan::NodeLabels {
+        self.nodes
+            .state()
+            .iter()
+            .map(|node| (node.name_any(), node.labels().clone()))
+            .collect()
+    }
+
+    /// Takes the queued ADDs, up to `batch_limit` at a time, and commits each batch together.
+    /// Runs as its own task, so a plugin that gives up cannot cut a batch short.
+    async fn run_commits(self: Arc<Self>, mut jobs: mpsc::UnboundedReceiver<ClaimJob>) {
+        while let Some(first) = jobs.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < self.batch_limit {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.metrics.batch_committed(batch.len());
+            self.commit(batch).await;
+        }
+    }
+
+    /// Group commit: decides every ADD of `batch` on one view of the pools
+    /// ([`plan::plan_batch`]) and records all claims on one pool with one write guarded by its
+    /// resourceVersion. Each request gets its own answer: a request whose write conflicted is
+    /// decided again (with the others that conflicted) on the re-read pool, one that fails
+    /// gives back whatever it claimed in earlier rounds, so a failed ADD holds nothing.
+    async fn commit(&self, batch: Vec<ClaimJob>) {
+        // This node's claims go one batch at a time, so they never conflict with each other;
+        // other nodes are not waited for (their writes show up as conflicts).
+        let _claiming = self.claiming.lock().await;
+        let size = batch.len();
+        let mut members: Vec<Member> = batch
+            .into_iter()
+            .map(|job| Member {
+                holder: AllocationHolder {
+                    key: AllocationKey::for_pod(&pod_facts(&job.pod), self.retention),
+                    interface: job.request.ifname.clone(),
+                },
+                job,
+                claimed: Vec::new(),
+                conflicts: 0,
+            })
+            .collect();
+        loop {
+            // A plugin that stopped waiting (its timeout) is not served: deciding and writing
+            // for it would only be undone, and under load that wasted work is what makes the
+            // next requests time out too.
+            let (gone, live): (Vec<Member>, Vec<Member>) = members
+                .into_iter()
+                .partition(|member| member.job.reply.is_closed());
+            for member in gone {
+                self.undo(&member.claimed, &member.holder).await;
+            }
+            members = live;
+            if members.is_empty() {
+                break;
+            }
+            let subnets = self.subnet_snapshot();
+            let nodes = self.node_labels();
+            let pools = plan::newest_pools(self.pool_snapshot(), &mut self.remembered());
+            let namespaces: Vec<_> = members
+                .iter()
+                .map(|member| {
+                    self.namespaces
+                        .get(&ObjectRef::new(&member.job.request.pod.namespace))
+                })
+                .collect();
+            let inputs: Vec<AllocationInput<'_>> = members
+                .iter()
+                .zip(&namespaces)
+                .map(|(member, namespace)| AllocationInput {
+                    pod: &member.job.pod,
+                    namespace: namespace.as_deref(),
+                    node: &self.node,
+                    nodes: &nodes,
+                    interface: &member.job.request.ifname,
+                    cni_default_subnets: &member.job.request.default_subnets,
+                    subnets: &subnets,
+                    retention: self.retention,
+                })
+                .collect();
+            let batch = plan::plan_batch(&inputs, pools);
+            drop(inputs);
+            let written = self.write_pools(&batch.writes).await;
+            let mut again = Vec::new();
+            let mut most_conflicts = 0;
+            for (mut member, outcome) in members.into_iter().zip(batch.outcomes) {
+                let plan = match outcome {
+                    BatchOutcome::Deferred => {
+                        again.push(member);
+                        continue;
+                    }
+                    BatchOutcome::Failed(failure) => {
+                        self.report_refusal(&member.job.pod, &failure);
+                        self.settle(member, Err(failure.into()), size).await;
+                        continue;
+                    }
+                    BatchOutcome::Planned(plan) => plan,
+                };
+                let new: Vec<&Claim> = plan
+                    .claims
+                    .iter()
+                    .filter(|claim| !claim.already_held)
+                    .collect();
+                let outcome_of = |claim: &Claim| written.get(&claim.pool);
+                member.claimed.extend(
+                    new.iter()
+                        .filter(|claim| matches!(outcome_of(claim), Some(PoolWritten::Done)))
+                        .map(|claim| Claim::clone(claim)),
+                );
+                let failure = new.iter().find_map(|claim| match outcome_of(claim) {
+                    Some(PoolWritten::Failed(error)) => Some(error.clone()),
+                    _ => None,
+                });
+                let conflicted = new
+                    .iter()
+                    .any(|claim| matches!(outcome_of(claim), Some(PoolWritten::Conflict)));
+                if let Some(error) = failure {
+                    self.settle(member, Err(error), size).await;
+                } else if conflicted {
+                    member.conflicts += 1;
+                    most_conflicts = most_conflicts.max(member.conflicts);
+                    if member.conflicts < MAX_ATTEMPTS {
+                        self.metrics.claim_retried();
+                        again.push(member);
+                    } else {
+                        self.settle(member, Err(gave_up(&new)), size).await;
+                    }
+                } else {
+                    self.settle(member, Ok(plan), size).await;
+                }
+            }
+            if most_conflicts > 0 {
+                tokio::time::sleep(backoff(most_conflicts)).await;
+            }
+            members = again;
+        }
+    }
+
+    /// Makes every write of a batch, in parallel (at most one per pool); a pool whose write
+    /// conflicted is re-read so the next round decides on its current version.
+    async fn write_pools(&self, writes: &[PoolWrite]) -> BTreeMap<String, PoolWritten> {
+        let results = futures::future::join_all(writes.iter().map(|write| async move {
+            let api = self.pool_api();
+            let outcome = match api
+                .patch_status(
+                    &write.pool,
+                    &PatchParams::default(),
+                    &Patch::Merge(write.patch()),
+                )
                 .await
             {
                 Ok(written) => {
                     self.remember(written);
-                    claimed.push(claim.clone());
+                    PoolWritten::Done
                 }
-                Err(error) if is_conflict(&error) => return Err(Some(claim.pool.clone())),
+                Err(error) if is_conflict(&error) => {
+                    self.metrics.claim_conflicted();
+                    debug!(pool = %write.pool, "conflict claiming addresses; re-reading the pool");
+                    match api.get(&write.pool).await {
+                        Ok(current) => {
+                            self.remember(current);
+                            PoolWritten::Conflict
+                        }
+                        Err(error) => PoolWritten::Failed(internal("re-reading an IPPool", &error)),
+                    }
+                }
                 Err(error) => {
-                    warn!(%error, pool = %claim.pool, "claiming an address failed");
-                    return Err(None);
+                    warn!(%error, pool = %write.pool, "claiming addresses failed");
+                    PoolWritten::Failed(internal("claiming an address", &error))
                 }
-            }
+            };
+            (write.pool.clone(), outcome)
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    /// Answers one request of a batch. A failed one gives back what it claimed; so does one
+    /// whose plugin stopped waiting (nobody would record the Endpoint).
+    async fn settle(&self, member: Member, result: Result<AllocationPlan, ApiError>, batch: usize) {
+        let answer = result.map(|plan| Claimed {
+            plan,
+            claimed: member.claimed.clone(),
+            attempts: member.conflicts + 1,
+            batch,
+        });
+        let failed = answer.is_err();
+        if (member.job.reply.send(answer).is_err() || failed) && !member.claimed.is_empty() {
+            self.undo(&member.claimed, &member.holder).await;
         }
-        Ok(())
+    }
+
+    /// Puts a Warning Event on the pod for a refusal its owner can act on; published in the
+    /// background so the batch is not held up.
+    fn report_refusal(&self, pod: &Pod, failure: &PlanFailure) {
+        let Some(reason) = failure.event_reason() else {
+            return;
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(failure.to_string().chars().take(1000).collect()),
+            action: "AllocateAddress".to_owned(),
+            secondary: None,
+        };
+        let reference = pod.object_ref(&());
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                warn!(%error, "could not publish an Event on the pod");
+            }
+        });
+    }
+
+    /// STATUS: not ready when every pool this node may use is full.
+    pub fn status(&self) -> Result<(), ApiError> {
+        let labels = self
+            .nodes
+            .get(&ObjectRef::new(&self.node))
+            .map(|node| node.labels().clone())
+            .unwrap_or_default();
+        match plan::node_exhaustion(&labels, &self.subnet_snapshot(), &self.pool_snapshot()) {
+            Some(message) => Err(ApiError::new(ErrorKind::PoolExhausted, message)),
+            None => Ok(()),
+        }
     }
 
     /// Gives back addresses this request claimed, after a later step failed.
@@ -339,11 +596,22 @@ impl Agent {
         let api = self.endpoint_api(plan.holder.key.namespace());
         let name = plan.holder.key.endpoint_name();
         let interface = plan::endpoint_interface(&request.ifname, &plan.claims);
+        let namespace = plan.holder.key.namespace();
         for attempt in 0..MAX_ATTEMPTS {
-            let existing = api
-                .get_opt(name)
-                .await
-                .map_err(|error| internal("reading the Endpoint", &error))?;
+            // A new pod's Endpoint does not exist yet: when the cache agrees, create it without
+            // asking (a stale cache makes the create fail as a conflict, and the retry reads).
+            let cached_absent = attempt == 0
+                && self
+                    .endpoints
+                    .get(&ObjectRef::new(name).within(namespace))
+                    .is_none();
+            let existing = if cached_absent {
+                None
+            } else {
+                api.get_opt(name)
+                    .await
+                    .map_err(|error| internal("reading the Endpoint", &error))?
+            };
             let spec = plan::endpoint_spec(
                 existing.as_ref().map(|endpoint| &endpoint.spec),
                 &plan.holder,

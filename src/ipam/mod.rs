@@ -39,7 +39,7 @@ pub use key::{
     AllocationKey, FixedIpRetention, KUBEVIRT_API_GROUP, KUBEVIRT_LAUNCHER_LABEL,
     KUBEVIRT_LAUNCHER_VALUE, KUBEVIRT_VM_NAME_LABEL, OwnerRef, PodFacts,
 };
-pub use pick::{order_pools_for_node, pick_free_address, stable_hash};
+pub use pick::{node_rotation, order_pools_for_node, pick_free_address, stable_hash};
 pub use pool::{
     AllocationHolder, PoolCounts, PoolState, allocate_in_pools, apply_split, find_static_pool,
 };

@@ -167,13 +167,15 @@ impl PoolState {
 }
 
 /// Allocates for `holder` from the pools of one Subnet: the address it already holds in any of
-/// them, or else a free address from the first pool in [`order_pools_for_node`] order.
+/// them, or else a free address from the first pool in [`order_pools_for_node`] order (`peers`:
+/// the nodes that may use the Subnet, which spreads their first choices).
 /// Returns the position of the pool in `pools` and the address.
 pub fn allocate_in_pools(
     pools: &mut [PoolState],
     subnet: &SubnetAddresses,
     holder: AllocationHolder,
     node: &str,
+    peers: &[String],
 ) -> Result<(usize, IpAddr), IpamError> {
     if let Some(held) = pools
         .iter()
@@ -182,7 +184,7 @@ pub fn allocate_in_pools(
     {
         return Ok(held);
     }
-    let position = order_pools_for_node(pools, subnet, node)
+    let position = order_pools_for_node(pools, subnet, node, peers)
         .into_iter()
         .next()
         .ok_or(IpamError::SubnetExhausted {
@@ -486,17 +488,18 @@ mod tests {
         let mut pools = Vec::new();
         split_into(&mut pools, &subnet, 3);
         let (position, address) =
-            allocate_in_pools(&mut pools, &subnet, holder("a"), "node-1").expect("free");
+            allocate_in_pools(&mut pools, &subnet, holder("a"), "node-1", &[]).expect("free");
         assert_eq!(
-            allocate_in_pools(&mut pools, &subnet, holder("a"), "node-2"),
+            allocate_in_pools(&mut pools, &subnet, holder("a"), "node-2", &[]),
             Ok((position, address)),
             "the held address is returned from any node"
         );
         for n in 0..11 {
-            allocate_in_pools(&mut pools, &subnet, holder(&n.to_string()), "node-1").expect("free");
+            allocate_in_pools(&mut pools, &subnet, holder(&n.to_string()), "node-1", &[])
+                .expect("free");
         }
         assert_eq!(
-            allocate_in_pools(&mut pools, &subnet, holder("late"), "node-1")
+            allocate_in_pools(&mut pools, &subnet, holder("late"), "node-1", &[])
                 .expect_err("all 12 used")
                 .to_string(),
             "no IPPool of subnet 10.0.0.0/24 has a free address: add addresses to the Subnet's ips, or release some"
@@ -518,7 +521,7 @@ mod tests {
         let mut handed_out = Vec::new();
         for n in 0..62 {
             let (_, address) =
-                allocate_in_pools(&mut pools, &subnet, holder(&n.to_string()), "node-6")
+                allocate_in_pools(&mut pools, &subnet, holder(&n.to_string()), "node-6", &[])
                     .expect("62 addresses for 62 holders");
             assert!(subnet.effective().contains(address), "{address}");
             handed_out.push(address);
@@ -527,7 +530,7 @@ mod tests {
         handed_out.dedup();
         assert_eq!(handed_out.len(), 62);
         assert!(matches!(
-            allocate_in_pools(&mut pools, &subnet, holder("late"), "node-6"),
+            allocate_in_pools(&mut pools, &subnet, holder("late"), "node-6", &[]),
             Err(IpamError::SubnetExhausted { .. })
         ));
         assert!(matches!(

@@ -210,7 +210,7 @@ impl Simulation {
                     .map(|pool| pool.free(&self.subnet).len())
                     .sum();
                 let node = format!("node-{node}");
-                match allocate_in_pools(&mut self.pools, &self.subnet, holder.clone(), &node) {
+                match allocate_in_pools(&mut self.pools, &self.subnet, holder.clone(), &node, &[]) {
                     Ok((_, address)) => match before {
                         Some(held) => {
                             prop_assert_eq!(address, held, "a retry returns the held address")

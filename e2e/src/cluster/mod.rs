@@ -31,6 +31,7 @@ use kube::{
 
 use self::components::Binaries;
 pub use self::{
+    components::apiserver_url,
     layout::{DEFAULT_STATE_PARENT, Layout},
     node_cni::{NodeDirs, POD_RANGE_FIRST, POD_RANGE_LAST},
     teardown::teardown,

@@ -60,6 +60,8 @@ pub struct VirtnetOptions {
     pub multus: bool,
     /// Extra environment of `virtnet controller` (e.g. `VIRTNET_GC_INTERVAL`).
     pub controller_env: Vec<(String, String)>,
+    /// Extra environment of every `virtnet agent` (e.g. `VIRTNET_GROUP_COMMIT=false`).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl VirtnetOptions {
@@ -75,6 +77,7 @@ impl VirtnetOptions {
             repo,
             multus: false,
             controller_env: Vec::new(),
+            agent_env: Vec::new(),
         }
     }
 
@@ -192,20 +195,26 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Installe
     for (node, netns, dirs) in &target.nodes {
         let socket = dirs.agent_run.join("agent.sock");
         daemons.push(
-            Daemon::new(format!("virtnet-agent-{node}"), Some(netns.clone()), "env").args([
-                format!("KUBECONFIG={}", agent_kubeconfig.display()),
-                format!("NODE_NAME={node}"),
-                format!("VIRTNET_SOCKET={}", socket.display()),
-                "VIRTNET_HTTP_ADDR=127.0.0.1:9741".to_owned(),
-                format!("VIRTNET_CNI_PLUGINS_SOURCE={}", options.binaries.display()),
-                format!("VIRTNET_CNI_BIN_DIR={}", dirs.cni_bin.display()),
-                format!("VIRTNET_CNI_CONF_DIR={}", dirs.cni_conf.display()),
-                "VIRTNET_DEFAULT_CNI=true".to_owned(),
-                format!("VIRTNET_CNI_MASTER={}", crate::topology::NODE_NIC),
-                format!("VIRTNET_CNI_DEFAULT_SUBNETS={SEED_SUBNET}"),
-                virtnet.display().to_string(),
-                "agent".to_owned(),
-            ]),
+            Daemon::new(format!("virtnet-agent-{node}"), Some(netns.clone()), "env")
+                .args([
+                    format!("KUBECONFIG={}", agent_kubeconfig.display()),
+                    format!("NODE_NAME={node}"),
+                    format!("VIRTNET_SOCKET={}", socket.display()),
+                    "VIRTNET_HTTP_ADDR=127.0.0.1:9741".to_owned(),
+                    format!("VIRTNET_CNI_PLUGINS_SOURCE={}", options.binaries.display()),
+                    format!("VIRTNET_CNI_BIN_DIR={}", dirs.cni_bin.display()),
+                    format!("VIRTNET_CNI_CONF_DIR={}", dirs.cni_conf.display()),
+                    "VIRTNET_DEFAULT_CNI=true".to_owned(),
+                    format!("VIRTNET_CNI_MASTER={}", crate::topology::NODE_NIC),
+                    format!("VIRTNET_CNI_DEFAULT_SUBNETS={SEED_SUBNET}"),
+                ])
+                .args(
+                    options
+                        .agent_env
+                        .iter()
+                        .map(|(key, value)| format!("{key}={value}")),
+                )
+                .args([virtnet.display().to_string(), "agent".to_owned()]),
         );
     }
     Ok(Installed { daemons, multus })

@@ -40,14 +40,14 @@ pub fn virtnet_allocates_seed_000_addresses_and_returns_them(suite: &Suite) -> a
     })
 }
 
-pub(crate) fn kubectl_json(cluster: &Cluster, args: &[&str]) -> anyhow::Result<Value> {
+pub fn kubectl_json(cluster: &Cluster, args: &[&str]) -> anyhow::Result<Value> {
     let mut args = args.to_vec();
     args.extend(["-o", "json"]);
     Ok(serde_json::from_str(&cluster.kubectl(&args)?)?)
 }
 
 /// Every (address, record) of every IPPool.
-pub(crate) fn pool_records(cluster: &Cluster) -> anyhow::Result<Vec<(String, Value)>> {
+pub fn pool_records(cluster: &Cluster) -> anyhow::Result<Vec<(String, Value)>> {
     let pools = kubectl_json(cluster, &["get", "ippools.virtnet.io"])?;
     Ok(pools["items"]
         .as_array()
