@@ -161,16 +161,18 @@ pub struct SelectionRequest<'a> {
 /// Subnets that reject the pod are skipped.
 ///
 /// A default that names a Subnet which does not exist (CNI `default_subnet`, or the namespace's
-/// single-name form) has no family to go by. Once the pod's own annotations serve the interface,
-/// such a name is skipped rather than failing a pod that never needed it; otherwise it is an error.
+/// single-name form) has no family to go by. Once the pod's own annotations or an existing
+/// namespace default serve the interface, such a name is skipped rather than failing a pod that
+/// never needed it; otherwise it is an error.
 pub fn select_for_interface(
     request: &SelectionRequest<'_>,
 ) -> Result<InterfaceSelection, IpamError> {
-    let pod_chose = [IpFamily::V4, IpFamily::V6]
+    let chosen = [IpFamily::V4, IpFamily::V6]
         .into_iter()
-        .any(|family| request.pod_names_something(family));
-    let ipv4 = select_family(request, IpFamily::V4, pod_chose)?;
-    let ipv6 = select_family(request, IpFamily::V6, pod_chose)?;
+        .any(|family| request.pod_names_something(family))
+        || request.namespace_names_something();
+    let ipv4 = select_family(request, IpFamily::V4, chosen)?;
+    let ipv6 = select_family(request, IpFamily::V6, chosen)?;
     if ipv4.is_none() && ipv6.is_none() {
         return Err(IpamError::NoSubnetForInterface {
             interface: request.interface.to_string(),
@@ -246,6 +248,20 @@ impl<'a> SelectionRequest<'a> {
         lookup_entry(&self.pod.static_addresses, interface, family).is_some()
             || lookup_entry(&self.pod.pools, interface, family).is_some()
             || lookup_entry(&self.pod.subnets, interface, family).is_some()
+    }
+
+    /// Whether the namespace annotation names a default Subnet that exists (the per-family form
+    /// names Subnets of known families; a missing one is reported where it is used).
+    fn namespace_names_something(&self) -> bool {
+        match self.namespace_default {
+            None => false,
+            Some(NamespaceDefaultSubnet::PerFamily { ipv4, ipv6 }) => {
+                ipv4.is_some() || ipv6.is_some()
+            }
+            Some(NamespaceDefaultSubnet::Named(name)) => {
+                self.subnets.iter().any(|subnet| &subnet.name == name)
+            }
+        }
     }
 
     /// A default Subnet by name: `None` when it does not exist and `skip_missing` allows that.
@@ -768,6 +784,24 @@ mod tests {
             subnets(&["cluster-v6"], SelectionSource::ClusterDefault)
         );
         // Another interface the pod says nothing about still needs the defaults: an error.
+        assert!(matches!(
+            fixture.select("net1"),
+            Err(IpamError::UnknownSubnet { .. })
+        ));
+        // A namespace default that exists serves it; the missing CNI default is skipped.
+        fixture.namespace_annotations = map(&[(DEFAULT_SUBNET_ANNOTATION, "other-v6")]);
+        let selection = fixture
+            .select("net1")
+            .expect("the namespace default suffices");
+        assert_eq!(
+            selection.ipv6,
+            subnets(&["other-v6"], SelectionSource::NamespaceDefault)
+        );
+        assert_eq!(
+            selection.ipv4,
+            subnets(&["cluster-v4"], SelectionSource::ClusterDefault)
+        );
+        fixture.namespace_annotations = map(&[(DEFAULT_SUBNET_ANNOTATION, "gone")]);
         assert!(matches!(
             fixture.select("net1"),
             Err(IpamError::UnknownSubnet { .. })
