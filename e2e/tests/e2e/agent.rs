@@ -22,10 +22,11 @@ use kube::{
 };
 use serde_json::json;
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, VirtnetOptions},
+    cluster::{Cluster, VirtnetOptions},
     topology::{GATEWAY_V4, GATEWAY_V6},
 };
 
+use crate::support::{own_virtnet_cluster, run_on_own_cluster};
 use crate::{
     ipam::{kubectl_json, pool_records},
     support::{
@@ -44,28 +45,15 @@ const ARPING_PARALLEL: usize = 25;
 pub fn agent_allocates_exactly_under_burst_exhaustion_and_dual_stack(
     suite: &Suite,
 ) -> anyhow::Result<()> {
-    // Suffix `a`: this test's own cluster, apart from the suite's and other tests' clusters.
-    let name: String = crate::cluster_name().chars().take(7).chain(['a']).collect();
-    let mut options = ClusterOptions::new(name, env!("CARGO_BIN_EXE_virtnet-e2e"));
     let virtnet = VirtnetOptions::from_workspace();
     // The nodes' conflist names seed 000's Subnet as its default, so it must exist (each
     // scenario's namespace picks another one).
     let seed_subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
-    options.virtnet = Some(virtnet);
-    suite.block_on(async {
-        let cluster = Cluster::up(options).await?;
-        let result = async {
-            cluster.kubectl(&["apply", "-f", &seed_subnet.to_string_lossy()])?;
-            burst(&cluster).await?;
-            exhaustion(&cluster).await?;
-            dual_stack(&cluster).await
-        }
-        .await;
-        if result.is_err() {
-            eprintln!("{}", cluster.dump_logs());
-        }
-        cluster.down()?;
-        result
+    run_on_own_cluster(suite, own_virtnet_cluster('a', virtnet), async |cluster| {
+        cluster.kubectl(&["apply", "-f", &seed_subnet.to_string_lossy()])?;
+        burst(cluster).await?;
+        exhaustion(cluster).await?;
+        dual_stack(cluster).await
     })
 }
 

@@ -21,10 +21,11 @@ use kube::{
 };
 use serde_json::{Value, json};
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, VirtnetOptions},
+    cluster::{Cluster, VirtnetOptions},
     topology::GATEWAY_V4,
 };
 
+use crate::support::{own_virtnet_cluster, run_on_own_cluster};
 use crate::{
     ipam::{kubectl_json, pool_records},
     support::{
@@ -39,20 +40,11 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 const CONTROLLER: &str = "virtnet-controller";
 
 pub fn controller_keeps_addresses_right_with_the_real_agent(suite: &Suite) -> anyhow::Result<()> {
-    let name: String = crate::cluster_name().chars().take(7).chain(['c']).collect();
-    let mut options = ClusterOptions::new(name, env!("CARGO_BIN_EXE_virtnet-e2e"));
     let mut virtnet = VirtnetOptions::from_workspace();
     virtnet.controller_env = vec![("VIRTNET_GC_INTERVAL".into(), SWEEP_SECONDS.to_string())];
     let examples = virtnet.repo.join("examples/statefulset");
-    options.virtnet = Some(virtnet);
-    suite.block_on(async {
-        let mut cluster = Cluster::up(options).await?;
-        let result = scenarios(&mut cluster, &examples).await;
-        if result.is_err() {
-            eprintln!("{}", cluster.dump_logs());
-        }
-        cluster.down()?;
-        result
+    run_on_own_cluster(suite, own_virtnet_cluster('c', virtnet), async |cluster| {
+        scenarios(cluster, &examples).await
     })
 }
 

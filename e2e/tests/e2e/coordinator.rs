@@ -21,21 +21,19 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use k8s_openapi::{
-    api::core::v1::{Pod, Service},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::{
     Api,
     api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
 };
 use serde_json::{Value, json};
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, VIRTNET_CONFLIST, VirtnetOptions},
+    cluster::{Cluster, VIRTNET_CONFLIST, VirtnetOptions},
     netns::{named_netns_path, run_in_netns},
     topology::{GATEWAY_V4, node_ip},
 };
 
+use crate::support::{install_kubevirt_crd, own_virtnet_cluster, run_on_own_cluster};
 use crate::{
     ipam::apply_seed_subnet,
     support::{
@@ -60,19 +58,10 @@ const HOST_VETH_PREFIX: &str = "vnc";
 const SQUATTED: &str = "10.6.153.250";
 
 pub fn coordinator_wires_pods_to_their_node_services_and_vms(suite: &Suite) -> anyhow::Result<()> {
-    let name: String = crate::cluster_name().chars().take(7).chain(['w']).collect();
-    let mut options = ClusterOptions::new(name, env!("CARGO_BIN_EXE_virtnet-e2e"));
     let virtnet = VirtnetOptions::from_workspace();
     let subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
-    options.virtnet = Some(virtnet);
-    suite.block_on(async {
-        let cluster = Cluster::up(options).await?;
-        let result = scenarios(&cluster, &subnet.to_string_lossy()).await;
-        if result.is_err() {
-            eprintln!("{}", cluster.dump_logs());
-        }
-        cluster.down()?;
-        result
+    run_on_own_cluster(suite, own_virtnet_cluster('w', virtnet), async |cluster| {
+        scenarios(cluster, &subnet.to_string_lossy()).await
     })
 }
 
@@ -90,7 +79,7 @@ async fn scenarios(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
     );
     apply_seed_subnet(cluster, subnet).await?;
     create_namespace(cluster, NAMESPACE).await?;
-    install_vmi_crd(cluster).await?;
+    install_kubevirt_crd(cluster, "VirtualMachineInstance", "virtualmachineinstances").await?;
     let nodes = cluster.node_names();
     let pods: Api<Pod> = Api::namespaced(cluster.client(), NAMESPACE);
     for (name, node, port) in [
@@ -285,39 +274,6 @@ async fn pod_reaches_service(
         backends.iter().any(|backend| pod_name(backend) == answer),
         "ClusterIP {target} answered {answer:?}, not a backend"
     );
-    Ok(())
-}
-
-/// KubeVirt's VirtualMachineInstance CRD with a minimal schema: the agent reads its spec.
-async fn install_vmi_crd(cluster: &Cluster) -> anyhow::Result<()> {
-    let crd: CustomResourceDefinition = serde_json::from_value(json!({
-        "metadata": { "name": "virtualmachineinstances.kubevirt.io" },
-        "spec": {
-            "group": "kubevirt.io",
-            "scope": "Namespaced",
-            "names": {
-                "kind": "VirtualMachineInstance",
-                "plural": "virtualmachineinstances",
-                "singular": "virtualmachineinstance",
-            },
-            "versions": [{
-                "name": "v1", "served": true, "storage": true,
-                "schema": { "openAPIV3Schema": {
-                    "type": "object", "x-kubernetes-preserve-unknown-fields": true,
-                } },
-            }],
-        },
-    }))?;
-    Api::<CustomResourceDefinition>::all(cluster.client())
-        .create(&PostParams::default(), &crd)
-        .await
-        .context("creating the VirtualMachineInstance CRD")?;
-    cluster.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/virtualmachineinstances.kubevirt.io",
-    ])?;
     Ok(())
 }
 

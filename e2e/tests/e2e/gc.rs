@@ -12,10 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use k8s_openapi::{
-    api::{apps::v1::StatefulSet, core::v1::Pod},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::{apps::v1::StatefulSet, core::v1::Pod};
 use kube::{
     Api,
     api::{
@@ -25,6 +22,7 @@ use kube::{
 use serde_json::{Value, json};
 use virtnet_e2e::cluster::Cluster;
 
+use crate::support::install_kubevirt_crd;
 use crate::support::{
     Suite, create_namespace, delete_namespace, is_pod_ready, node_name, pod_name,
     wait_for_ready_pods,
@@ -386,41 +384,16 @@ pub fn controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones(
 ) -> anyhow::Result<()> {
     let cluster = &suite.cluster;
     suite.block_on(install_crds_and_pool(cluster))?;
-    suite.block_on(install_virtual_machine_crd(cluster))?;
+    suite.block_on(install_kubevirt_crd(
+        cluster,
+        "VirtualMachine",
+        "virtualmachines",
+    ))?;
     let controller = start_controller(cluster)?;
     suite.block_on(ordinary_pods(cluster))?;
     suite.block_on(statefulset_replicas(cluster))?;
     suite.block_on(virtual_machine(cluster))?;
     suite.block_on(restarted_controller(cluster, controller))
-}
-
-/// KubeVirt's VirtualMachine CRD with a minimal schema: the controller only reads metadata.
-async fn install_virtual_machine_crd(cluster: &Cluster) -> anyhow::Result<()> {
-    let crd: CustomResourceDefinition = serde_json::from_value(json!({
-        "metadata": { "name": "virtualmachines.kubevirt.io" },
-        "spec": {
-            "group": "kubevirt.io",
-            "scope": "Namespaced",
-            "names": { "kind": "VirtualMachine", "plural": "virtualmachines", "singular": "virtualmachine" },
-            "versions": [{
-                "name": "v1", "served": true, "storage": true,
-                "schema": { "openAPIV3Schema": {
-                    "type": "object", "x-kubernetes-preserve-unknown-fields": true,
-                } },
-            }],
-        },
-    }))?;
-    Api::<CustomResourceDefinition>::all(cluster.client())
-        .create(&PostParams::default(), &crd)
-        .await
-        .context("creating the VirtualMachine CRD")?;
-    cluster.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/virtualmachines.kubevirt.io",
-    ])?;
-    Ok(())
 }
 
 /// A virt-launcher pod of VM `vm`, labelled as KubeVirt labels it.

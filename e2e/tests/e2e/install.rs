@@ -16,11 +16,12 @@ use std::{
 use anyhow::{Context, ensure};
 use serde_json::Value;
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, NodeDirs, SEED_SUBNET, VIRTNET_CONFLIST, VirtnetOptions},
+    cluster::{Cluster, NodeDirs, SEED_SUBNET, VIRTNET_CONFLIST, VirtnetOptions},
     topology::NODE_NIC,
 };
 
 use crate::support::Suite;
+use crate::support::{own_virtnet_cluster, run_on_own_cluster};
 
 const PLUGINS: [&str; 2] = ["virtnet-ipam", "virtnet-coordinator"];
 /// What the harness's node dirs hold before any agent runs.
@@ -30,20 +31,12 @@ const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn virtnet_agents_install_the_plugins_and_the_conflist_and_a_restart_keeps_them(
     suite: &Suite,
 ) -> anyhow::Result<()> {
-    let name: String = crate::cluster_name().chars().take(7).chain(['i']).collect();
-    let mut options = ClusterOptions::new(name, env!("CARGO_BIN_EXE_virtnet-e2e"));
-    options.nodes = 2;
     let virtnet = VirtnetOptions::from_workspace();
     let built = virtnet.binaries.clone();
-    options.virtnet = Some(virtnet);
-    suite.block_on(async {
-        let mut cluster = Cluster::up(options).await?;
-        let result = scenario(&mut cluster, &built).await;
-        if result.is_err() {
-            eprintln!("{}", cluster.dump_logs());
-        }
-        cluster.down()?;
-        result
+    let mut options = own_virtnet_cluster('i', virtnet);
+    options.nodes = 2;
+    run_on_own_cluster(suite, options, async |cluster| {
+        scenario(cluster, &built).await
     })
 }
 

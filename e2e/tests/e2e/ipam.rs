@@ -10,10 +10,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::{Api, api::DeleteParams};
 use serde_json::Value;
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, VirtnetOptions},
+    cluster::{Cluster, VirtnetOptions},
     topology::GATEWAY_V4,
 };
 
+use crate::support::{own_virtnet_cluster, run_on_own_cluster};
 use crate::{
     pod_network::create_spread_deployment,
     support::{Suite, node_name, ping_from_pod, pod_ip, pod_name},
@@ -23,20 +24,10 @@ const NAMESPACE: &str = "ipam";
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn virtnet_allocates_seed_000_addresses_and_returns_them(suite: &Suite) -> anyhow::Result<()> {
-    // A cluster of its own: the suite's cluster keeps the bootstrap network for the other tests.
-    let name: String = crate::cluster_name().chars().take(7).chain(['v']).collect();
-    let mut options = ClusterOptions::new(name, env!("CARGO_BIN_EXE_virtnet-e2e"));
     let virtnet = VirtnetOptions::from_workspace();
     let subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
-    options.virtnet = Some(virtnet);
-    suite.block_on(async {
-        let cluster = Cluster::up(options).await?;
-        let result = scenario(&cluster, &subnet.to_string_lossy()).await;
-        if result.is_err() {
-            eprintln!("{}", cluster.dump_logs());
-        }
-        cluster.down()?;
-        result
+    run_on_own_cluster(suite, own_virtnet_cluster('v', virtnet), async |cluster| {
+        scenario(cluster, &subnet.to_string_lossy()).await
     })
 }
 

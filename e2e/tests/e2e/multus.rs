@@ -21,11 +21,12 @@ use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use virtnet_e2e::{
-    cluster::{Cluster, ClusterOptions, VirtnetOptions},
+    cluster::{Cluster, VirtnetOptions},
     command,
     topology::{GATEWAY_V4, SECOND_GATEWAY_V4},
 };
 
+use crate::support::{own_virtnet_cluster, run_on_own_cluster};
 use crate::{
     ipam::kubectl_json,
     support::{
@@ -46,23 +47,13 @@ const OFF_SUBNET: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub fn multus_nads_give_pool_addresses_and_a_second_nic_its_own_network(
     suite: &Suite,
 ) -> anyhow::Result<()> {
-    // A cluster of its own: the suite's cluster keeps the bootstrap network, one NIC per node.
-    let name: String = crate::cluster_name().chars().take(7).chain(['m']).collect();
-    let mut options = ClusterOptions::new(name, env!("CARGO_BIN_EXE_virtnet-e2e"));
     let virtnet = VirtnetOptions {
         multus: true,
         ..VirtnetOptions::from_workspace()
     };
     let examples = virtnet.repo.join("examples");
-    options.virtnet = Some(virtnet);
-    suite.block_on(async {
-        let cluster = Cluster::up(options).await?;
-        let result = scenarios(&cluster, &examples).await;
-        if result.is_err() {
-            eprintln!("{}", cluster.dump_logs());
-        }
-        cluster.down()?;
-        result
+    run_on_own_cluster(suite, own_virtnet_cluster('m', virtnet), async |cluster| {
+        scenarios(cluster, &examples).await
     })
 }
 

@@ -2,13 +2,16 @@
 use std::{future::Future, net::IpAddr, time::Duration};
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
 use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
 };
 use tokio::runtime::Runtime;
-use virtnet_e2e::cluster::Cluster;
+use virtnet_e2e::cluster::{Cluster, ClusterOptions, VirtnetOptions};
 
 /// How long pods may take from creation to Ready: scheduling, CNI ADD, status report.
 pub const POD_READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -23,6 +26,73 @@ impl Suite {
     pub fn block_on<F: Future>(&self, future: F) -> F::Output {
         self.runtime.block_on(future)
     }
+}
+
+/// Options of a VirtNet cluster of a test's own (the suite's cluster keeps the bootstrap network
+/// for the other tests), named after the suite's cluster plus `suffix`: one letter per test, so
+/// that tests running side by side never share a cluster.
+pub fn own_virtnet_cluster(suffix: char, virtnet: VirtnetOptions) -> ClusterOptions {
+    let name: String = crate::cluster_name()
+        .chars()
+        .take(7)
+        .chain([suffix])
+        .collect();
+    let mut options = ClusterOptions::new(name, env!("CARGO_BIN_EXE_virtnet-e2e"));
+    options.virtnet = Some(virtnet);
+    options
+}
+
+/// Brings up the cluster `options` describe, runs `scenario` on it, prints the component logs if
+/// it failed and tears the cluster down either way.
+pub fn run_on_own_cluster(
+    suite: &Suite,
+    options: ClusterOptions,
+    scenario: impl AsyncFnOnce(&mut Cluster) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    suite.block_on(async {
+        let mut cluster = Cluster::up(options).await?;
+        let result = scenario(&mut cluster).await;
+        if result.is_err() {
+            eprintln!("{}", cluster.dump_logs());
+        }
+        cluster.down()?;
+        result
+    })
+}
+
+/// Installs a KubeVirt CRD (`kind`, plural `plural`, group kubevirt.io, v1) with a minimal schema
+/// that keeps every field: VirtNet reads only what KubeVirt's own schema has too.
+pub async fn install_kubevirt_crd(
+    cluster: &Cluster,
+    kind: &str,
+    plural: &str,
+) -> anyhow::Result<()> {
+    let name = format!("{plural}.kubevirt.io");
+    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "spec": {
+            "group": "kubevirt.io",
+            "scope": "Namespaced",
+            "names": { "kind": kind, "plural": plural, "singular": kind.to_lowercase() },
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": { "openAPIV3Schema": {
+                    "type": "object", "x-kubernetes-preserve-unknown-fields": true,
+                } },
+            }],
+        },
+    }))?;
+    Api::<CustomResourceDefinition>::all(cluster.client())
+        .create(&PostParams::default(), &crd)
+        .await
+        .with_context(|| format!("creating the {kind} CRD"))?;
+    cluster.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        &format!("crd/{name}"),
+    ])?;
+    Ok(())
 }
 
 /// Creates namespace `name`, so each test's objects are apart and deleted together.
