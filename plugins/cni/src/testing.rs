@@ -1,8 +1,8 @@
-//! Running a plugin binary the way a container runtime does, for integration tests
-//! (`features = ["testing"]`).
+//! Running a plugin binary the way a container runtime does, and a fake node agent for it to
+//! talk to, for integration tests (`features = ["testing"]`).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -82,4 +82,28 @@ impl PluginRun {
             )
         })
     }
+}
+
+/// A fake node agent's socket: a router served on `agent.sock` in a temp dir by a detached
+/// runtime thread, until the test process ends. The directory goes when this is dropped.
+pub struct FakeAgentSocket {
+    _directory: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+/// Serves `router` on a fresh unix socket, as the node agent serves the plugins.
+pub fn serve_fake_agent(router: axum::Router) -> std::io::Result<FakeAgentSocket> {
+    let directory = tempfile::tempdir()?;
+    let path = directory.path().join("agent.sock");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(async { tokio::net::UnixListener::bind(&path) })?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move { axum::serve(listener, router).await })
+    });
+    Ok(FakeAgentSocket {
+        _directory: directory,
+        path,
+    })
 }

@@ -3,7 +3,7 @@
 //! is opened, so these runs end at the (missing) netns unless the agent's answer ends them first.
 
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -16,7 +16,7 @@ use virtnet_cni::ErrorCode;
 use virtnet_cni::agent_api::{
     ApiError, COORDINATOR_PATH, CoordinatorRequest, DEFAULT_ROUTE_NIC_ANNOTATION, ErrorKind,
 };
-use virtnet_cni::testing::{PluginRun, run_plugin};
+use virtnet_cni::testing::{FakeAgentSocket, PluginRun, run_plugin, serve_fake_agent};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
@@ -30,29 +30,18 @@ type Log = Arc<Mutex<Vec<CoordinatorRequest>>>;
 /// Refuses pod `bad-annotation` as the agent refuses a malformed annotation, and answers
 /// everyone else with a Service CIDR.
 struct FakeAgent {
-    _directory: tempfile::TempDir,
-    socket: PathBuf,
+    socket: FakeAgentSocket,
     log: Log,
 }
 
 impl FakeAgent {
     fn start() -> Result<Self, Box<dyn Error>> {
-        let directory = tempfile::tempdir()?;
-        let socket = directory.path().join("agent.sock");
         let log = Log::default();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let listener = runtime.block_on(async { tokio::net::UnixListener::bind(&socket) })?;
         let router = Router::new()
             .route(COORDINATOR_PATH, post(coordinate))
             .with_state(log.clone());
-        std::thread::spawn(move || {
-            runtime.block_on(async move { axum::serve(listener, router).await })
-        });
         Ok(Self {
-            _directory: directory,
-            socket,
+            socket: serve_fake_agent(router)?,
             log,
         })
     }
@@ -108,7 +97,7 @@ fn add(socket: &Path, pod: &str) -> Result<PluginRun, Box<dyn Error>> {
 #[test]
 fn the_agent_is_asked_about_the_pod_and_its_refusal_of_an_annotation_fails_add() -> TestResult {
     let agent = FakeAgent::start()?;
-    add(&agent.socket, "bad-annotation")?
+    add(&agent.socket.path, "bad-annotation")?
         .expect_error(ErrorCode::INVALID_NETWORK_CONFIG, &[BAD_ANNOTATION])?;
     let requests = agent.requests();
     assert_eq!(requests.len(), 1);
@@ -121,7 +110,7 @@ fn the_agent_is_asked_about_the_pod_and_its_refusal_of_an_annotation_fails_add()
     assert!(DEFAULT_ROUTE_NIC_ANNOTATION.starts_with("coordinator.virtnet.io/"));
 
     // An answer the coordinator can use: ADD goes on, to the pod netns (missing here).
-    add(&agent.socket, "web-0")?
+    add(&agent.socket.path, "web-0")?
         .expect_error(ErrorCode::IO_FAILURE, &["cannot open network namespace"])?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! every CNI version.
 
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use virtnet_cni::agent_api::{
     ALLOCATE_PATH, AllocateRequest, ApiError, CHECK_PATH, ErrorKind, GC_PATH, RELEASE_PATH,
     STATUS_PATH,
 };
-use virtnet_cni::testing::{PluginRun, run_plugin};
+use virtnet_cni::testing::{FakeAgentSocket, PluginRun, run_plugin, serve_fake_agent};
 use virtnet_cni::{CniVersion, ErrorCode};
 
 type TestResult = Result<(), Box<dyn Error>>;
@@ -29,21 +29,14 @@ type Log = Arc<Mutex<Vec<(String, Value)>>>;
 
 /// The fake agent; it serves until the test ends (the runtime thread is detached).
 struct FakeAgent {
-    _directory: tempfile::TempDir,
-    socket: PathBuf,
+    socket: FakeAgentSocket,
     log: Log,
 }
 
 impl FakeAgent {
     /// `status_ok`: whether STATUS answers ready.
     fn start(status_ok: bool) -> Result<Self, Box<dyn Error>> {
-        let directory = tempfile::tempdir()?;
-        let socket = directory.path().join("agent.sock");
         let log = Log::default();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let listener = runtime.block_on(async { tokio::net::UnixListener::bind(&socket) })?;
         let router = Router::new()
             .route(ALLOCATE_PATH, post(allocate))
             .route(RELEASE_PATH, post(record))
@@ -60,12 +53,8 @@ impl FakeAgent {
                 }),
             )
             .with_state(log.clone());
-        std::thread::spawn(move || {
-            runtime.block_on(async move { axum::serve(listener, router).await })
-        });
         Ok(Self {
-            _directory: directory,
-            socket,
+            socket: serve_fake_agent(router)?,
             log,
         })
     }
@@ -169,7 +158,8 @@ fn run(
 fn add_prints_the_agents_addresses_in_every_version() -> TestResult {
     let agent = FakeAgent::start(true)?;
     for version in CniVersion::SUPPORTED {
-        let reply = run("ADD", "web-0", &config(version, &agent.socket, 2000))?.expect_json()?;
+        let reply =
+            run("ADD", "web-0", &config(version, &agent.socket.path, 2000))?.expect_json()?;
         let ip = if version.as_str().starts_with("0.") {
             json!({"version": "4", "address": "10.6.153.100/16", "gateway": "10.6.0.1"})
         } else {
@@ -203,7 +193,7 @@ fn add_prints_the_agents_addresses_in_every_version() -> TestResult {
 #[test]
 fn del_check_gc_and_status_reach_their_endpoints() -> TestResult {
     let agent = FakeAgent::start(true)?;
-    let stdin = config(CniVersion::V1_1_0, &agent.socket, 2000);
+    let stdin = config(CniVersion::V1_1_0, &agent.socket.path, 2000);
     for command in ["DEL", "CHECK", "GC", "STATUS"] {
         let run = run(command, "web-0", &stdin)?;
         assert_eq!(run.exit_code, Some(0), "{command}: {run:?}");
@@ -235,7 +225,7 @@ fn del_check_gc_and_status_reach_their_endpoints() -> TestResult {
 fn agent_refusals_keep_their_cni_codes_in_every_version() -> TestResult {
     let agent = FakeAgent::start(true)?;
     for version in CniVersion::SUPPORTED {
-        let stdin = config(version, &agent.socket, 2000);
+        let stdin = config(version, &agent.socket.path, 2000);
         let reply = run("ADD", "exhausted", &stdin)?
             .expect_error(ErrorCode::POOL_EXHAUSTED, &["has no free address"])?;
         assert_eq!(reply.cni_version, version.as_str());
@@ -252,7 +242,7 @@ fn a_slow_agent_is_cut_off_at_timeout_ms() -> TestResult {
     run(
         "ADD",
         "slow",
-        &config(CniVersion::V1_0_0, &agent.socket, 300),
+        &config(CniVersion::V1_0_0, &agent.socket.path, 300),
     )?
     .expect_error(
         ErrorCode::TRY_AGAIN_LATER,
@@ -272,7 +262,7 @@ fn an_unreadable_answer_is_a_protocol_error() -> TestResult {
     run(
         "ADD",
         "garbled",
-        &config(CniVersion::V1_0_0, &agent.socket, 2000),
+        &config(CniVersion::V1_0_0, &agent.socket.path, 2000),
     )?
     .expect_error(
         ErrorCode::AGENT_PROTOCOL,
@@ -287,7 +277,7 @@ fn status_is_not_available_when_the_agent_is_not_ready() -> TestResult {
     run(
         "STATUS",
         "web-0",
-        &config(CniVersion::V1_1_0, &agent.socket, 2000),
+        &config(CniVersion::V1_1_0, &agent.socket.path, 2000),
     )?
     .expect_error(ErrorCode::NOT_AVAILABLE, &["caches are not synced"])?;
     Ok(())
