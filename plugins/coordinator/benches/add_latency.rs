@@ -13,31 +13,12 @@
 mod support;
 
 use std::error::Error;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{COORDINATOR, CniCall, World, is_root};
+use support::{COORDINATOR, CniCall, World, is_root, reference_plugins};
 
 const ROUNDS: usize = 50;
-
-/// The reference plugins' directory from `make tools` (e2e/tools/install).
-fn reference_plugins() -> Option<PathBuf> {
-    let cache = std::env::var_os("VIRTNET_E2E_CACHE")
-        .map_or_else(|| PathBuf::from("/var/cache/virtnet-e2e"), PathBuf::from);
-    std::fs::read_dir(cache)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with("cni-plugins-"))
-                && path.join("macvlan").is_file()
-                && path.join("host-local").is_file()
-        })
-        .max()
-}
 
 fn percentile(samples: &mut [Duration], percent: usize) -> Duration {
     samples.sort_unstable();
@@ -54,7 +35,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     if !is_root() {
         return Ok(());
     }
-    let Some(plugins) = reference_plugins() else {
+    let Some(plugins) = reference_plugins(&["macvlan", "host-local"]) else {
         eprintln!("skipping: no reference macvlan/host-local plugins; run `make tools` first");
         return Ok(());
     };

@@ -8,9 +8,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use support::{
     CONTAINER_ID, COORDINATOR, CniCall, NO_DELEGATES, NODE_IP, POD_IP, SWITCH_IP, TestResult,
-    World, in_netns, is_root, ping, sh,
+    World, in_netns, is_root, ping, reference_plugins, sh,
 };
 use virtnet_coordinator::plan::{Target, host_veth_name};
 
@@ -275,4 +276,76 @@ fn dual_stack_pod_reaches_its_node_over_ipv6_too() -> TestResult {
     assert!(route.contains("dev veth0"), "{route}");
     world.del()?;
     Ok(())
+}
+
+#[test]
+fn after_the_bridge_plugin_the_pod_reaches_its_node_and_services_by_the_veth() -> TestResult {
+    if !is_root() {
+        return Ok(());
+    }
+    let Some(plugins) = reference_plugins(&["bridge", "host-local"]) else {
+        eprintln!("skipping: no reference bridge/host-local plugins; run `make tools` first");
+        return Ok(());
+    };
+    let plugins = plugins.display().to_string();
+    let world = World::new()?;
+    let data_dir = std::env::temp_dir().join(format!("{}-host-local", world.pod));
+    let bridge_config = json!({
+        "cniVersion": "1.0.0",
+        "name": "bridged",
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": true,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": "10.88.0.0/24", "gateway": "10.88.0.1"}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": data_dir,
+        },
+    });
+    let bridge_binary = format!("{plugins}/bridge");
+    let bridge = |command| CniCall {
+        binary: &bridge_binary,
+        command,
+        ifname: "eth0",
+        cni_path: &plugins,
+        stdin: bridge_config.to_string(),
+    };
+    let prev_result: Value =
+        serde_json::from_str(&World::succeeds(world.run(bridge("ADD"))?)?.stdout)?;
+    let pod_ip = prev_result["ips"][0]["address"]
+        .as_str()
+        .and_then(|address| address.split('/').next())
+        .ok_or("the bridge plugin's result has no address")?
+        .to_owned();
+    let coordinator = |command| CniCall {
+        binary: COORDINATOR,
+        command,
+        ifname: "eth0",
+        cni_path: &plugins,
+        stdin: world.coordinator_config(prev_result.clone()),
+    };
+    let result = (|| -> TestResult {
+        World::succeeds(world.run(coordinator("ADD"))?)?;
+        // The bridge's gateway would carry this too; the coordinator's veth takes it, as after
+        // macvlan, so node and Service traffic never depends on the interface plugin.
+        let to_node = sh(&["ip", "-n", &world.pod, "route", "get", NODE_IP])?;
+        assert!(to_node.contains("dev veth0"), "{to_node}");
+        ping(&world.pod, NODE_IP)?;
+        ping(&world.node, &pod_ip)?;
+        let service = sh(&["ip", "-n", &world.pod, "route", "get", "10.96.0.1"])?;
+        assert!(service.contains("dev veth0"), "{service}");
+        let default = sh(&["ip", "-n", &world.pod, "route", "get", "192.0.2.1"])?;
+        assert!(default.contains("dev eth0"), "{default}");
+        World::succeeds(world.run(coordinator("DEL"))?)?;
+        let node_routes = sh(&["ip", "-n", &world.node, "route"])?;
+        assert!(
+            !node_routes.contains(&format!("{pod_ip} dev vnc")),
+            "DEL left the node route: {node_routes}"
+        );
+        Ok(())
+    })();
+    let teardown = World::succeeds(world.run(bridge("DEL"))?).map(drop);
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result.and(teardown)
 }

@@ -26,6 +26,24 @@ pub const POD_IP: &str = "10.6.153.101";
 pub const NO_DELEGATES: &str = "/opt/cni/bin";
 pub const CONTAINER_ID: &str = "c0ffee0123456789";
 
+/// The reference CNI plugins' directory from `make tools` (e2e/tools/install), if it holds
+/// every plugin of `needed`.
+pub fn reference_plugins(needed: &[&str]) -> Option<PathBuf> {
+    let cache = std::env::var_os("VIRTNET_E2E_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/virtnet-e2e"), PathBuf::from);
+    std::fs::read_dir(cache)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("cni-plugins-"))
+                && needed.iter().all(|plugin| path.join(plugin).is_file())
+        })
+        .max()
+}
+
 pub fn is_root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
