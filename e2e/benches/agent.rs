@@ -13,7 +13,6 @@
 //! `VIRTNET_E2E_CLUSTER` (default `e2e`), first 7 characters plus `b`.
 
 use std::error::Error;
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,11 +21,11 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
-use nix::sched::{CloneFlags, setns};
 use serde_json::{Value, json};
 use virtnet_e2e::cluster::{
-    Cluster, ClusterOptions, VirtnetOptions, apiserver_url, default_bin_dir,
+    Cluster, ClusterOptions, VirtnetOptions, apiserver_url, default_bin_dir, is_pod_ready,
 };
+use virtnet_e2e::netns::{named_netns_path, run_in_netns};
 
 const WARMUP: usize = 5;
 const ROUNDS: usize = 100;
@@ -166,16 +165,7 @@ async fn wait_ready(cluster: &Cluster, selector: &str, count: usize) -> Fallible
             .await?
             .items
             .iter()
-            .filter(|pod| {
-                pod.status
-                    .as_ref()
-                    .and_then(|status| status.conditions.as_ref())
-                    .is_some_and(|conditions| {
-                        conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                    })
-            })
+            .filter(|pod| is_pod_ready(pod))
             .count();
         if ready == count {
             return Ok(());
@@ -225,14 +215,14 @@ struct CommitCounters {
 fn commit_counters(cluster: &Cluster) -> Fallible<CommitCounters> {
     let mut counters = CommitCounters::default();
     for index in 1..=cluster.node_names().len() {
-        let netns = PathBuf::from("/var/run/netns").join(cluster.names().node_netns(index));
-        let text = in_netns(&netns, || {
+        let netns = named_netns_path(&cluster.names().node_netns(index));
+        let text = run_in_netns(netns, || -> std::io::Result<String> {
             let mut stream = std::net::TcpStream::connect("127.0.0.1:9741")?;
             stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")?;
             let mut text = String::new();
             std::io::Read::read_to_string(&mut stream, &mut text)?;
             Ok(text)
-        })?;
+        })??;
         let value = |series: &str| -> f64 {
             text.lines()
                 .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
@@ -243,21 +233,6 @@ fn commit_counters(cluster: &Cluster) -> Fallible<CommitCounters> {
         counters.conflicts += value("virtnet_ipam_claim_conflicts_total ");
     }
     Ok(counters)
-}
-
-/// Runs `work` on a thread that entered `netns` (no other thread is ever switched).
-fn in_netns<T: Send + 'static>(
-    netns: &Path,
-    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Fallible<T> {
-    let netns = netns.to_owned();
-    let worker = std::thread::spawn(move || -> Result<T, String> {
-        let namespace =
-            File::open(&netns).map_err(|error| format!("{}: {error}", netns.display()))?;
-        setns(namespace, CloneFlags::CLONE_NEWNET).map_err(|error| error.to_string())?;
-        work().map_err(|error| error.to_string())
-    });
-    Ok(worker.join().map_err(|_| "a netns thread panicked")??)
 }
 
 /// One plugin binary and what it is given.
@@ -432,20 +407,24 @@ fn time_adds(netns: &Netns, plugin: &Plugin, pod_args: &str) -> Fallible<Vec<Dur
     let binary = plugin.binary.clone();
     let config = plugin.config.to_string();
     let pod_args = pod_args.to_owned();
-    in_netns(&netns.node, move || {
-        let mut samples = Vec::with_capacity(ROUNDS);
-        for round in 0..WARMUP + ROUNDS {
-            let id = format!("bench{round:059}");
-            let started = Instant::now();
-            run_plugin(&binary, "ADD", &id, &pod_args, &config, &container)?;
-            let elapsed = started.elapsed();
-            run_plugin(&binary, "DEL", &id, &pod_args, &config, &container)?;
-            if round >= WARMUP {
-                samples.push(elapsed);
+    let samples = run_in_netns(
+        netns.node.clone(),
+        move || -> std::io::Result<Vec<Duration>> {
+            let mut samples = Vec::with_capacity(ROUNDS);
+            for round in 0..WARMUP + ROUNDS {
+                let id = format!("bench{round:059}");
+                let started = Instant::now();
+                run_plugin(&binary, "ADD", &id, &pod_args, &config, &container)?;
+                let elapsed = started.elapsed();
+                run_plugin(&binary, "DEL", &id, &pod_args, &config, &container)?;
+                if round >= WARMUP {
+                    samples.push(elapsed);
+                }
             }
-        }
-        Ok(samples)
-    })
+            Ok(samples)
+        },
+    )??;
+    Ok(samples)
 }
 
 fn run_plugin(

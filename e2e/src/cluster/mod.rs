@@ -840,6 +840,18 @@ async fn all_nodes_ready(client: &Client, expected: &BTreeSet<String>) -> Result
     }
 }
 
+/// Whether a Pod reports condition Ready=True.
+pub fn is_pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|condition| condition.type_ == "Ready" && condition.status == "True")
+        })
+}
+
 /// Whether a Node reports condition Ready=True.
 pub fn is_ready(node: &Node) -> bool {
     node.status

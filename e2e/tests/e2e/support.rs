@@ -118,16 +118,7 @@ pub async fn delete_namespace(cluster: &Cluster, name: &str) -> anyhow::Result<(
     Ok(())
 }
 
-pub fn is_pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|status| status.conditions.as_ref())
-        .is_some_and(|conditions| {
-            conditions
-                .iter()
-                .any(|condition| condition.type_ == "Ready" && condition.status == "True")
-        })
-}
+pub use virtnet_e2e::cluster::is_pod_ready;
 
 pub fn pod_name(pod: &Pod) -> &str {
     pod.metadata.name.as_deref().unwrap_or("<unnamed>")
