@@ -110,13 +110,13 @@ fn apply(cluster: &Cluster, manifest: &Value) -> Fallible<()> {
     Ok(())
 }
 
-/// A 250-address Subnet in 3 pools, the default of namespace `bench`, and seed 000's Subnet,
+/// A 250-address Subnet in 3 pools, the default of namespace `bench`, and the example Subnet,
 /// which the nodes' conflist names.
 async fn prepare(cluster: &Cluster) -> Fallible<()> {
-    let seed = VirtnetOptions::from_workspace()
+    let example = VirtnetOptions::from_workspace()
         .repo
         .join("examples/statefulset/subnet.yaml");
-    cluster.kubectl(&["apply", "-f", &seed.to_string_lossy()])?;
+    cluster.kubectl(&["apply", "-f", &example.to_string_lossy()])?;
     apply(
         cluster,
         &json!({

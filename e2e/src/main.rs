@@ -41,12 +41,12 @@ enum Commands {
         /// Defaults to $VIRTNET_E2E_CACHE/bin, else /var/cache/virtnet-e2e/bin.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
-        /// Also run VirtNet (controller, agents, plugins, seed 000's conflist) from the
+        /// Also run VirtNet (controller, agents, plugins, the default conflist) from the
         /// workspace's debug build.
         #[arg(long)]
         virtnet: bool,
         /// VirtNet in Multus mode (implies --virtnet): Multus is every node's default CNI,
-        /// delegating to seed 000's conflist, and every node gets a second NIC `ens224` on a
+        /// delegating to the default conflist, and every node gets a second NIC `ens224` on a
         /// second underlay, 10.7.0.0/16 (gateway 10.7.0.1).
         #[arg(long)]
         multus: bool,

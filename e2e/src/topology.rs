@@ -13,7 +13,7 @@ use crate::{
     naming::ClusterNames,
 };
 
-/// The underlay every host and pod sits on, 10.6.0.0/16 as in VirtNet's README (seed 000).
+/// The underlay every host and pod sits on, 10.6.0.0/16 as in VirtNet's README (the example).
 pub const UNDERLAY_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 6, 0, 0);
 pub const UNDERLAY_PREFIX_LEN: u8 = 16;
 /// The underlay gateway, owned by the router namespace so "ping the gateway" is real.

@@ -71,8 +71,8 @@ const TESTS: &[(&str, TestBody)] = &[
         controller::controller_keeps_addresses_right_with_the_real_agent,
     ),
     (
-        "virtnet_allocates_seed_000_addresses_and_returns_them",
-        ipam::virtnet_allocates_seed_000_addresses_and_returns_them,
+        "virtnet_allocates_example_subnet_addresses_and_returns_them",
+        ipam::virtnet_allocates_example_subnet_addresses_and_returns_them,
     ),
     (
         "multus_nads_give_pool_addresses_and_a_second_nic_its_own_network",

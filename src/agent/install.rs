@@ -1,5 +1,5 @@
 //! What the agent puts on its node before it reports ready: virtnet-ipam and virtnet-coordinator
-//! in the node's CNI bin dir and, in default-CNI mode, seed 000's conflist (macvlan or ipvlan on
+//! in the node's CNI bin dir and, in default-CNI mode, the default conflist (macvlan or ipvlan on
 //! the node's NIC + virtnet-ipam + virtnet-coordinator) in its CNI conf dir.
 //!
 //! [`plan`] decides everything from the flags alone (pure, unit-tested); [`install`] then reads
@@ -18,8 +18,8 @@ use tracing::{info, warn};
 use virtnet_cni::NetworkConfig;
 use virtnet_ipam::config::IpamConfig;
 
-/// Sorts before other CNI configs (libcni and the runtimes take the lexically first), as the seed
-/// names it. A Multus installer that wraps the node's first config still sorts before it.
+/// Sorts before other CNI configs (libcni and the runtimes take the lexically first). A Multus
+/// installer that wraps the node's first config still sorts before it.
 pub const CONFLIST_NAME: &str = "00-virtnet.conflist";
 /// The plugins the agent installs, by binary name.
 pub const PLUGINS: [&str; 2] = [virtnet_ipam::PLUGIN_NAME, "virtnet-coordinator"];
@@ -92,7 +92,7 @@ pub enum InstallError {
 /// The interface plugin of the default network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum InterfaceKind {
-    /// macvlan in bridge mode: pods on one NIC reach each other (seed 000).
+    /// macvlan in bridge mode: pods on one NIC reach each other (the example).
     Macvlan,
     /// ipvlan in l2 mode: one MAC address for every pod, for NICs or switches that allow only one.
     Ipvlan,
@@ -353,7 +353,7 @@ impl NodeFile {
     }
 }
 
-/// Seed 000's conflist, field for field in its order.
+/// The default conflist, field for field in its order.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Conflist<'a> {
@@ -375,7 +375,7 @@ struct InterfacePlugin<'a> {
 struct IpamSection<'a> {
     #[serde(rename = "type")]
     plugin_type: &'static str,
-    /// One Subnet is written the seed's way; several (dual-stack) as a list.
+    /// One Subnet is written as a single name; several (dual-stack) as a list.
     #[serde(skip_serializing_if = "Option::is_none")]
     default_subnet: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -400,7 +400,7 @@ impl<'a> Conflist<'a> {
         };
         Self {
             cni_version: &args.cni_version,
-            // The seed names the network after its interface plugin.
+            // The network is named after its interface plugin.
             name: args.cni_mode.plugin_type(),
             plugins: (
                 InterfacePlugin {
@@ -422,7 +422,7 @@ impl<'a> Conflist<'a> {
         }
     }
 
-    /// Pretty JSON in the seed's field order with a final newline, as a person would write it.
+    /// Pretty JSON in the usual field order with a final newline, as a person would write it.
     fn render(&self) -> Result<String, InstallError> {
         serde_json::to_string_pretty(self)
             .map(|json| json + "\n")
@@ -529,7 +529,7 @@ mod tests {
     }
 
     #[test]
-    fn the_conflist_is_seed_000_with_the_agent_socket() -> Result<(), InstallError> {
+    fn the_conflist_is_the_default_one_with_the_agent_socket() -> Result<(), InstallError> {
         let plan = plan(&default_cni(&[]), Path::new(SOCKET))?;
         let file = plan.conflist.as_ref().expect("a conflist");
         assert_eq!(file.path, Path::new("/etc/cni/net.d/00-virtnet.conflist"));

@@ -671,7 +671,7 @@ pub fn endpoint_spec(
         .unwrap_or_default();
     interfaces.push(interface);
     interfaces.sort_by(|a, b| a.interface.cmp(&b.interface));
-    // OWNER-KIND / OWNER-NAME show the workload, as in seed 000's table (a Deployment's pod shows
+    // OWNER-KIND / OWNER-NAME show the workload, as in the example's table (a Deployment's pod shows
     // its ReplicaSet); only sticky kinds change how long the addresses live.
     let (owner_kind, owner_name) = match &holder.key {
         AllocationKey::Pod { name, .. } => pod.owners.first().map_or_else(
@@ -823,7 +823,7 @@ mod tests {
         plan_allocation(&input(pod, subnets, &nodes, &["subnet".to_owned()]), pools)
     }
 
-    fn seed_pools() -> Vec<IpPool> {
+    fn example_pools() -> Vec<IpPool> {
         vec![
             pool(0, &["10.6.153.100-10.6.153.177"], json!({})),
             pool(1, &["10.6.153.178-10.6.153.255"], json!({})),
@@ -832,7 +832,7 @@ mod tests {
 
     #[test]
     fn the_agents_own_writes_win_until_the_cache_moves() {
-        let cached = seed_pools();
+        let cached = example_pools();
         let mut newer = cached[1].clone();
         newer.metadata.resource_version = Some("99".into());
         let mut remembered =
@@ -862,7 +862,7 @@ mod tests {
     #[test]
     fn a_new_pod_gets_a_free_address_of_the_cni_default_subnet() -> Result<(), PlanFailure> {
         let pod = pod("web-1", "uid-1", Some("ReplicaSet"), json!({}));
-        let plan = plan(&pod, &[subnet(json!({}))], &seed_pools())?;
+        let plan = plan(&pod, &[subnet(json!({}))], &example_pools())?;
         let [claim] = plan.claims.as_slice() else {
             panic!("one claim expected: {plan:?}")
         };
@@ -881,7 +881,7 @@ mod tests {
     #[test]
     fn a_replayed_add_finds_the_address_by_its_holder() -> Result<(), PlanFailure> {
         let pod = pod("web-1", "uid-1", Some("ReplicaSet"), json!({}));
-        let mut pools = seed_pools();
+        let mut pools = example_pools();
         pools[1] = pool(
             1,
             &["10.6.153.178-10.6.153.255"],
@@ -946,7 +946,7 @@ mod tests {
             None,
             json!({"ipam.virtnet.io/static-ips": "[{\"interface\": \"eth0\", \"ipv4\": \"10.6.153.222\"}]"}),
         );
-        let plan = plan(&pod, &[subnet(json!({}))], &seed_pools())?;
+        let plan = plan(&pod, &[subnet(json!({}))], &example_pools())?;
         assert_eq!(plan.claims[0].address.to_string(), "10.6.153.222");
         assert_eq!(plan.claims[0].pool, "subnet-1");
         Ok(())
@@ -1009,7 +1009,7 @@ mod tests {
             "routes": [{"dst": "10.7.0.0/16", "gw": "10.6.0.254"}],
             "dns": {"nameservers": ["10.96.0.10"]},
         }))];
-        let plan = plan(&pod, &subnets, &seed_pools())?;
+        let plan = plan(&pod, &subnets, &example_pools())?;
         let net1 = EndpointInterface {
             interface: "net1".into(),
             ..endpoint_interface("net1", &plan.claims)
@@ -1083,7 +1083,7 @@ mod tests {
                 ..input(&pod, &subnets, &nodes, &defaults)
             };
             chosen.push(
-                plan_allocation(&request, &seed_pools())?.claims[0]
+                plan_allocation(&request, &example_pools())?.claims[0]
                     .pool
                     .clone(),
             );
@@ -1102,7 +1102,7 @@ mod tests {
             .iter()
             .map(|pod| input(pod, &subnets, &nodes, &defaults))
             .collect();
-        let batch = plan_batch(&inputs, seed_pools());
+        let batch = plan_batch(&inputs, example_pools());
         let addresses: BTreeSet<IpAddr> = batch
             .outcomes
             .iter()
@@ -1142,7 +1142,7 @@ mod tests {
             json!({"ipam.virtnet.io/subnet": "{\"ipv4\": \"nope\"}"}),
         ));
         pods.push(pod("held", "uid-held", None, json!({})));
-        let mut pools = seed_pools();
+        let mut pools = example_pools();
         pools[0] = pool(
             0,
             &["10.6.153.100-10.6.153.177"],
@@ -1185,7 +1185,7 @@ mod tests {
             .iter()
             .map(|pod| input(pod, &subnets, &nodes, &defaults))
             .collect();
-        let batch = plan_batch(&inputs, seed_pools());
+        let batch = plan_batch(&inputs, example_pools());
         let mut addresses = BTreeSet::new();
         let mut exhausted = 0;
         for outcome in &batch.outcomes {
@@ -1256,7 +1256,7 @@ mod tests {
             None,
             json!({"ipam.virtnet.io/subnet": "not json"}),
         );
-        let bad = plan(&pod, &[subnet(json!({}))], &seed_pools()).expect_err("bad annotation");
+        let bad = plan(&pod, &[subnet(json!({}))], &example_pools()).expect_err("bad annotation");
         assert_eq!(bad.event_reason(), Some("InvalidIPAMAnnotation"), "{bad}");
         let exhausted = PlanFailure::Ipam(IpamError::SubnetExhausted {
             cidr: "10.6.0.0/16".parse().expect("cidr"),

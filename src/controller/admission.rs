@@ -108,7 +108,7 @@ mod tests {
         .expect("subnet deserializes")
     }
 
-    fn seed() -> Subnet {
+    fn example_subnet() -> Subnet {
         subnet(
             "subnet",
             json!({"subnet": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ["10.6.153.100-10.6.153.255"], "replicas": 3}),
@@ -118,7 +118,7 @@ mod tests {
     #[test]
     fn disjoint_subnets_are_admitted() {
         let others = [
-            seed(),
+            example_subnet(),
             subnet("v6", json!({"subnet": "fd00:6::/64"})),
             subnet("broken", json!({"subnet": "not-a-cidr"})),
         ];
@@ -138,7 +138,7 @@ mod tests {
 
     #[test]
     fn an_overlap_names_the_other_subnet_and_its_cidr() {
-        let others = [seed()];
+        let others = [example_subnet()];
         for cidr in ["10.6.153.0/24", "10.0.0.0/8"] {
             let candidate = subnet("second", json!({"subnet": cidr}));
             let message = review_subnet(&candidate, None, &others).expect_err(cidr);
@@ -164,7 +164,7 @@ mod tests {
 
     #[test]
     fn subnets_of_one_network_are_admitted_only_with_disjoint_addresses() {
-        let others = [seed()];
+        let others = [example_subnet()];
         let beside = subnet(
             "team-b",
             json!({"subnet": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ["10.6.160.10-10.6.160.49"]}),
@@ -187,8 +187,8 @@ mod tests {
 
     #[test]
     fn a_subnet_does_not_overlap_its_own_stored_version() {
-        let stored = seed();
-        let mut scaled = seed();
+        let stored = example_subnet();
+        let mut scaled = example_subnet();
         scaled.spec.replicas = 5;
         assert_eq!(
             review_subnet(&scaled, Some(&stored), std::slice::from_ref(&stored)),
@@ -246,6 +246,9 @@ mod tests {
         labelled
             .labels_mut()
             .insert("team".to_owned(), "net".to_owned());
-        assert_eq!(review_subnet(&labelled, Some(&stored), &[seed()]), Ok(()));
+        assert_eq!(
+            review_subnet(&labelled, Some(&stored), &[example_subnet()]),
+            Ok(())
+        );
     }
 }

@@ -258,14 +258,14 @@ mod tests {
     use super::*;
     use crate::crd::{IpAllocation, IpPoolStatus, SubnetSpec};
 
-    fn seed_subnet(replicas: u16) -> Subnet {
+    fn example_subnet(replicas: u16) -> Subnet {
         let spec: SubnetSpec = serde_json::from_value(serde_json::json!({
             "subnet": "10.6.0.0/16",
             "gateway": "10.6.0.1",
             "ips": ["10.6.153.100-10.6.153.255"],
             "replicas": replicas,
         }))
-        .expect("seed 000 Subnet spec parses");
+        .expect("example Subnet spec parses");
         Subnet::new("subnet", spec)
     }
 
@@ -356,8 +356,8 @@ mod tests {
     }
 
     #[test]
-    fn seed_000_subnet_creates_three_pools_of_52() {
-        let subnet = seed_subnet(3);
+    fn example_subnet_creates_three_pools_of_52() {
+        let subnet = example_subnet(3);
         let plan = plan_pools(&subnet, &[]).expect("plan");
         let pools = created(&plan);
         let ips: Vec<_> = pools.iter().map(|pool| pool.spec.ips.clone()).collect();
@@ -378,7 +378,7 @@ mod tests {
 
     #[test]
     fn settled_pools_only_need_their_counters() {
-        let subnet = seed_subnet(3);
+        let subnet = example_subnet(3);
         let mut pools = created(&plan_pools(&subnet, &[]).expect("plan"));
         allocate(&mut pools[1], "10.6.153.160");
         let plan = plan_pools(&subnet, &pools).expect("plan");
@@ -395,9 +395,9 @@ mod tests {
 
     #[test]
     fn scale_down_drains_a_busy_pool_and_never_moves_its_address() {
-        let mut pools = created(&plan_pools(&seed_subnet(3), &[]).expect("plan"));
+        let mut pools = created(&plan_pools(&example_subnet(3), &[]).expect("plan"));
         allocate(&mut pools[2], "10.6.153.250");
-        let plan = converge(&seed_subnet(2), &mut pools);
+        let plan = converge(&example_subnet(2), &mut pools);
         let drained = pools
             .iter()
             .find(|pool| pool.name_any() == "subnet-2")
@@ -417,14 +417,14 @@ mod tests {
 
         // Released: the drained pool goes away.
         pools[2].status = None;
-        converge(&seed_subnet(2), &mut pools);
+        converge(&example_subnet(2), &mut pools);
         assert_eq!(pools.len(), 2);
     }
 
     #[test]
     fn scale_up_rebalances_in_loss_then_gain_rounds() {
-        let mut pools = created(&plan_pools(&seed_subnet(3), &[]).expect("plan"));
-        let first = plan_pools(&seed_subnet(5), &pools).expect("plan");
+        let mut pools = created(&plan_pools(&example_subnet(3), &[]).expect("plan"));
+        let first = plan_pools(&example_subnet(5), &pools).expect("plan");
         assert!(
             first
                 .writes
@@ -433,7 +433,7 @@ mod tests {
             "the first round only takes addresses away: {:?}",
             first.writes
         );
-        converge(&seed_subnet(5), &mut pools);
+        converge(&example_subnet(5), &mut pools);
         let sizes: Vec<u128> = pools
             .iter()
             .map(|pool| IpSet::parse_ranges(&pool.spec.ips).expect("ranges").len())
@@ -447,7 +447,7 @@ mod tests {
 
     #[test]
     fn an_invalid_subnet_is_reported_not_split() {
-        let mut subnet = seed_subnet(3);
+        let mut subnet = example_subnet(3);
         subnet.spec.subnet = "10.6.0.0".into();
         let error = plan_pools(&subnet, &[]).expect_err("not a CIDR");
         assert!(

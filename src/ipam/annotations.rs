@@ -374,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn seed_single_nic_form() {
+    fn single_nic_form() {
         let parsed = PodIpamAnnotations::parse(&annotations(&[(
             SUBNET_ANNOTATION,
             r#"{"interface":"eth0","ipv4":"subnet","address":"10.6.153.120"}"#,

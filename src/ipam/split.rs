@@ -273,14 +273,14 @@ mod tests {
     use crate::ipam::SubnetAddresses;
     use crate::ipam::set::tests::set;
 
-    fn seed_effective() -> IpSet {
+    fn example_effective() -> IpSet {
         SubnetAddresses::parse(
             "10.6.0.0/16".parse().expect("cidr"),
             Some("10.6.0.1".parse().expect("gateway")),
             &["10.6.153.100-10.6.153.255"],
             &[],
         )
-        .expect("seed subnet")
+        .expect("example subnet")
         .effective()
         .clone()
     }
@@ -311,8 +311,8 @@ mod tests {
     }
 
     #[test]
-    fn seed_000_splits_into_three_contiguous_pools_of_52() {
-        let effective = seed_effective();
+    fn example_subnet_splits_into_three_contiguous_pools_of_52() {
+        let effective = example_effective();
         let plans = split(&effective, 3, &[]);
         let summary: Vec<(String, Vec<String>, u128)> = plans
             .iter()

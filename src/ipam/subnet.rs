@@ -215,14 +215,14 @@ mod tests {
     const NONE: &[&str] = &[];
 
     #[test]
-    fn seed_subnet_has_156_addresses() {
+    fn example_subnet_has_156_addresses() {
         let subnet = SubnetAddresses::parse(
             cidr("10.6.0.0/16"),
             Some(ip("10.6.0.1")),
             &["10.6.153.100-10.6.153.255"],
             NONE,
         )
-        .expect("seed subnet");
+        .expect("example subnet");
         assert_eq!(subnet.effective().len(), 156);
         assert_eq!(
             subnet.effective().to_range_strings(),

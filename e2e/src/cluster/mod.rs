@@ -35,7 +35,7 @@ pub use self::{
     layout::{DEFAULT_STATE_PARENT, Layout},
     node_cni::{NodeDirs, POD_RANGE_FIRST, POD_RANGE_LAST},
     teardown::teardown,
-    virtnet::{SEED_SUBNET, VIRTNET_CONFLIST, VirtnetOptions},
+    virtnet::{EXAMPLE_SUBNET, VIRTNET_CONFLIST, VirtnetOptions},
 };
 use crate::{
     command::{self, CommandError},
@@ -150,7 +150,7 @@ pub struct ClusterOptions {
     pub bin_dir: PathBuf,
     /// The `virtnet-e2e` executable, which serves as forwarder and kubelet stand-in.
     pub harness_binary: PathBuf,
-    /// Run VirtNet (controller, agents, plugins, seed 000's conflist as every node's default
+    /// Run VirtNet (controller, agents, plugins, the default conflist as every node's default
     /// network); `None` keeps the bootstrap network (macvlan + host-local).
     pub virtnet: Option<VirtnetOptions>,
 }

@@ -1,6 +1,6 @@
 //! Multus mode of a VirtNet cluster: the NetworkAttachmentDefinition CRD, Multus v4 (thin
 //! plugin) as every node's default CNI with a kubeconfig of its own and least-privilege RBAC
-//! (`multus.yaml`), and the conflist `virtnet agent` wrote (seed 000's) as the cluster default
+//! (`multus.yaml`), and the conflist `virtnet agent` wrote (the example's) as the cluster default
 //! network Multus delegates to, the way Multus's thin entrypoint generates `00-multus.conf` from
 //! the node's first conflist once the default network's installer has written it.
 //! Pods then pick another default network (`v1.multus-cni.io/default-network`) or extra NICs
@@ -127,15 +127,15 @@ mod tests {
     #[test]
     fn the_conf_delegates_to_the_cluster_network_and_stays_in_the_node_dirs() {
         let dirs = NodeDirs::new(Path::new("/state/nodes"), "n1");
-        let seed = serde_json::json!({"cniVersion": "0.3.1", "name": "macvlan", "plugins": []});
+        let delegate = serde_json::json!({"cniVersion": "0.3.1", "name": "macvlan", "plugins": []});
         let conf = multus_conf(
-            &seed,
+            &delegate,
             Path::new("/k"),
             &dirs,
             &PathBuf::from("/logs/multus-n1.log"),
         );
         assert_eq!(conf["type"], "multus");
-        assert_eq!(conf["delegates"][0], seed);
+        assert_eq!(conf["delegates"][0], delegate);
         for key in ["binDir", "confDir", "cniDir"] {
             let dir = conf[key].as_str().unwrap_or_default();
             assert!(dir.starts_with("/state/nodes/n1/"), "{key} = {dir}");

@@ -3,7 +3,7 @@
 //! (each as its chart ServiceAccount, through a client certificate for
 //! `system:serviceaccount:kube-system:<sa>` in group `system:serviceaccounts`). Each agent, in
 //! default-CNI mode, installs virtnet-ipam and virtnet-coordinator from the build output into its
-//! node's CNI bin dir and seed 000's conflist as the node's default network (in Multus mode, the
+//! node's CNI bin dir and the default conflist as the node's default network (in Multus mode, the
 //! network Multus delegates to by default: see `multus.rs`), as the chart's DaemonSet does.
 //!
 //! The controller serves the Subnet admission webhook with a certificate from the harness CA;
@@ -32,8 +32,8 @@ pub const VIRTNET_CONFLIST: &str = "00-virtnet.conflist";
 /// The chart's hostPath for the agent's socket: the directory of virtnet-ipam's default
 /// `agent_socket`. Each node's kubelet stand-in sees its own agent's directory there.
 pub const AGENT_RUN_HOST_PATH: &str = "/var/run/virtnet";
-/// The Subnet seed 000's conflist allocates from.
-pub const SEED_SUBNET: &str = "subnet";
+/// The Subnet the default conflist allocates from.
+pub const EXAMPLE_SUBNET: &str = "subnet";
 const NAMESPACE: &str = "kube-system";
 const RBAC_KINDS: &[&str] = &[
     "ServiceAccount",
@@ -55,7 +55,7 @@ pub struct VirtnetOptions {
     pub binaries: PathBuf,
     /// The repository root, for `chart/` and `chart/crds/`.
     pub repo: PathBuf,
-    /// Multus mode: Multus (thin plugin) is the nodes' default CNI and delegates to seed 000's
+    /// Multus mode: Multus (thin plugin) is the nodes' default CNI and delegates to the example's
     /// conflist; every node also gets a second NIC on a second underlay (see `topology`).
     pub multus: bool,
     /// Extra environment of `virtnet controller` (e.g. `VIRTNET_GC_INTERVAL`).
@@ -206,7 +206,7 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Installe
                     format!("VIRTNET_CNI_CONF_DIR={}", dirs.cni_conf.display()),
                     "VIRTNET_DEFAULT_CNI=true".to_owned(),
                     format!("VIRTNET_CNI_MASTER={}", crate::topology::NODE_NIC),
-                    format!("VIRTNET_CNI_DEFAULT_SUBNETS={SEED_SUBNET}"),
+                    format!("VIRTNET_CNI_DEFAULT_SUBNETS={EXAMPLE_SUBNET}"),
                 ])
                 .args(
                     options

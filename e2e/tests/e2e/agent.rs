@@ -46,11 +46,11 @@ pub fn agent_allocates_exactly_under_burst_exhaustion_and_dual_stack(
     suite: &Suite,
 ) -> anyhow::Result<()> {
     let virtnet = VirtnetOptions::from_workspace();
-    // The nodes' conflist names seed 000's Subnet as its default, so it must exist (each
+    // The nodes' conflist names the example Subnet as its default, so it must exist (each
     // scenario's namespace picks another one).
-    let seed_subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
+    let example_subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
     run_on_own_cluster(suite, own_virtnet_cluster('a', virtnet), async |cluster| {
-        cluster.kubectl(&["apply", "-f", &seed_subnet.to_string_lossy()])?;
+        cluster.kubectl(&["apply", "-f", &example_subnet.to_string_lossy()])?;
         burst(cluster).await?;
         exhaustion(cluster).await?;
         dual_stack(cluster).await

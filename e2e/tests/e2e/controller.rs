@@ -1,6 +1,6 @@
 //! `virtnet controller` with the real agent and plugins, on one VirtNet cluster of its own (suffix
 //! `c`), scenarios in sequence: the Subnet webhook refuses an overlap; Subnet replicas 3→5→2 while
-//! pods hold addresses lose or duplicate none; seed 000's StatefulSet of 5 keeps its addresses
+//! pods hold addresses lose or duplicate none; the example StatefulSet of 5 keeps its addresses
 //! through `kubectl rollout restart` and scaled to 2 releases exactly 3; the controller killed
 //! during a scale-down converges when restarted; the sweep runs at its interval and deleted pools
 //! leave /metrics; with fixed-IP retention switched off a StatefulSet pod is like any other; pods

@@ -1,4 +1,4 @@
-//! virtnet-coordinator on a VirtNet cluster (seed 000's conflist: macvlan + virtnet-ipam +
+//! virtnet-coordinator on a VirtNet cluster (the default conflist: macvlan + virtnet-ipam +
 //! virtnet-coordinator as every node's default network), proven on the wire:
 //!
 //! - a pod reaches its own node (ping, and TCP to a listener in the node's netns), and the node
@@ -35,7 +35,7 @@ use virtnet_e2e::{
 
 use crate::support::{install_kubevirt_crd, own_virtnet_cluster, run_on_own_cluster};
 use crate::{
-    ipam::apply_seed_subnet,
+    ipam::apply_example_subnet,
     support::{
         POD_READY_TIMEOUT, Suite, create_namespace, node_name, ping_from_pod, pod_ip, pod_name,
     },
@@ -54,7 +54,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
 const POD_VETH: &str = "veth0";
 const HOST_VETH_PREFIX: &str = "vnc";
-/// An address of seed 000's range that another host on the underlay takes.
+/// An address of the example Subnet's range that another host on the underlay takes.
 const SQUATTED: &str = "10.6.153.250";
 
 pub fn coordinator_wires_pods_to_their_node_services_and_vms(suite: &Suite) -> anyhow::Result<()> {
@@ -77,7 +77,7 @@ async fn scenarios(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
         service_cidrs.contains(SERVICE_CIDR),
         "the apiserver's ServiceCIDR object lists {service_cidrs:?}, not {SERVICE_CIDR}"
     );
-    apply_seed_subnet(cluster, subnet).await?;
+    apply_example_subnet(cluster, subnet).await?;
     create_namespace(cluster, NAMESPACE).await?;
     install_kubevirt_crd(cluster, "VirtualMachineInstance", "virtualmachineinstances").await?;
     let nodes = cluster.node_names();
@@ -356,10 +356,10 @@ async fn virt_launchers(
     .await?;
     let passt = wait_ready(cluster, pods, &passt).await?;
     let address = pod_ip(&passt)?;
-    let seed_range = "10.6.153.100".parse::<IpAddr>()?..="10.6.153.255".parse::<IpAddr>()?;
+    let example_range = "10.6.153.100".parse::<IpAddr>()?..="10.6.153.255".parse::<IpAddr>()?;
     ensure!(
-        seed_range.contains(&address),
-        "the passt VM's pod got {address}, outside seed 000's range"
+        example_range.contains(&address),
+        "the passt VM's pod got {address}, outside the example Subnet's range"
     );
     let default = cluster.exec_in_pod_netns(&passt, &["ip", "-j", "route", "show", "default"])?;
     let default: Value = serde_json::from_str(&default)?;

@@ -1,7 +1,7 @@
 //! `virtnet agent` puts on its node what the node's runtime needs, on a VirtNet cluster of its own
 //! (default-CNI mode, as the harness runs every VirtNet cluster): on every node the CNI bin dir
 //! holds virtnet-ipam and virtnet-coordinator byte for byte as built, executable, and the conf dir
-//! seed 000's conflist naming virtnet-ipam with the node agent's socket, next to the files that
+//! the default conflist naming virtnet-ipam with the node agent's socket, next to the files that
 //! were already there. An agent killed and started again rewrites nothing that is still right
 //! (same bytes, same inode) and replaces a stale plugin copy.
 use std::{
@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, ensure};
 use serde_json::Value;
 use virtnet_e2e::{
-    cluster::{Cluster, NodeDirs, SEED_SUBNET, VIRTNET_CONFLIST, VirtnetOptions},
+    cluster::{Cluster, EXAMPLE_SUBNET, NodeDirs, VIRTNET_CONFLIST, VirtnetOptions},
     topology::NODE_NIC,
 };
 
@@ -87,7 +87,7 @@ async fn scenario(cluster: &mut Cluster, built: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The plugins are the built binaries, executable; the conflist is seed 000's for this node's
+/// The plugins are the built binaries, executable; the conflist is the example's for this node's
 /// agent; what was there before stays and no temp file is left behind.
 fn ensure_installed(dirs: &NodeDirs, built: &Path) -> anyhow::Result<()> {
     for plugin in PLUGINS {
@@ -110,10 +110,10 @@ fn ensure_installed(dirs: &NodeDirs, built: &Path) -> anyhow::Result<()> {
         interface["type"] == "macvlan"
             && interface["master"] == NODE_NIC
             && ipam["type"] == "virtnet-ipam"
-            && ipam["default_subnet"] == SEED_SUBNET
+            && ipam["default_subnet"] == EXAMPLE_SUBNET
             && ipam["agent_socket"].as_str() == socket.to_str()
             && conflist["plugins"][1]["type"] == "virtnet-coordinator",
-        "{} is not seed 000's conflist for this node: {conflist:#}",
+        "{} is not the default conflist for this node: {conflist:#}",
         path.display()
     );
     ensure!(

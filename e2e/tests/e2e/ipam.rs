@@ -1,6 +1,6 @@
 //! VirtNet allocating for real pods: a cluster of its own running `virtnet controller`, an agent
-//! per node and seed 000's conflist (macvlan + virtnet-ipam + virtnet-coordinator) as the nodes'
-//! default network. Seed 000's Subnet → a spread Deployment gets addresses from its pools, the
+//! per node and the default conflist (macvlan + virtnet-ipam + virtnet-coordinator) as the nodes'
+//! default network. The example Subnet → a spread Deployment gets addresses from its pools, the
 //! pools and Endpoints record exactly those, pods ping each other and the gateway, and deleting
 //! the Deployment returns every address.
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
@@ -23,7 +23,9 @@ use crate::{
 const NAMESPACE: &str = "ipam";
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub fn virtnet_allocates_seed_000_addresses_and_returns_them(suite: &Suite) -> anyhow::Result<()> {
+pub fn virtnet_allocates_example_subnet_addresses_and_returns_them(
+    suite: &Suite,
+) -> anyhow::Result<()> {
     let virtnet = VirtnetOptions::from_workspace();
     let subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
     run_on_own_cluster(suite, own_virtnet_cluster('v', virtnet), async |cluster| {
@@ -50,28 +52,32 @@ pub fn pool_records(cluster: &Cluster) -> anyhow::Result<Vec<(String, Value)>> {
         .collect())
 }
 
-/// Applies seed 000's Subnet (`subnet` is its file) and waits for its 3 IPPools.
-pub async fn apply_seed_subnet(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
+/// Applies the example Subnet (`subnet` is its file) and waits for its 3 IPPools.
+pub async fn apply_example_subnet(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
     cluster.kubectl(&["apply", "-f", subnet])?;
     cluster
-        .wait_for("seed 000's 3 IPPools", RELEASE_TIMEOUT, || async {
-            let pools = cluster
-                .kubectl(&["get", "ippools.virtnet.io", "-o", "name"])
-                .map_err(|error| error.to_string())?;
-            if pools.lines().count() == 3 {
-                Ok(())
-            } else {
-                Err(format!("pools: {pools:?}"))
-            }
-        })
+        .wait_for(
+            "the example Subnet's 3 IPPools",
+            RELEASE_TIMEOUT,
+            || async {
+                let pools = cluster
+                    .kubectl(&["get", "ippools.virtnet.io", "-o", "name"])
+                    .map_err(|error| error.to_string())?;
+                if pools.lines().count() == 3 {
+                    Ok(())
+                } else {
+                    Err(format!("pools: {pools:?}"))
+                }
+            },
+        )
         .await?;
     Ok(())
 }
 
 async fn scenario(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
-    apply_seed_subnet(cluster, subnet).await?;
+    apply_example_subnet(cluster, subnet).await?;
     let pods = create_spread_deployment(cluster, NAMESPACE).await?;
-    let seed_range = "10.6.153.100".parse::<IpAddr>()?..="10.6.153.255".parse::<IpAddr>()?;
+    let example_range = "10.6.153.100".parse::<IpAddr>()?..="10.6.153.255".parse::<IpAddr>()?;
     let addresses: BTreeSet<IpAddr> = pods.iter().map(pod_ip).collect::<Result<_, _>>()?;
     let nodes: BTreeSet<&str> = pods.iter().filter_map(node_name).collect();
     ensure!(
@@ -79,8 +85,10 @@ async fn scenario(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
         "expected distinct addresses on distinct nodes, got {addresses:?} on {nodes:?}"
     );
     ensure!(
-        addresses.iter().all(|address| seed_range.contains(address)),
-        "addresses {addresses:?} are not all in seed 000's range 10.6.153.100-255"
+        addresses
+            .iter()
+            .all(|address| example_range.contains(address)),
+        "addresses {addresses:?} are not all in the example Subnet's range 10.6.153.100-255"
     );
 
     let records = pool_records(cluster)?;

@@ -1,8 +1,8 @@
 //! VirtNet through Multus, on a cluster of its own in Multus mode: Multus (thin plugin) is every
-//! node's default CNI, delegating to seed 000's conflist, and every node has a second NIC
+//! node's default CNI, delegating to the default conflist, and every node has a second NIC
 //! `ens224` on a second underlay (10.7.0.0/16, the router on both). With the examples of
 //! `examples/multus/`, in sequence:
-//! - seed 003: pods whose default network is NetworkAttachmentDefinition kube-system/macvlan-conf
+//! - a NAD as the default network: pods whose default network is NetworkAttachmentDefinition kube-system/macvlan-conf
 //!   get addresses from the IPPool their annotation names and ping the gateway and each other;
 //! - two NICs: pods with eth0 (node default) and net1 (kube-system/macvlan-ens224) get one address
 //!   per NIC from that NIC's Subnet, the Endpoint lists both, and on the wire traffic to each
@@ -36,7 +36,7 @@ use crate::{
 };
 
 const NAMESPACE: &str = "multus";
-/// IPPools of seed 000's Subnet (3), subnet-test (2) and subnet-ens224 (1).
+/// IPPools of the example Subnet (3), subnet-test (2) and subnet-ens224 (1).
 const POOLS: usize = 6;
 const TIMEOUT: Duration = Duration::from_secs(90);
 /// Echo requests per traffic check: far above the few ARP/ND packets a link sends on its own.
@@ -59,7 +59,7 @@ pub fn multus_nads_give_pool_addresses_and_a_second_nic_its_own_network(
 
 async fn scenarios(cluster: &Cluster, examples: &Path) -> anyhow::Result<()> {
     let file = |name: &str| examples.join(name).to_string_lossy().into_owned();
-    // Seed 000's Subnet too: the node default conflist names it.
+    // The example Subnet too: the node default conflist names it.
     for manifest in [
         "statefulset/subnet.yaml",
         "multus/subnets.yaml",
@@ -81,7 +81,7 @@ async fn scenarios(cluster: &Cluster, examples: &Path) -> anyhow::Result<()> {
         .await?;
     create_namespace(cluster, NAMESPACE).await?;
 
-    seed_003_default_network(cluster, &file("multus/deployment.yaml")).await?;
+    nad_as_default_network(cluster, &file("multus/deployment.yaml")).await?;
     two_nics(cluster, &file("multus/two-nics.yaml")).await?;
 
     delete_namespace(cluster, NAMESPACE).await?;
@@ -179,8 +179,8 @@ fn network_status(pod: &Pod) -> anyhow::Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// Seed 003: the NAD replaces the node's default network and the pool annotation picks the pool.
-async fn seed_003_default_network(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
+/// Multus: the NAD replaces the node's default network and the pool annotation picks the pool.
+async fn nad_as_default_network(cluster: &Cluster, deployment: &str) -> anyhow::Result<()> {
     cluster.kubectl(&["apply", "-n", NAMESPACE, "-f", deployment])?;
     let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=custom-ippool-deploy", 2).await?;
     let held = allocations(cluster)?;

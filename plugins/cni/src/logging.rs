@@ -29,7 +29,7 @@ impl LogLevel {
         ("trace", Self::Trace),
     ];
 
-    /// Case-insensitive, so the seed's `"Debug"`-style values keep working.
+    /// Case-insensitive, so `"Debug"`-style values of older configs keep working.
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL
             .into_iter()
@@ -58,7 +58,7 @@ pub struct LogSettings {
 }
 
 impl LogSettings {
-    /// Reads `log_level` and `log_file` (or the seed's `log_output_file_path`) from a plugin's
+    /// Reads `log_level` and `log_file` (or the older key `log_output_file_path`) from a plugin's
     /// config object.
     pub fn read(fields: &mut FieldReader<'_>) -> Result<Self, CniError> {
         let level = fields

@@ -118,7 +118,7 @@ impl CoordinatorConfig {
             )?
             .unwrap_or_default();
         // Host routes to pods live in the main table and die with the host veth, so no host
-        // `ip rule` is ever needed; the seed's key is still validated, for drop-in migration.
+        // `ip rule` is ever needed; the older key is still validated, for drop-in migration.
         fields.get(
             "hostRuleTable",
             "a routing table number in 1..=252 or 256..=2147483648, e.g. 500 (0 and 253-255 \
@@ -156,7 +156,7 @@ impl CoordinatorConfig {
             fields.get("kubevirtBinding", "one of \"passt\", \"bridge\"", |value| {
                 value.as_str().and_then(KubevirtBinding::parse)
             })?;
-        // The seed's name for the agent socket is accepted for drop-in migration.
+        // The older name for the agent socket is accepted for drop-in migration.
         let socket_key = fields.either("agent_socket", "coordinator_unix_socket_path")?;
         let agent_socket = fields
             .get(

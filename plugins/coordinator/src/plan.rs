@@ -13,7 +13,7 @@
 //!   default route is left alone: it stays on the underlay NIC.
 //! - on the node, `<pod address>/32 dev <host veth> scope link src <node address>` in the main
 //!   table (IPv6 routes carry no `src`, see `preferred_source`). The route dies with the host veth, so the node keeps no per-pod state once the veth
-//!   is gone (no `ip rule`, no extra table: the seed piled up a rule per pod).
+//!   is gone (no `ip rule`, no extra table: a rule per pod would pile up).
 //! - static, permanent neighbour entries on both ends of the veth (pod → node addresses and node
 //!   → pod addresses). The MACs are known in advance, so no ARP/ND ever crosses the veth and
 //!   proxy ARP is not needed.

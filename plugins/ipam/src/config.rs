@@ -32,7 +32,7 @@ impl IpamConfig {
     /// Reads and validates the `ipam` section. Keys:
     ///
     /// - `type`: must be `virtnet-ipam`;
-    /// - `default_subnet` (a Subnet name, as in the seed) or `default_subnets` (a list of them);
+    /// - `default_subnet` (a Subnet name, as older configs name it) or `default_subnets` (a list of them);
     /// - `agent_socket` (older name `ipam_unix_socket_path`), default [`DEFAULT_AGENT_SOCKET`];
     /// - `timeout_ms`, 1..=[`MAX_TIMEOUT_MS`], default [`DEFAULT_TIMEOUT_MS`];
     /// - `log_level`, `log_file` (older name `log_output_file_path`).
@@ -148,7 +148,7 @@ mod tests {
     }
 
     #[test]
-    fn seed_config_gets_the_defaults() -> Result<(), CniError> {
+    fn minimal_config_gets_the_defaults() -> Result<(), CniError> {
         let config = parse(json!({"type": "virtnet-ipam", "default_subnet": "subnet"}))?;
         assert_eq!(
             config,
@@ -165,7 +165,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_every_field_including_seed_aliases() -> Result<(), CniError> {
+    fn reads_every_field_including_legacy_aliases() -> Result<(), CniError> {
         let config = parse(json!({
             "type": "virtnet-ipam",
             "default_subnets": ["subnet-v4", "subnet.v6"],

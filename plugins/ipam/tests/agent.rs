@@ -84,7 +84,7 @@ async fn record(
 }
 
 /// Answers by pod name: `exhausted`, `missing`, `slow` and `garbled` misbehave, everything else
-/// gets seed 000's first address.
+/// gets the example Subnet's first address.
 async fn allocate(State(log): State<Log>, Json(request): Json<AllocateRequest>) -> Response {
     if let (Ok(mut log), Ok(body)) = (log.lock(), serde_json::to_value(&request)) {
         log.push((ALLOCATE_PATH.to_owned(), body));
