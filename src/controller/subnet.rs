@@ -4,18 +4,17 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
+    Resource, ResourceExt,
     runtime::{controller::Action, events::EventType},
 };
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::{
     Context, Error,
-    pools::{PoolCounters, PoolWrite, SubnetPlan, plan_pools},
+    pools::{SubnetPlan, plan_pools},
 };
-use crate::crd::{IpPool, LABEL_SUBNET, Subnet, SubnetStatus};
+use crate::crd::{Subnet, SubnetStatus};
+use crate::store::pools::PoolSpecWrite;
 
 /// How often a Subnet is reconciled even when nothing changed (a safety net for missed events).
 const RESYNC: Duration = Duration::from_secs(300);
@@ -23,11 +22,7 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles one Subnet: pools first (one safe round per call), then counters and status.
 pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = subnet.name_any();
-    let pools_api: Api<IpPool> = Api::all(ctx.client.clone());
-    let pools = pools_api
-        .list(&ListParams::default().labels(&format!("{LABEL_SUBNET}={name}")))
-        .await?
-        .items;
+    let pools = ctx.pools.list(Some(&name)).await?;
     let plan = match plan_pools(&subnet, &pools) {
         Ok(plan) => plan,
         Err(problem) => {
@@ -51,7 +46,7 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     for counters in &plan.counters {
-        write_pool_counters(&pools_api, counters).await?;
+        ctx.pools.write_counters(counters).await?;
     }
     for pool in &pools {
         ctx.metrics.observe_pool(pool);
@@ -72,52 +67,24 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::requeue(RESYNC))
 }
 
-async fn apply_writes(ctx: &Context, subnet: &Subnet, writes: &[PoolWrite]) -> Result<(), Error> {
-    let pools_api: Api<IpPool> = Api::all(ctx.client.clone());
+async fn apply_writes(
+    ctx: &Context,
+    subnet: &Subnet,
+    writes: &[PoolSpecWrite],
+) -> Result<(), Error> {
+    let owner = owner_reference(subnet)?;
     for write in writes {
+        ctx.pools
+            .write_spec(write, &subnet.name_any(), &owner)
+            .await?;
         match write {
-            PoolWrite::Update(change) => {
-                let patch = json!({
-                    "metadata": { "resourceVersion": change.resource_version },
-                    "spec": { "ips": change.ips, "draining": change.draining },
-                });
-                pools_api
-                    .patch(&change.name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
+            PoolSpecWrite::Update(change) => {
                 info!(pool = %change.name, ips = ?change.ips, draining = change.draining, "pool updated");
             }
-            PoolWrite::Create { name, spec } => {
-                let pool = IpPool {
-                    metadata: ObjectMeta {
-                        name: Some(name.clone()),
-                        labels: Some([(LABEL_SUBNET.to_string(), subnet.name_any())].into()),
-                        owner_references: Some(vec![owner_reference(subnet)?]),
-                        ..ObjectMeta::default()
-                    },
-                    spec: spec.clone(),
-                    status: None,
-                };
-                match pools_api.create(&PostParams::default(), &pool).await {
-                    Ok(_) => info!(pool = %name, ips = ?spec.ips, "pool created"),
-                    // Another reconcile (or a previous leader) created it: recompute.
-                    Err(error) if is_already_exists(&error) => {}
-                    Err(error) => return Err(error.into()),
-                }
+            PoolSpecWrite::Create { name, spec } => {
+                info!(pool = %name, ips = ?spec.ips, "pool created");
             }
-            PoolWrite::Delete {
-                name,
-                resource_version,
-            } => {
-                let params = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        resource_version: Some(resource_version.clone()),
-                        uid: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                pools_api.delete(name, &params).await?;
-                info!(pool = %name, "drained pool deleted");
-            }
+            PoolSpecWrite::Delete { name, .. } => info!(pool = %name, "drained pool deleted"),
         }
     }
     ctx.publish(
@@ -127,24 +94,6 @@ async fn apply_writes(ctx: &Context, subnet: &Subnet, writes: &[PoolWrite]) -> R
         &format!("{} IPPool write(s) to match spec", writes.len()),
     )
     .await;
-    Ok(())
-}
-
-async fn write_pool_counters(api: &Api<IpPool>, counters: &PoolCounters) -> Result<(), Error> {
-    let patch = json!({
-        "metadata": { "resourceVersion": counters.resource_version },
-        "status": {
-            "allocatedIPCount": counters.allocated,
-            "unallocatedIPCount": counters.unallocated,
-            "totalIPCount": counters.total,
-        },
-    });
-    api.patch_status(
-        &counters.name,
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
     Ok(())
 }
 
@@ -174,13 +123,9 @@ async fn write_status(
     {
         return Ok(());
     }
-    let api: Api<Subnet> = Api::all(ctx.client.clone());
-    api.patch_status(
-        &subnet.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": wanted })),
-    )
-    .await?;
+    ctx.subnets
+        .write_status(&subnet.name_any(), &wanted)
+        .await?;
     Ok(())
 }
 
@@ -208,10 +153,6 @@ fn owner_reference(subnet: &Subnet) -> Result<OwnerReference, Error> {
     subnet
         .controller_owner_ref(&())
         .ok_or_else(|| Error::MissingUid(subnet.name_any()))
-}
-
-fn is_already_exists(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.is_already_exists())
 }
 
 impl Context {
