@@ -359,3 +359,69 @@ async fn an_empty_resource_version_is_an_error_not_a_dropped_guard() {
     ));
     script.finish();
 }
+
+#[tokio::test]
+async fn a_crash_between_claim_and_endpoint_is_recovered_by_the_next_add() {
+    use crate::agent::plan::{AllocationInput, BatchOutcome, NodeLabels, plan_batch};
+    use crate::ipam::FixedIpRetention;
+    // The agent claimed 10.0.0.5 for the pod's first sandbox and died before the Endpoint: the
+    // pool holds the record, no Endpoint exists. The runtime's next ADD (a new sandbox) finds
+    // the address by its holder, re-asserts it for the new sandbox with a guarded write, and
+    // creates the Endpoint.
+    let subnet: crate::crd::Subnet = parsed(json!({
+        "apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet", "metadata": {"name": "s"},
+        "spec": {"subnet": "10.0.0.0/24", "gateway": "10.0.0.1", "ips": ["10.0.0.2-10.0.0.9"],
+                 "replicas": 1},
+    }));
+    let pool: IpPool = parsed(pool_json("5", json!({"10.0.0.5": record("c1")})));
+    let pod: k8s_openapi::api::core::v1::Pod = parsed(json!({
+        "metadata": {"name": "p", "namespace": "default", "uid": "pod-uid"},
+    }));
+    let nodes = NodeLabels::from([("n".to_owned(), Default::default())]);
+    let subnets = [subnet];
+    let defaults = ["s".to_owned()];
+    let input = AllocationInput {
+        pod: &pod,
+        namespace: None,
+        node: "n",
+        nodes: &nodes,
+        interface: "eth0",
+        container_id: "c2",
+        cni_default_subnets: &defaults,
+        subnets: &subnets,
+        retention: FixedIpRetention::ON,
+    };
+    let batch = plan_batch(&[input], vec![pool]);
+    let Some(BatchOutcome::Planned(plan)) = batch.outcomes.first() else {
+        panic!("the ADD is decided: {batch:?}");
+    };
+    assert!(plan.claims[0].already_held, "{plan:?}");
+    assert_eq!(plan.claims[0].address.to_string(), "10.0.0.5");
+    let script = Script::default()
+        .expect(
+            Method::PATCH,
+            POOL_STATUS,
+            json!({"metadata": {"resourceVersion": "5"},
+                   "status": {"allocations": {"10.0.0.5": record("c2")}}}),
+            200,
+            pool_json("6", json!({"10.0.0.5": record("c2")})),
+        )
+        .expect(
+            Method::POST,
+            "/apis/virtnet.io/v1alpha1/namespaces/default/endpoints",
+            Value::Null,
+            201,
+            endpoint_json("7", &["ipam.virtnet.io/endpoint"], "c2"),
+        );
+    let [write] = batch.writes.as_slice() else {
+        panic!("one re-assertion: {batch:?}");
+    };
+    assert!(matches!(
+        PoolStore::new(script.client()).claim(&write.claim).await,
+        Ok(ClaimOutcome::Written(_))
+    ));
+    let endpoint: Endpoint = parsed(endpoint_json("", &["ipam.virtnet.io/endpoint"], "c2"));
+    let created = EndpointStore::new(script.client()).create(&endpoint).await;
+    assert_eq!(created.expect("the Endpoint is created"), Written::Done);
+    script.finish();
+}
