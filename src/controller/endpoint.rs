@@ -345,7 +345,19 @@ impl Worker {
             Decision::Keep => {
                 Ok(recheck_after(&observed, settings).map(|left| left.unsigned_abs()))
             }
-            Decision::Release(reason) => self.release(endpoint, reason).await.map(|()| None),
+            Decision::Release(_) => {
+                // The caches call for a release: confirm it on fresh reads first.
+                let confirmed = self.confirm(endpoint).await?;
+                match decide(&endpoint.name_any(), &endpoint.spec, &confirmed, settings) {
+                    Decision::Keep => {
+                        info!(endpoint = %endpoint_ref(endpoint), "the caches were behind: a fresh read keeps the addresses");
+                        Ok(recheck_after(&confirmed, settings).map(|left| left.unsigned_abs()))
+                    }
+                    Decision::Release(reason) => {
+                        self.release(endpoint, reason).await.map(|()| None)
+                    }
+                }
+            }
         }
     }
 
@@ -373,7 +385,66 @@ impl Worker {
         });
     }
 
+    /// What the caches show of `endpoint`'s pod, node and owner.
     fn observe(&self, endpoint: &Endpoint) -> Observed {
+        let spec = &endpoint.spec;
+        let pod = self.cached_pod(endpoint);
+        let node = self.caches.nodes.get(&ObjectRef::new(&spec.node));
+        let deletion_seen = self
+            .caches
+            .deleted_pods
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&spec.pod_uid);
+        self.observed(endpoint, pod.as_deref(), node.as_deref(), deletion_seen)
+    }
+
+    /// The pod the caches hold for `endpoint`: a VM's Endpoint is named after the VM, so its
+    /// launcher pod is found by UID; any other by the Endpoint's name.
+    fn cached_pod(&self, endpoint: &Endpoint) -> Option<Arc<Pod>> {
+        let spec = &endpoint.spec;
+        if spec.sticky && spec.owner_kind == OWNER_VIRTUAL_MACHINE {
+            self.caches
+                .pods
+                .find(|pod| pod.metadata.uid.as_deref() == Some(spec.pod_uid.as_str()))
+        } else {
+            let namespace = endpoint.namespace().unwrap_or_default();
+            self.caches
+                .pods
+                .get(&ObjectRef::new(&endpoint.name_any()).within(&namespace))
+        }
+    }
+
+    /// The same view from fresh (quorum) reads of the pod and the node, to confirm a release
+    /// the caches call for: a lagging pod watch, a stale cache after an etcd restart or a node
+    /// missing from the node cache must not release a live pod's address.
+    async fn confirm(&self, endpoint: &Endpoint) -> Result<Observed, Error> {
+        let spec = &endpoint.spec;
+        let namespace = endpoint.namespace().unwrap_or_default();
+        // A VM's launcher pod is known only by UID: read afresh the one the cache names; one
+        // the cache does not know stays judged by the cache's evidence.
+        let name = match self.cached_pod(endpoint) {
+            Some(pod) => Some(pod.name_any()),
+            None if spec.sticky && spec.owner_kind == OWNER_VIRTUAL_MACHINE => None,
+            None => Some(endpoint.name_any()),
+        };
+        let pod = match &name {
+            Some(name) => self.ctx.workloads.pod(&namespace, name).await?,
+            None => None,
+        };
+        let node = self.ctx.workloads.node(&spec.node).await?;
+        // Absent from a quorum read: deleted, not a cache behind.
+        let deletion_confirmed = name.is_some() && pod.is_none();
+        Ok(self.observed(endpoint, pod.as_ref(), node.as_ref(), deletion_confirmed))
+    }
+
+    fn observed(
+        &self,
+        endpoint: &Endpoint,
+        pod: Option<&Pod>,
+        node: Option<&Node>,
+        deletion_seen: bool,
+    ) -> Observed {
         let settings = &self.ctx.endpoints.lifecycle;
         let namespace = endpoint.namespace().unwrap_or_default();
         let spec = &endpoint.spec;
@@ -389,42 +460,20 @@ impl Worker {
             }
             None => OwnerView::NotSticky,
         };
-        // A VM's Endpoint is named after the VM: find its launcher pod by UID.
-        let pod = if spec.sticky && spec.owner_kind == OWNER_VIRTUAL_MACHINE {
-            self.caches
-                .pods
-                .find(|pod| pod.metadata.uid.as_deref() == Some(spec.pod_uid.as_str()))
-        } else {
-            self.caches
-                .pods
-                .get(&ObjectRef::new(&endpoint.name_any()).within(&namespace))
-        };
         let now = Timestamp::now();
         let endpoint_created = endpoint.creation_timestamp().map_or(now, |time| time.0);
         let pod = match pod {
-            None => {
-                let deletion_seen = self
-                    .caches
-                    .deleted_pods
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .contains_key(&spec.pod_uid);
-                absent_pod(
-                    endpoint_created,
-                    self.caches.pods_listed_after,
-                    deletion_seen,
-                )
-            }
+            None => absent_pod(
+                endpoint_created,
+                self.caches.pods_listed_after,
+                deletion_seen,
+            ),
             Some(pod) if pod.metadata.uid.as_deref() != Some(spec.pod_uid.as_str()) => {
                 PodView::Replaced
             }
-            Some(pod) => PodView::Present(pod_state(&pod)),
+            Some(pod) => PodView::Present(pod_state(pod)),
         };
-        let node = self
-            .caches
-            .nodes
-            .get(&ObjectRef::new(&spec.node))
-            .map_or(NodeView::Gone, |node| node_view(&node));
+        let node = node.map_or(NodeView::Gone, node_view);
         Observed {
             pod,
             node,

@@ -41,7 +41,9 @@ use crate::{
     crd::{IpPool, LABEL_SUBNET, Subnet},
     ipam::FixedIpRetention,
     observability::{Health, Metrics},
-    store::{endpoints::EndpointStore, pools::PoolStore, subnets::SubnetStore},
+    store::{
+        endpoints::EndpointStore, pools::PoolStore, subnets::SubnetStore, workloads::WorkloadStore,
+    },
 };
 
 /// Errors of the controller; each tells the operator what to check.
@@ -159,6 +161,7 @@ pub struct Context {
     pub pools: PoolStore,
     pub endpoint_store: EndpointStore,
     pub subnets: SubnetStore,
+    pub workloads: WorkloadStore,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub endpoints: endpoint::Config,
@@ -194,6 +197,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         pools: PoolStore::new(client.clone()),
         endpoint_store: EndpointStore::new(client.clone()),
         subnets: SubnetStore::new(client.clone()),
+        workloads: WorkloadStore::new(client.clone()),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

@@ -7,6 +7,7 @@
 //!   controller's pool spec and counter writes.
 //! - [`endpoints`]: record an Endpoint, let it go (removing only VirtNet's finalizer).
 //! - [`subnets`]: the Subnet status the controller reports.
+//! - [`workloads`]: fresh reads of pods and nodes, confirming cache evidence before a release.
 //! - [`parse`]: CRD → engine conversion: after it, addresses are typed, and a malformed one is
 //!   an error naming its object.
 //!
@@ -20,6 +21,7 @@ pub mod endpoints;
 pub mod parse;
 pub mod pools;
 pub mod subnets;
+pub mod workloads;
 
 use std::time::{Duration, SystemTime};
 
