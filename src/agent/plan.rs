@@ -14,7 +14,7 @@ use virtnet_cni::agent_api::{
     AllocateResponse, AllocatedIp, ApiDns, ApiError, ApiRoute, ErrorKind,
 };
 
-use crate::controller::pools::{PlanError, subnet_addresses};
+use crate::controller::pools::{PlanError, allocated_addresses, subnet_addresses};
 use crate::crd::{EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
 use crate::ipam::{
     AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpSet, IpamError,
@@ -400,6 +400,7 @@ fn claim_in_subnet(
         .iter()
         .map(|pool| pool_state(pool, holder))
         .collect::<Result<Vec<_>, _>>()?;
+    hold_foreign_allocations(&mut states, pools, &subnet.name)?;
     let addresses = &subnet.addresses;
     let held = states
         .iter()
@@ -426,6 +427,39 @@ fn claim_in_subnet(
         subnet: subnet.name.clone(),
         already_held: held.is_some(),
     })
+}
+
+/// Marks as taken, in `states` (pools of Subnet `subnet`), every address that a pool of another
+/// Subnet has allocated: Subnets of one network must never share an address, but if two were
+/// admitted at once (or one still holds an address its spec no longer lists), the pod holding it
+/// keeps it and no other is given it.
+fn hold_foreign_allocations(
+    states: &mut [PoolState],
+    pools: &[IpPool],
+    subnet: &str,
+) -> Result<(), PlanFailure> {
+    for pool in pools.iter().filter(|pool| pool.spec.subnet != subnet) {
+        let foreign = allocated_addresses(pool).map_err(|source| PlanFailure::BadPool {
+            pool: pool.name_any(),
+            source,
+        })?;
+        for state in states.iter_mut() {
+            for address in foreign.intersect(&state.ranges).iter() {
+                state
+                    .allocations
+                    .entry(address)
+                    .or_insert_with(|| AllocationHolder {
+                        key: AllocationKey::Pod {
+                            namespace: String::new(),
+                            name: pool.name_any(),
+                            uid: format!("allocated in IPPool {}", pool.name_any()),
+                        },
+                        interface: String::new(),
+                    });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The nodes whose labels `subnet`'s node selector accepts (all nodes without one).
@@ -875,6 +909,48 @@ mod tests {
             claim.resource_version,
             if claim.pool == "subnet-0" { "10" } else { "11" }
         );
+        Ok(())
+    }
+
+    #[test]
+    fn an_address_allocated_in_another_subnet_is_never_handed_out() -> Result<(), PlanFailure> {
+        let record = json!({"endpoint": "team-b/db", "interface": "eth0", "podUID": "uid-b", "node": "node-2"});
+        let foreign = |allocated: &[&str]| -> IpPool {
+            let allocations: serde_json::Map<String, Value> = allocated
+                .iter()
+                .map(|address| ((*address).to_owned(), record.clone()))
+                .collect();
+            serde_json::from_value(json!({
+                "apiVersion": "virtnet.io/v1alpha1", "kind": "IPPool",
+                "metadata": {"name": "team-b-0", "resourceVersion": "7"},
+                "spec": {"subnet": "team-b", "cidr": "10.6.0.0/16", "ips": ["10.6.153.90-10.6.153.100"]},
+                "status": {"allocations": allocations},
+            }))
+            .expect("valid IPPool")
+        };
+        let pod = pod("web-1", "uid-1", Some("ReplicaSet"), json!({}));
+        let subnets = [subnet(json!({"replicas": 1}))];
+        let ours = pool(0, &["10.6.153.100-10.6.153.101"], json!({}));
+        let plan = plan(&pod, &subnets, &[ours.clone(), foreign(&["10.6.153.100"])])?;
+        assert_eq!(plan.claims[0].address.to_string(), "10.6.153.101");
+
+        let full = self::plan(
+            &pod,
+            &subnets,
+            &[ours.clone(), foreign(&["10.6.153.100", "10.6.153.101"])],
+        )
+        .expect_err("both addresses are held in team-b");
+        assert_eq!(full.kind(), ErrorKind::PoolExhausted, "{full}");
+
+        let wanted = self::pod(
+            "db",
+            "uid-3",
+            None,
+            json!({"ipam.virtnet.io/static-ips": "[{\"interface\": \"eth0\", \"ipv4\": \"10.6.153.100\"}]"}),
+        );
+        let refused = self::plan(&wanted, &subnets, &[ours, foreign(&["10.6.153.100"])])
+            .expect_err("the static address is held in team-b");
+        assert_eq!(refused.kind(), ErrorKind::IpConflict, "{refused}");
         Ok(())
     }
 
