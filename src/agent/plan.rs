@@ -7,7 +7,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as KubeLabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector as KubeLabelSelector, OwnerReference,
+};
 use kube::ResourceExt;
 use serde_json::{Value, json};
 use virtnet_cni::agent_api::{
@@ -18,9 +20,9 @@ use crate::controller::pools::{PlanError, allocated_addresses, subnet_addresses}
 use crate::crd::{EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
 use crate::ipam::{
     AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpSet, IpamError,
-    LabelRequirement, LabelSelector, NamespaceDefaultSubnet, OwnerRef, PodFacts,
-    PodIpamAnnotations, PoolState, Selection, SelectionRequest, SelectorOperator, SubnetFacts,
-    allocate_in_pools, find_static_pool, parse_pool_name, select_for_interface,
+    KUBEVIRT_API_GROUP, LabelRequirement, LabelSelector, NamespaceDefaultSubnet, OwnerRef,
+    PodFacts, PodIpamAnnotations, PoolState, Selection, SelectionRequest, SelectorOperator,
+    SubnetFacts, allocate_in_pools, find_static_pool, parse_pool_name, select_for_interface,
 };
 
 /// Why an allocation cannot be decided; each maps to an [`ErrorKind`] for the plugin.
@@ -123,6 +125,29 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             .collect(),
         labels: pod.labels().clone(),
     }
+}
+
+/// The owner reference that would make `pod`'s key sticky, in [`AllocationKey::for_pod`]'s order
+/// (its VirtualMachineInstance, else its StatefulSet). Whoever creates a pod writes its owner
+/// references, so the agent confirms this one's uid before trusting it.
+pub fn sticky_owner(pod: &Pod) -> Option<&OwnerReference> {
+    let is = |owner: &OwnerReference, group: &str, kind: &str| {
+        owner.kind == kind && owner.api_version.split_once('/').map(|(g, _)| g) == Some(group)
+    };
+    let owners = pod.owner_references();
+    owners
+        .iter()
+        .find(|owner| is(owner, KUBEVIRT_API_GROUP, "VirtualMachineInstance"))
+        .or_else(|| owners.iter().find(|owner| is(owner, "apps", "StatefulSet")))
+}
+
+/// `pod` without the owner reference of uid `uid` (one the API server did not confirm), so that
+/// its key is an ordinary pod's.
+pub fn without_owner(mut pod: Pod, uid: &str) -> Pod {
+    if let Some(owners) = pod.metadata.owner_references.as_mut() {
+        owners.retain(|owner| owner.uid != uid);
+    }
+    pod
 }
 
 /// `namespace/name` of the Endpoint recording `key`'s allocations, as IPPool records name it.
@@ -952,6 +977,31 @@ mod tests {
             .expect_err("the static address is held in team-b");
         assert_eq!(refused.kind(), ErrorKind::IpConflict, "{refused}");
         Ok(())
+    }
+
+    #[test]
+    fn the_owner_to_confirm_is_the_one_that_makes_the_key_sticky() {
+        let forged: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "imposter", "namespace": "default", "uid": "uid-9",
+                         "ownerReferences": [
+                             {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db", "uid": "s"},
+                             {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "name": "vm1", "uid": "v"},
+                         ]},
+        }))
+        .expect("valid Pod");
+        let owner = sticky_owner(&forged).expect("a sticky owner");
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("VirtualMachineInstance", "v")
+        );
+        let without_vmi = without_owner(forged, "v");
+        assert_eq!(
+            sticky_owner(&without_vmi).map(|o| o.uid.as_str()),
+            Some("s")
+        );
+        let ordinary = without_owner(without_vmi, "s");
+        assert_eq!(sticky_owner(&ordinary), None);
+        assert!(!AllocationKey::for_pod(&pod_facts(&ordinary), FixedIpRetention::ON).is_sticky());
     }
 
     #[test]

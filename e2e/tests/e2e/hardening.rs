@@ -20,8 +20,8 @@ use virtnet_e2e::{
 use crate::{
     ipam::{apply_example_subnet, kubectl_json, pool_records},
     support::{
-        Suite, create_namespace, own_virtnet_cluster, ping_from_pod, pod_ip, run_on_own_cluster,
-        wait_for_ready_pods,
+        Suite, create_namespace, install_kubevirt_crd, own_virtnet_cluster, ping_from_pod, pod_ip,
+        run_on_own_cluster, wait_for_ready_pods,
     },
 };
 
@@ -39,14 +39,29 @@ pub fn subnets_never_give_a_held_address_to_a_second_holder(suite: &Suite) -> an
         a_deleted_subnet_waits_for_its_pods(cluster, &example).await?;
         apply_example_subnet(cluster, &example).await?;
         an_address_dropped_from_a_spec_stays_with_its_pod(cluster).await?;
-        of_two_overlapping_subnets_only_the_first_gets_pools(cluster).await
+        of_two_overlapping_subnets_only_the_first_gets_pools(cluster).await?;
+        a_pod_labelled_as_a_vms_launcher_does_not_get_its_address(cluster).await
     })
 }
 
 /// A pause pod named `name` that takes an address from the default conflist's Subnet.
 async fn start_holder(cluster: &Cluster, name: &str) -> anyhow::Result<Pod> {
+    start_pod(cluster, name, json!({}), json!([])).await
+}
+
+/// A pause pod named `name` with extra `labels` and `owners` (ownerReferences).
+async fn start_pod(
+    cluster: &Cluster,
+    name: &str,
+    labels: Value,
+    owners: Value,
+) -> anyhow::Result<Pod> {
+    let mut all_labels = json!({"holder": name});
+    if let (Some(all), Value::Object(extra)) = (all_labels.as_object_mut(), labels) {
+        all.extend(extra);
+    }
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"holder": name}},
+        "metadata": {"name": name, "labels": all_labels, "ownerReferences": owners},
         "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
     }))?;
     Api::<Pod>::namespaced(cluster.client(), NAMESPACE)
@@ -330,5 +345,51 @@ async fn of_two_overlapping_subnets_only_the_first_gets_pools(
         pools_of(cluster, "taker")?.is_empty(),
         "taker got a pool with {held}, which keeper holds in Subnet subnet"
     );
+    Ok(())
+}
+
+/// A VM's launcher pod (owned by its VirtualMachineInstance) holds the VM's address; another pod
+/// that only carries KubeVirt's launcher labels for that VM gets an address of its own (before,
+/// the labels made it the VM and it was answered the VM's address, held by the launcher).
+async fn a_pod_labelled_as_a_vms_launcher_does_not_get_its_address(
+    cluster: &Cluster,
+) -> anyhow::Result<()> {
+    install_kubevirt_crd(cluster, "VirtualMachineInstance", "virtualmachineinstances").await?;
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachineInstance"),
+        "virtualmachineinstances",
+    );
+    let vmis: Api<DynamicObject> = Api::namespaced_with(cluster.client(), NAMESPACE, &resource);
+    let vmi: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"name": "vm1"},
+        "spec": {
+            "domain": {"devices": {"interfaces": [{"name": "default", "binding": {"name": "passt"}}]}},
+            "networks": [{"name": "default", "pod": {}}],
+        },
+    }))?;
+    let vmi = vmis.create(&PostParams::default(), &vmi).await?;
+    let uid = vmi.metadata.uid.context("the VMI has no uid")?;
+    let launcher_labels = json!({"kubevirt.io": "virt-launcher", "vm.kubevirt.io/name": "vm1"});
+    let launcher = start_pod(
+        cluster,
+        "virt-launcher-vm1-x7k2p",
+        launcher_labels.clone(),
+        json!([{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                "name": "vm1", "uid": uid, "controller": true}]),
+    )
+    .await?;
+    let vm_address = pod_ip(&launcher)?;
+    let imposter = start_pod(cluster, "imposter", launcher_labels, json!([])).await?;
+    let address = pod_ip(&imposter)?;
+    ensure!(
+        address != vm_address,
+        "a pod with only the launcher labels got VM vm1's address {vm_address}"
+    );
+    ensure!(
+        recorded_for(cluster, address, "imposter")?,
+        "{address} is not recorded for the imposter pod's own Endpoint"
+    );
+    eprintln!("hardening: VM vm1 keeps {vm_address}; the labelled imposter got {address}");
     Ok(())
 }
