@@ -1,6 +1,8 @@
 //! Structured logs on stderr, human-readable or JSON, and the logging flags and stop signal shared
 //! by the long-running commands (`virtnet controller`, `virtnet agent`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Log line format.
@@ -49,8 +51,14 @@ pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
+        // Colour codes only for a terminal: a log file or a pipe (the agent's log, kubectl logs)
+        // would carry them as noise.
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         LogFormat::Json => registry
             .with(fmt::layer().json().with_writer(std::io::stderr))

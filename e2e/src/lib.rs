@@ -2,6 +2,7 @@
 //! "switch", and a kubelet stand-in that wires pods with real CNI plugins.
 pub mod cluster;
 pub mod command;
+pub mod delay;
 pub mod forward;
 pub mod kubeconfig;
 pub mod kubelet;

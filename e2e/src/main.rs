@@ -13,7 +13,7 @@ use virtnet_e2e::{
     cluster::{
         Cluster, ClusterOptions, DEFAULT_NODES, Layout, VirtnetOptions, default_bin_dir, teardown,
     },
-    forward,
+    delay, forward,
     kubelet::{self, KubeletArgs},
     naming::ClusterNames,
     netns::named_netns_path,
@@ -72,6 +72,16 @@ enum Commands {
         /// Where to write the address actually listened on.
         #[arg(long)]
         address_file: Option<PathBuf>,
+    },
+    /// Forward TCP connections to `upstream`, holding what the upstream sends for --delay-ms
+    /// (run inside a node's namespace between one component and the apiserver).
+    Delay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+        #[arg(long)]
+        delay_ms: u64,
     },
     /// Run the kubelet stand-in of one node (inside that node's network namespace).
     Kubelet(KubeletArgs),
@@ -142,6 +152,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 write_atomically(&path, &listener.local_addr()?.to_string())?;
             }
             forward::serve(listener, named_netns_path(&netns), upstream).await?;
+        }
+        Commands::Delay {
+            listen,
+            upstream,
+            delay_ms,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            delay::serve(
+                listener,
+                upstream,
+                std::time::Duration::from_millis(delay_ms),
+            )
+            .await?;
         }
         Commands::Kubelet(args) => kubelet::run(args).await?,
     }

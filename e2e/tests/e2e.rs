@@ -24,6 +24,8 @@ mod ipam;
 mod multus;
 #[path = "e2e/pod_network.rs"]
 mod pod_network;
+#[path = "e2e/store.rs"]
+mod store;
 #[path = "e2e/support.rs"]
 mod support;
 
@@ -95,6 +97,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "agent_allocates_exactly_under_burst_exhaustion_and_dual_stack",
         agent::agent_allocates_exactly_under_burst_exhaustion_and_dual_stack,
+    ),
+    (
+        "store_guards_keep_foreign_finalizers_and_racing_sandboxes_apart",
+        store::store_guards_keep_foreign_finalizers_and_racing_sandboxes_apart,
     ),
 ];
 

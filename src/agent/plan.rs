@@ -7,23 +7,23 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    LabelSelector as KubeLabelSelector, OwnerReference,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::ResourceExt;
-use serde_json::{Value, json};
 use virtnet_cni::agent_api::{
     AllocateResponse, AllocatedIp, ApiDns, ApiError, ApiRoute, ErrorKind,
 };
 
-use crate::controller::pools::{PlanError, allocated_addresses, subnet_addresses};
 use crate::crd::{EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
 use crate::ipam::{
-    AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpSet, IpamError,
-    KUBEVIRT_API_GROUP, LabelRequirement, LabelSelector, NamespaceDefaultSubnet, OwnerRef,
-    PodFacts, PodIpamAnnotations, PoolState, Selection, SelectionRequest, SelectorOperator,
-    SubnetFacts, allocate_in_pools, find_static_pool, parse_pool_name, select_for_interface,
+    AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpamError, KUBEVIRT_API_GROUP,
+    NamespaceDefaultSubnet, OwnerRef, PodFacts, PodIpamAnnotations, PoolState, Selection,
+    SelectionRequest, SubnetFacts, allocate_in_pools, find_static_pool, parse_pool_name,
+    select_for_interface,
 };
+use crate::store::parse::{
+    ParseError, allocated_addresses, pool_allocations, pool_ranges, subnet_facts,
+};
+use crate::store::pools::PoolClaim;
 
 /// Why an allocation cannot be decided; each maps to an [`ErrorKind`] for the plugin.
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +40,8 @@ pub enum PlanFailure {
         cached: String,
         requested: String,
     },
-    #[error("Subnet {subnet}: {source}; fix the Subnet's spec")]
-    BadSubnet { subnet: String, source: PlanError },
-    #[error("IPPool {pool}: {source}; fix or delete the pool so the controller re-creates it")]
-    BadPool { pool: String, source: PlanError },
+    #[error("{0}; fix the object's spec")]
+    Unparsable(#[from] ParseError),
     #[error(
         "Subnet {subnet} has no IPPool yet; is virtnet-controller running? It creates the pools"
     )]
@@ -53,10 +51,6 @@ pub enum PlanFailure {
          (kubectl get ippools)"
     )]
     UnknownPool { pool: String },
-    #[error(
-        "a Subnet selector uses the operator {operator:?}; use In, NotIn, Exists or DoesNotExist"
-    )]
-    BadSelector { operator: String },
     #[error(transparent)]
     Ipam(#[from] IpamError),
 }
@@ -67,9 +61,7 @@ impl PlanFailure {
             Self::PodNotCached { .. } | Self::PodUidMismatch { .. } | Self::NoPools { .. } => {
                 ErrorKind::NotReady
             }
-            Self::BadSubnet { .. } | Self::BadPool { .. } | Self::BadSelector { .. } => {
-                ErrorKind::Internal
-            }
+            Self::Unparsable(_) => ErrorKind::Internal,
             Self::UnknownPool { .. } | Self::Ipam(IpamError::UnknownSubnet { .. }) => {
                 ErrorKind::SubnetNotFound
             }
@@ -170,22 +162,11 @@ pub fn record_is_held_by(record: &IpAllocation, holder: &AllocationHolder) -> bo
 /// holder, every other record an opaque holder that can never equal it.
 pub fn pool_state(pool: &IpPool, holder: &AllocationHolder) -> Result<PoolState, PlanFailure> {
     let name = pool.name_any();
-    let bad = |source: PlanError| PlanFailure::BadPool {
-        pool: name.clone(),
-        source,
-    };
     let (subnet, index) =
         parse_pool_name(&name).ok_or_else(|| PlanFailure::UnknownPool { pool: name.clone() })?;
-    let ranges = IpSet::parse_ranges(&pool.spec.ips).map_err(|error| bad(error.into()))?;
-    let mut state = PoolState::new(subnet, index, ranges);
+    let mut state = PoolState::new(subnet, index, pool_ranges(pool)?);
     state.draining = pool.spec.draining;
-    for (address, record) in pool.status.iter().flat_map(|status| &status.allocations) {
-        let address: IpAddr = address.parse().map_err(|_| {
-            bad(PlanError::AllocationKey {
-                pool: name.clone(),
-                key: address.clone(),
-            })
-        })?;
+    for (address, record) in pool_allocations(pool)? {
         let held_by = if record_is_held_by(record, holder) {
             holder.clone()
         } else {
@@ -245,6 +226,8 @@ pub struct AllocationInput<'a> {
     /// out its pools (see [`crate::ipam::node_rotation`]).
     pub nodes: &'a NodeLabels,
     pub interface: &'a str,
+    /// The sandbox the runtime is adding: named in the records this ADD writes.
+    pub container_id: &'a str,
     pub cni_default_subnets: &'a [String],
     pub subnets: &'a [Subnet],
     /// Whether StatefulSet replicas and VMs keep their addresses (sticky keys).
@@ -272,60 +255,6 @@ pub struct AllocationPlan {
     pub claims: Vec<Claim>,
 }
 
-fn subnet_facts(subnet: &Subnet) -> Result<SubnetFacts, PlanFailure> {
-    Ok(SubnetFacts {
-        name: subnet.name_any(),
-        addresses: subnet_addresses(subnet).map_err(|source| PlanFailure::BadSubnet {
-            subnet: subnet.name_any(),
-            source,
-        })?,
-        default: subnet.spec.default,
-        namespace_selector: subnet
-            .spec
-            .namespace_selector
-            .as_ref()
-            .map(label_selector)
-            .transpose()?,
-        node_selector: subnet
-            .spec
-            .node_selector
-            .as_ref()
-            .map(label_selector)
-            .transpose()?,
-    })
-}
-
-/// The engine's selector for a Kubernetes one; an unknown operator makes the Subnet unusable.
-fn label_selector(selector: &KubeLabelSelector) -> Result<LabelSelector, PlanFailure> {
-    let match_expressions = selector
-        .match_expressions
-        .iter()
-        .flatten()
-        .map(|expression| {
-            let operator = match expression.operator.as_str() {
-                "In" => SelectorOperator::In,
-                "NotIn" => SelectorOperator::NotIn,
-                "Exists" => SelectorOperator::Exists,
-                "DoesNotExist" => SelectorOperator::DoesNotExist,
-                other => {
-                    return Err(PlanFailure::BadSelector {
-                        operator: other.to_owned(),
-                    });
-                }
-            };
-            Ok(LabelRequirement {
-                key: expression.key.clone(),
-                operator,
-                values: expression.values.clone().unwrap_or_default(),
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(LabelSelector {
-        match_labels: selector.match_labels.clone().unwrap_or_default(),
-        match_expressions,
-    })
-}
-
 /// Decides the addresses of one interface: selection by the engine, then the address the
 /// holder already holds, or a free one picked for this node.
 pub fn plan_allocation(
@@ -337,12 +266,9 @@ pub fn plan_allocation(
     let empty = BTreeMap::new();
     let namespace_annotations = input.namespace.map_or(&empty, |ns| ns.annotations());
     let namespace_default = NamespaceDefaultSubnet::parse(namespace_annotations)?;
-    // A Subnet with a broken spec is left out of selection (the controller reports it).
-    let subnets: Vec<SubnetFacts> = input
-        .subnets
-        .iter()
-        .filter_map(|subnet| subnet_facts(subnet).ok())
-        .collect();
+    // A Subnet with a broken spec cannot be chosen; a pod that asks for it (or could only have
+    // got it) is told which Subnet is broken and why, instead of "unknown Subnet".
+    let (subnets, mut broken) = usable_subnets(input.subnets);
     let selection = select_for_interface(&SelectionRequest {
         interface: input.interface,
         pod: &annotations,
@@ -351,6 +277,19 @@ pub fn plan_allocation(
         node_labels: input.nodes.get(input.node).unwrap_or(&empty),
         cni_default_subnets: input.cni_default_subnets,
         subnets: &subnets,
+    })
+    .map_err(|error| {
+        let cause = match &error {
+            IpamError::UnknownSubnet { subnet, .. } => {
+                broken.iter().position(|(name, _)| name == subnet)
+            }
+            IpamError::NoSubnetForInterface { .. } => (!broken.is_empty()).then_some(0),
+            _ => None,
+        };
+        match cause {
+            Some(position) => PlanFailure::from(broken.swap_remove(position).1),
+            None => PlanFailure::from(error),
+        }
     })?;
     let claims = [selection.ipv4, selection.ipv6]
         .into_iter()
@@ -358,6 +297,19 @@ pub fn plan_allocation(
         .map(|selection| claim(input, pools, &subnets, &holder, &selection))
         .collect::<Result<_, _>>()?;
     Ok(AllocationPlan { holder, claims })
+}
+
+/// The Subnets whose spec parses, and why each other one does not.
+fn usable_subnets(subnets: &[Subnet]) -> (Vec<SubnetFacts>, Vec<(String, ParseError)>) {
+    let mut usable = Vec::with_capacity(subnets.len());
+    let mut broken = Vec::new();
+    for subnet in subnets {
+        match subnet_facts(subnet) {
+            Ok(facts) => usable.push(facts),
+            Err(error) => broken.push((subnet.name_any(), error)),
+        }
+    }
+    (usable, broken)
 }
 
 /// Who `input`'s addresses are for.
@@ -464,10 +416,7 @@ fn hold_foreign_allocations(
     subnet: &str,
 ) -> Result<(), PlanFailure> {
     for pool in pools.iter().filter(|pool| pool.spec.subnet != subnet) {
-        let foreign = allocated_addresses(pool).map_err(|source| PlanFailure::BadPool {
-            pool: pool.name_any(),
-            source,
-        })?;
+        let foreign = allocated_addresses(pool)?;
         for state in states.iter_mut() {
             for address in foreign.intersect(&state.ranges).iter() {
                 state
@@ -518,10 +467,9 @@ pub fn node_exhaustion(
         interface: String::new(),
     };
     let mut full = Vec::new();
-    for subnet in subnets
-        .iter()
-        .filter_map(|subnet| subnet_facts(subnet).ok())
-    {
+    // A broken Subnet serves nobody, so it neither makes the node exhausted nor keeps it
+    // ready; allocations for it report why.
+    for subnet in usable_subnets(subnets).0 {
         if !subnet
             .node_selector
             .as_ref()
@@ -551,14 +499,35 @@ pub fn node_exhaustion(
     })
 }
 
-/// The record a pool keeps for a claimed address.
-pub fn allocation_record(holder: &AllocationHolder, pod_uid: &str, node: &str) -> IpAllocation {
+/// The record a pool keeps for a claimed address, naming the sandbox that holds it.
+pub fn allocation_record(
+    holder: &AllocationHolder,
+    pod_uid: &str,
+    node: &str,
+    container_id: &str,
+) -> IpAllocation {
     IpAllocation {
         endpoint: endpoint_ref(&holder.key),
         interface: holder.interface.clone(),
         pod_uid: pod_uid.to_owned(),
         node: node.to_owned(),
+        container_id: Some(container_id.to_owned()),
     }
+}
+
+/// Whether a pool record is `holder`'s and was written for sandbox `container_id` (a record
+/// that names no sandbox predates them and counts as any sandbox's): what DEL and GC of that
+/// sandbox may release.
+pub fn record_of_sandbox(
+    record: &IpAllocation,
+    holder: &AllocationHolder,
+    container_id: &str,
+) -> bool {
+    record_is_held_by(record, holder)
+        && record
+            .container_id
+            .as_deref()
+            .is_none_or(|recorded| recorded == container_id)
 }
 
 /// What one request of a group commit comes to.
@@ -573,32 +542,11 @@ pub enum BatchOutcome {
     Deferred,
 }
 
-/// One write of a group commit: every address the batch claims in `pool`, recorded by one merge
-/// patch guarded by the pool's resourceVersion — all of them are written, or none.
+/// One write of a group commit, and the requests (positions in the batch) it carries claims of.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PoolWrite {
-    pub pool: String,
-    pub resource_version: String,
-    pub records: BTreeMap<IpAddr, IpAllocation>,
-    /// Positions (in the batch) of the requests whose claims this write carries.
+pub struct BatchWrite {
+    pub claim: PoolClaim,
     pub members: Vec<usize>,
-}
-
-impl PoolWrite {
-    /// The merge patch (on the status subresource) that records every claim, accepted only if
-    /// the pool is still at the resourceVersion it was decided on — optimistic concurrency, no
-    /// lock.
-    pub fn patch(&self) -> Value {
-        let allocations: serde_json::Map<String, Value> = self
-            .records
-            .iter()
-            .map(|(address, record)| (address.to_string(), json!(record)))
-            .collect();
-        json!({
-            "metadata": {"resourceVersion": self.resource_version},
-            "status": {"allocations": allocations},
-        })
-    }
 }
 
 /// The decisions of a group commit and the writes that make them real.
@@ -607,15 +555,20 @@ pub struct BatchPlan {
     /// One per request, in the batch's order.
     pub outcomes: Vec<BatchOutcome>,
     /// At most one per pool, in pool name order.
-    pub writes: Vec<PoolWrite>,
+    pub writes: Vec<BatchWrite>,
 }
 
 /// Decides a batch of concurrent ADDs on this node on one view of the pools: each request is
 /// decided as if the requests before it had already claimed their addresses (so no two get the
 /// same one), and the claims are grouped into one write per pool.
+///
+/// An address the view shows as already held by the request's holder is written too (its
+/// record re-asserted for the new sandbox): the view may be stale (a release the cache has not
+/// seen yet), and only a write guarded by the pool's resourceVersion proves the address is
+/// still the holder's.
 pub fn plan_batch(inputs: &[AllocationInput<'_>], mut pools: Vec<IpPool>) -> BatchPlan {
     let mut outcomes = Vec::with_capacity(inputs.len());
-    let mut writes: BTreeMap<String, PoolWrite> = BTreeMap::new();
+    let mut writes: BTreeMap<String, BatchWrite> = BTreeMap::new();
     let mut holders: Vec<AllocationHolder> = Vec::new();
     for (position, input) in inputs.iter().enumerate() {
         let holder = holder_of(input);
@@ -635,8 +588,9 @@ pub fn plan_batch(inputs: &[AllocationInput<'_>], mut pools: Vec<IpPool>) -> Bat
             &plan.holder,
             &input.pod.uid().unwrap_or_default(),
             input.node,
+            input.container_id,
         );
-        for claim in plan.claims.iter().filter(|claim| !claim.already_held) {
+        for claim in &plan.claims {
             if let Some(pool) = pools.iter_mut().find(|pool| pool.name_any() == claim.pool) {
                 pool.status
                     .get_or_insert_with(Default::default)
@@ -645,13 +599,15 @@ pub fn plan_batch(inputs: &[AllocationInput<'_>], mut pools: Vec<IpPool>) -> Bat
             }
             let write = writes
                 .entry(claim.pool.clone())
-                .or_insert_with(|| PoolWrite {
-                    pool: claim.pool.clone(),
-                    resource_version: claim.resource_version.clone(),
-                    records: BTreeMap::new(),
+                .or_insert_with(|| BatchWrite {
+                    claim: PoolClaim {
+                        pool: claim.pool.clone(),
+                        resource_version: claim.resource_version.clone(),
+                        records: BTreeMap::new(),
+                    },
                     members: Vec::new(),
                 });
-            write.records.insert(claim.address, record.clone());
+            write.claim.records.insert(claim.address, record.clone());
             if !write.members.contains(&position) {
                 write.members.push(position);
             }
@@ -662,22 +618,6 @@ pub fn plan_batch(inputs: &[AllocationInput<'_>], mut pools: Vec<IpPool>) -> Bat
         outcomes,
         writes: writes.into_values().collect(),
     }
-}
-
-/// The merge patch that removes `address`, if the pool at `resource_version` still records it
-/// for `holder` (`None`: nothing of `holder`'s to remove).
-pub fn release_patch(pool: &IpPool, address: IpAddr, holder: &AllocationHolder) -> Option<Value> {
-    let record = pool
-        .status
-        .as_ref()?
-        .allocations
-        .get(&address.to_string())?;
-    record_is_held_by(record, holder).then(|| {
-        json!({
-            "metadata": {"resourceVersion": pool.resource_version().unwrap_or_default()},
-            "status": {"allocations": {address.to_string(): null}},
-        })
-    })
 }
 
 /// The Endpoint interface entry recording `claims`.
@@ -799,27 +739,18 @@ pub fn allocate_response(claims: &[Claim], subnets: &[Subnet]) -> AllocateRespon
     response
 }
 
-/// The addresses an Endpoint interface records, with their pools.
-pub fn recorded_addresses(interface: &EndpointInterface) -> Vec<(String, IpAddr)> {
-    [
-        (&interface.ipv4_pool, &interface.ipv4),
-        (&interface.ipv6_pool, &interface.ipv6),
-    ]
-    .into_iter()
-    .filter_map(|(pool, address)| {
-        let address: IpNet = address.as_deref()?.parse().ok()?;
-        Some((pool.clone()?, address.addr()))
-    })
-    .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
-    use serde_json::json;
+    use crate::crd::Endpoint;
+    use crate::store::parse::interface_addresses;
+    use crate::store::pools::release_patch;
+
+    use serde_json::{Value, json};
 
     use super::*;
+    use crate::ipam::IpSet;
 
     fn subnet(extra: Value) -> Subnet {
         let mut spec = json!({"subnet": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ["10.6.153.100-10.6.153.255"], "replicas": 2});
@@ -867,6 +798,7 @@ mod tests {
             node: "node-1",
             nodes,
             interface: "eth0",
+            container_id: "container-1",
             cni_default_subnets: defaults,
             subnets,
             retention: FixedIpRetention::ON,
@@ -1088,33 +1020,43 @@ mod tests {
             },
             interface: "eth0".into(),
         };
-        let record = allocation_record(&holder, "uid-1", "node-1");
+        let record = allocation_record(&holder, "uid-1", "node-1", "container-1");
         let address: IpAddr = "10.6.153.200".parse().map_err(|_| PlanFailure::NoPools {
             subnet: String::new(),
         })?;
-        let write = PoolWrite {
+        let write = PoolClaim {
             pool: "subnet-1".into(),
             resource_version: "42".into(),
             records: BTreeMap::from([(address, record.clone())]),
-            members: vec![0],
         };
         assert_eq!(
-            write.patch(),
-            json!({
+            write.patch().ok(),
+            Some(json!({
                 "metadata": {"resourceVersion": "42"},
                 "status": {"allocations": {"10.6.153.200": {
-                    "endpoint": "default/web-1", "interface": "eth0", "podUID": "uid-1", "node": "node-1",
+                    "endpoint": "default/web-1", "interface": "eth0", "podUID": "uid-1",
+                    "node": "node-1", "containerID": "container-1",
                 }}},
-            })
-        );
-        let held = pool(0, &["10.6.153.200"], json!({"10.6.153.200": record}));
-        assert_eq!(
-            release_patch(&held, address, &holder),
-            Some(json!({
-                "metadata": {"resourceVersion": "10"},
-                "status": {"allocations": {"10.6.153.200": null}},
             }))
         );
+        let held = pool(0, &["10.6.153.200"], json!({"10.6.153.200": record}));
+        let release_patch = |holder: &AllocationHolder, container: &str| {
+            release_patch(&held, address, |record| {
+                record_of_sandbox(record, holder, container)
+            })
+            .ok()
+            .flatten()
+        };
+        assert_eq!(
+            release_patch(&holder, "container-1"),
+            Some(json!({
+                "metadata": {"resourceVersion": "10"},
+                "status": {"allocations": {"10.6.153.200": null},
+                           "allocatedIPCount": 0, "unallocatedIPCount": 0},
+            }))
+        );
+        // DEL or GC of an older sandbox leaves the newer sandbox's address alone.
+        assert_eq!(release_patch(&holder, "container-0"), None);
         let other = AllocationHolder {
             key: AllocationKey::Pod {
                 namespace: "default".into(),
@@ -1123,7 +1065,7 @@ mod tests {
             },
             interface: "eth0".into(),
         };
-        assert_eq!(release_patch(&held, address, &other), None);
+        assert_eq!(release_patch(&other, "container-1"), None);
         Ok(())
     }
 
@@ -1164,8 +1106,13 @@ mod tests {
             ),
             ("ReplicaSet", "web", false, "uid-1")
         );
+        let endpoint = Endpoint::new("web-1", spec.clone());
+        let recorded: Vec<(String, IpAddr)> = interface_addresses(&endpoint, &spec.interfaces[0])?
+            .into_iter()
+            .map(|recorded| (recorded.pool, recorded.address))
+            .collect();
         assert_eq!(
-            recorded_addresses(&spec.interfaces[0]),
+            recorded,
             vec![(plan.claims[0].pool.clone(), plan.claims[0].address)]
         );
 
@@ -1240,13 +1187,17 @@ mod tests {
         };
         assert_eq!(write.members, [0, 1, 2]);
         assert_eq!(
-            write.records.keys().copied().collect::<BTreeSet<_>>(),
+            write.claim.records.keys().copied().collect::<BTreeSet<_>>(),
             addresses
         );
-        let patch = write.patch();
+        let patch = write.claim.patch().unwrap_or_default();
         assert_eq!(
             patch["metadata"]["resourceVersion"],
-            if write.pool == "subnet-0" { "10" } else { "11" }
+            if write.claim.pool == "subnet-0" {
+                "10"
+            } else {
+                "11"
+            }
         );
         assert_eq!(
             patch["status"]["allocations"].as_object().map(|a| a.len()),
@@ -1298,7 +1249,12 @@ mod tests {
             .iter()
             .flat_map(|write| write.members.iter().copied())
             .collect();
-        assert_eq!(members, [0, 1], "only new claims are written");
+        // The held address is written too: only the guarded write proves it is still held.
+        assert_eq!(
+            members,
+            [0, 1, 4],
+            "new claims and re-asserted ones are written"
+        );
     }
 
     #[test]
@@ -1335,7 +1291,7 @@ mod tests {
             batch
                 .writes
                 .iter()
-                .map(|write| write.records.len())
+                .map(|write| write.claim.records.len())
                 .sum::<usize>(),
             156
         );

@@ -1,26 +1,18 @@
 //! [`Agent`]: the caches and every API write of the agent. Decisions are in [`super::plan`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Debug;
-use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PartialObjectMeta, Patch,
-    PatchParams, PostParams,
-};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use virtnet_cni::agent_api::{
@@ -29,14 +21,15 @@ use virtnet_cni::agent_api::{
 
 use super::Error;
 use super::plan::{
-    self, AllocationInput, AllocationPlan, BatchOutcome, Claim, PlanFailure, PoolWrite, pod_facts,
+    self, AllocationInput, AllocationPlan, BatchOutcome, BatchWrite, Claim, PlanFailure, pod_facts,
 };
 use crate::crd::{Endpoint, EndpointSpec, FINALIZER_ENDPOINT, IpPool, Subnet};
 use crate::ipam::{AllocationHolder, AllocationKey, FixedIpRetention};
 use crate::observability::Metrics;
-
-/// Conflicting writes are retried this many times before the plugin is told to try again.
-const MAX_ATTEMPTS: u32 = 8;
+use crate::store::endpoints::{EndpointStore, Written};
+use crate::store::parse::interface_addresses;
+use crate::store::pools::{ClaimOutcome, PoolStore};
+use crate::store::{self, MAX_ATTEMPTS, Retry, StoreError, backoff};
 
 /// How the agent commits claims.
 #[derive(Clone)]
@@ -51,6 +44,8 @@ pub struct AgentSettings {
 /// The node agent: its caches and its client.
 pub struct Agent {
     client: Client,
+    pool_store: PoolStore,
+    endpoint_store: EndpointStore,
     node: String,
     retention: FixedIpRetention,
     subnets: Store<Subnet>,
@@ -121,20 +116,14 @@ fn gave_up(claims: &[&Claim]) -> ApiError {
     )
 }
 
-/// Starts a reflector for `api` and returns its store.
-fn cache<K>(api: Api<K>, config: watcher::Config) -> Store<K>
-where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
-    tokio::spawn(stream.for_each(|event| async move {
-        if let Err(error) = event {
-            warn!(%error, "watch failed; retrying");
-        }
-    }));
-    reader
+/// A store failure as the plugin's answer: a busy object is retried by the runtime.
+fn refusal(error: StoreError) -> ApiError {
+    let kind = if error.is_transient() {
+        ErrorKind::NotReady
+    } else {
+        ErrorKind::Internal
+    };
+    ApiError::new(kind, error.to_string())
 }
 
 fn internal(what: &str, error: &kube::Error) -> ApiError {
@@ -142,20 +131,6 @@ fn internal(what: &str, error: &kube::Error) -> ApiError {
         ErrorKind::Internal,
         format!("{what} failed: {error}; check the agent's RBAC and the API server"),
     )
-}
-
-/// A stale resourceVersion, or a create racing another writer of the same object.
-fn is_conflict(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.is_conflict() || status.is_already_exists())
-}
-
-/// 10 ms doubling to 640 ms, with up to 50 % jitter so racing agents spread out.
-fn backoff(attempt: u32) -> Duration {
-    let base = 10u64 << attempt.min(6);
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::from(elapsed.subsec_nanos()));
-    Duration::from_millis(base + nanos % (base / 2 + 1))
 }
 
 impl Agent {
@@ -170,16 +145,18 @@ impl Agent {
         let config = watcher::Config::default;
         let (jobs, queued) = mpsc::unbounded_channel();
         let agent = Self {
-            subnets: cache(Api::all(client.clone()), config()),
-            pools: cache(Api::all(client.clone()), config()),
-            namespaces: cache(Api::all(client.clone()), config()),
+            subnets: store::cache::spawn(Api::all(client.clone()), config()),
+            pools: store::cache::spawn(Api::all(client.clone()), config()),
+            namespaces: store::cache::spawn(Api::all(client.clone()), config()),
             // Metadata only: names and labels are all the agent reads of other nodes.
-            nodes: cache(Api::all(client.clone()), config()),
-            pods: cache(
+            nodes: store::cache::spawn(Api::all(client.clone()), config()),
+            pods: store::cache::spawn(
                 Api::all(client.clone()),
                 config().fields(&format!("spec.nodeName={node}")),
             ),
-            endpoints: cache(Api::all(client.clone()), config()),
+            endpoints: store::cache::spawn(Api::all(client.clone()), config()),
+            pool_store: PoolStore::new(client.clone()),
+            endpoint_store: EndpointStore::new(client.clone()),
             claiming: tokio::sync::Mutex::new(()),
             remembered: std::sync::Mutex::default(),
             jobs,
@@ -228,14 +205,6 @@ impl Agent {
             .get(&ObjectRef::new(&name))
             .and_then(|cached| cached.resource_version());
         self.remembered().insert(name, (base, pool));
-    }
-
-    fn pool_api(&self) -> Api<IpPool> {
-        Api::all(self.client.clone())
-    }
-
-    fn endpoint_api(&self, namespace: &str) -> Api<Endpoint> {
-        Api::namespaced(self.client.clone(), namespace)
     }
 
     /// The pod from the cache, or from the API server when the watch has not delivered it yet.
@@ -352,7 +321,12 @@ impl Agent {
         self.jobs.send(job).map_err(|_| shutting_down())?;
         let claimed = answer.await.map_err(|_| shutting_down())??;
         if let Err(error) = self.record_endpoint(&claimed.plan, &pod, request).await {
-            self.undo(&claimed.claimed, &claimed.plan.holder).await;
+            self.undo(
+                &claimed.claimed,
+                &claimed.plan.holder,
+                &request.container_id,
+            )
+            .await;
             return Err(error);
         }
         info!(
@@ -440,7 +414,12 @@ impl Agent {
                 .into_iter()
                 .partition(|member| member.job.reply.is_closed());
             for member in gone {
-                self.undo(&member.claimed, &member.holder).await;
+                self.undo(
+                    &member.claimed,
+                    &member.holder,
+                    &member.job.request.container_id,
+                )
+                .await;
             }
             members = live;
             if members.is_empty() {
@@ -465,6 +444,7 @@ impl Agent {
                     node: &self.node,
                     nodes: &nodes,
                     interface: &member.job.request.ifname,
+                    container_id: &member.job.request.container_id,
                     cni_default_subnets: &member.job.request.default_subnets,
                     subnets: &subnets,
                     retention: self.retention,
@@ -488,22 +468,25 @@ impl Agent {
                     }
                     BatchOutcome::Planned(plan) => plan,
                 };
-                let new: Vec<&Claim> = plan
-                    .claims
-                    .iter()
-                    .filter(|claim| !claim.already_held)
-                    .collect();
+                // Every claim was written, held ones re-asserted; only the new ones are this
+                // request's to give back if it fails.
                 let outcome_of = |claim: &Claim| written.get(&claim.pool);
                 member.claimed.extend(
-                    new.iter()
+                    plan.claims
+                        .iter()
+                        .filter(|claim| !claim.already_held)
                         .filter(|claim| matches!(outcome_of(claim), Some(PoolWritten::Done)))
-                        .map(|claim| Claim::clone(claim)),
+                        .cloned(),
                 );
-                let failure = new.iter().find_map(|claim| match outcome_of(claim) {
-                    Some(PoolWritten::Failed(error)) => Some(error.clone()),
-                    _ => None,
-                });
-                let conflicted = new
+                let failure = plan
+                    .claims
+                    .iter()
+                    .find_map(|claim| match outcome_of(claim) {
+                        Some(PoolWritten::Failed(error)) => Some(error.clone()),
+                        _ => None,
+                    });
+                let conflicted = plan
+                    .claims
                     .iter()
                     .any(|claim| matches!(outcome_of(claim), Some(PoolWritten::Conflict)));
                 if let Some(error) = failure {
@@ -515,7 +498,8 @@ impl Agent {
                         self.metrics.claim_retried();
                         again.push(member);
                     } else {
-                        self.settle(member, Err(gave_up(&new)), size).await;
+                        let claims: Vec<&Claim> = plan.claims.iter().collect();
+                        self.settle(member, Err(gave_up(&claims)), size).await;
                     }
                 } else {
                     self.settle(member, Ok(plan), size).await;
@@ -530,38 +514,26 @@ impl Agent {
 
     /// Makes every write of a batch, in parallel (at most one per pool); a pool whose write
     /// conflicted is re-read so the next round decides on its current version.
-    async fn write_pools(&self, writes: &[PoolWrite]) -> BTreeMap<String, PoolWritten> {
+    async fn write_pools(&self, writes: &[BatchWrite]) -> BTreeMap<String, PoolWritten> {
         let results = futures::future::join_all(writes.iter().map(|write| async move {
-            let api = self.pool_api();
-            let outcome = match api
-                .patch_status(
-                    &write.pool,
-                    &PatchParams::default(),
-                    &Patch::Merge(write.patch()),
-                )
-                .await
-            {
-                Ok(written) => {
+            let pool = &write.claim.pool;
+            let outcome = match self.pool_store.claim(&write.claim).await {
+                Ok(ClaimOutcome::Written(written)) => {
                     self.remember(written);
                     PoolWritten::Done
                 }
-                Err(error) if is_conflict(&error) => {
+                Ok(ClaimOutcome::Conflict(current)) => {
                     self.metrics.claim_conflicted();
-                    debug!(pool = %write.pool, "conflict claiming addresses; re-reading the pool");
-                    match api.get(&write.pool).await {
-                        Ok(current) => {
-                            self.remember(current);
-                            PoolWritten::Conflict
-                        }
-                        Err(error) => PoolWritten::Failed(internal("re-reading an IPPool", &error)),
-                    }
+                    debug!(%pool, "conflict claiming addresses; re-read the pool");
+                    self.remember(current);
+                    PoolWritten::Conflict
                 }
                 Err(error) => {
-                    warn!(%error, pool = %write.pool, "claiming addresses failed");
-                    PoolWritten::Failed(internal("claiming an address", &error))
+                    warn!(%error, %pool, "claiming addresses failed");
+                    PoolWritten::Failed(refusal(error))
                 }
             };
-            (write.pool.clone(), outcome)
+            (pool.clone(), outcome)
         }))
         .await;
         results.into_iter().collect()
@@ -578,7 +550,12 @@ impl Agent {
         });
         let failed = answer.is_err();
         if (member.job.reply.send(answer).is_err() || failed) && !member.claimed.is_empty() {
-            self.undo(&member.claimed, &member.holder).await;
+            self.undo(
+                &member.claimed,
+                &member.holder,
+                &member.job.request.container_id,
+            )
+            .await;
         }
     }
 
@@ -618,10 +595,10 @@ impl Agent {
     }
 
     /// Gives back addresses this request claimed, after a later step failed.
-    async fn undo(&self, claimed: &[Claim], holder: &AllocationHolder) {
+    async fn undo(&self, claimed: &[Claim], holder: &AllocationHolder, container_id: &str) {
         for claim in claimed {
             if let Err(error) = self
-                .release_address(&claim.pool, claim.address, holder)
+                .release_address(&claim.pool, claim.address, holder, container_id)
                 .await
             {
                 warn!(
@@ -634,7 +611,8 @@ impl Agent {
     }
 
     /// Writes the Endpoint: created with the finalizer (and the pod as owner for a per-pod
-    /// key), or updated with this interface and the current pod's identity.
+    /// key), or updated with this interface and the current pod's identity; both guarded (a
+    /// create fails if it exists, a replace carries the version read).
     async fn record_endpoint(
         &self,
         plan: &AllocationPlan,
@@ -642,14 +620,14 @@ impl Agent {
         request: &AllocateRequest,
     ) -> Result<(), ApiError> {
         let facts = pod_facts(pod);
-        let api = self.endpoint_api(plan.holder.key.namespace());
+        let namespace = plan.holder.key.namespace();
         let name = plan.holder.key.endpoint_name();
         let interface = plan::endpoint_interface(&request.ifname, &plan.claims);
-        let namespace = plan.holder.key.namespace();
-        for attempt in 0..MAX_ATTEMPTS {
+        let mut retry = Retry::default();
+        loop {
             // A new pod's Endpoint does not exist yet: when the cache agrees, create it without
             // asking (a stale cache makes the create fail as a conflict, and the retry reads).
-            let cached_absent = attempt == 0
+            let cached_absent = retry.attempts() == 1
                 && self
                     .endpoints
                     .get(&ObjectRef::new(name).within(namespace))
@@ -657,9 +635,10 @@ impl Agent {
             let existing = if cached_absent {
                 None
             } else {
-                api.get_opt(name)
+                self.endpoint_store
+                    .get(namespace, name)
                     .await
-                    .map_err(|error| internal("reading the Endpoint", &error))?
+                    .map_err(refusal)?
             };
             let spec = plan::endpoint_spec(
                 existing.as_ref().map(|endpoint| &endpoint.spec),
@@ -674,22 +653,21 @@ impl Agent {
                     return Err(ApiError::new(
                         ErrorKind::NotReady,
                         format!(
-                            "Endpoint {}/{name} still belongs to an earlier pod (uid {}) whose \
-                             addresses are being released; the runtime retries the ADD",
-                            plan.holder.key.namespace(),
+                            "Endpoint {namespace}/{name} still belongs to an earlier pod (uid {}) \
+                             whose addresses are being released; the runtime retries the ADD",
                             endpoint.spec.pod_uid
                         ),
                     ));
                 }
                 Some(mut endpoint) => {
                     endpoint.spec = spec;
-                    api.replace(name, &PostParams::default(), &endpoint).await
+                    self.endpoint_store.replace(&endpoint).await
                 }
                 None => {
                     let endpoint = Endpoint {
                         metadata: ObjectMeta {
                             name: Some(name.to_owned()),
-                            namespace: Some(plan.holder.key.namespace().to_owned()),
+                            namespace: Some(namespace.to_owned()),
                             finalizers: Some(vec![FINALIZER_ENDPOINT.to_owned()]),
                             owner_references: (!plan.holder.key.is_sticky())
                                 .then(|| owner_reference(pod))
@@ -700,66 +678,50 @@ impl Agent {
                         spec,
                         status: None,
                     };
-                    api.create(&PostParams::default(), &endpoint).await
+                    self.endpoint_store.create(&endpoint).await
                 }
             };
-            match written {
-                Ok(_) => return Ok(()),
-                Err(error) if is_conflict(&error) => {
-                    tokio::time::sleep(backoff(attempt)).await;
+            match written.map_err(refusal)? {
+                Written::Done => return Ok(()),
+                Written::Changed if retry.after_conflict().await => {}
+                Written::Changed => {
+                    return Err(ApiError::new(
+                        ErrorKind::NotReady,
+                        format!(
+                            "Endpoint {namespace}/{name} kept changing while being written; the \
+                             runtime retries the ADD"
+                        ),
+                    ));
                 }
-                Err(error) => return Err(internal("writing the Endpoint", &error)),
             }
         }
-        Err(ApiError::new(
-            ErrorKind::NotReady,
-            format!(
-                "Endpoint {name} kept changing while being written; the runtime retries the ADD"
-            ),
-        ))
     }
 
-    /// Removes `address` from `pool` if it is still `holder`'s, retrying on conflicts. Giving
-    /// up is an error (the runtime retries DEL): reporting success would leak the address.
+    /// Removes `address` from `pool` if it is still `holder`'s for sandbox `container_id`
+    /// (fresh read, guarded write, conflicts retried). Giving up is an error (the runtime
+    /// retries DEL): reporting success would leak the address.
     async fn release_address(
         &self,
         pool: &str,
         address: IpAddr,
         holder: &AllocationHolder,
+        container_id: &str,
     ) -> Result<(), ApiError> {
-        for attempt in 0..MAX_ATTEMPTS {
-            let current = self
-                .pool_api()
-                .get(pool)
-                .await
-                .map_err(|error| internal("reading an IPPool", &error))?;
-            let Some(patch) = plan::release_patch(&current, address, holder) else {
-                return Ok(());
-            };
-            match self
-                .pool_api()
-                .patch_status(pool, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(written) => {
-                    self.remember(written);
-                    return Ok(());
-                }
-                Err(error) if is_conflict(&error) => tokio::time::sleep(backoff(attempt)).await,
-                Err(error) => return Err(internal("releasing an address", &error)),
-            }
+        let released = self
+            .pool_store
+            .release(pool, address, |record| {
+                plan::record_of_sandbox(record, holder, container_id)
+            })
+            .await
+            .map_err(refusal)?;
+        if let Some(written) = released {
+            self.remember(written);
         }
-        Err(ApiError::new(
-            ErrorKind::NotReady,
-            format!(
-                "IPPool {pool} kept changing while {address} was being released; the runtime \
-                 retries"
-            ),
-        ))
+        Ok(())
     }
 
-    /// The Endpoint of `pod`, or (when the runtime did not say which pod) the one recording
-    /// `container_id` on this node.
+    /// The Endpoint of `pod` (a fresh read), or (when the runtime did not say which pod) the
+    /// one recording `container_id` on this node.
     async fn endpoint_for(
         &self,
         container_id: &str,
@@ -767,10 +729,10 @@ impl Agent {
     ) -> Result<Option<Endpoint>, ApiError> {
         match pod {
             Some(pod) => self
-                .endpoint_api(&pod.namespace)
-                .get_opt(&pod.name)
+                .endpoint_store
+                .get(&pod.namespace, &pod.name)
                 .await
-                .map_err(|error| internal("reading the Endpoint", &error)),
+                .map_err(refusal),
             None => Ok(self
                 .endpoints
                 .state()
@@ -783,48 +745,82 @@ impl Agent {
     }
 
     /// DEL: releases this interface's addresses unless they are sticky (the controller owns
-    /// those) or the Endpoint now belongs to another container. Nothing to release is success.
+    /// those) or the Endpoint now belongs to another container. Nothing to release is success;
+    /// a replayed DEL, or one for a sandbox the agent never saw, changes nothing.
     pub async fn release(
         &self,
         container_id: &str,
         ifname: &str,
         pod: Option<&PodRef>,
     ) -> Result<(), ApiError> {
-        let Some(endpoint) = self.endpoint_for(container_id, pod).await? else {
-            return Ok(());
-        };
-        if endpoint.spec.sticky || endpoint.spec.container_id != container_id {
-            return Ok(());
+        let mut endpoint = self.endpoint_for(container_id, pod).await?;
+        let mut retry = Retry::default();
+        loop {
+            // No Endpoint: nothing recorded to release (pool records of a sandbox that never
+            // got its Endpoint are the next ADD's to reuse, or the controller's sweep's).
+            let Some(current) = endpoint else {
+                return Ok(());
+            };
+            if current.spec.sticky || current.spec.container_id != container_id {
+                return Ok(());
+            }
+            let (namespace, name) = (current.namespace().unwrap_or_default(), current.name_any());
+            match self
+                .release_interface(current, ifname, container_id)
+                .await?
+            {
+                Written::Done => return Ok(()),
+                // Changed since it was read (a new sandbox of the pod took it over, most
+                // likely): decide again on a fresh read.
+                Written::Changed if retry.after_conflict().await => {
+                    endpoint = self
+                        .endpoint_store
+                        .get(&namespace, &name)
+                        .await
+                        .map_err(refusal)?;
+                }
+                Written::Changed => {
+                    return Err(ApiError::new(
+                        ErrorKind::NotReady,
+                        format!(
+                            "Endpoint {namespace}/{name} kept changing while container \
+                             {container_id} was being deleted; the runtime retries the DEL"
+                        ),
+                    ));
+                }
+            }
         }
-        self.release_interface(endpoint, ifname).await
     }
 
-    async fn release_interface(&self, endpoint: Endpoint, ifname: &str) -> Result<(), ApiError> {
+    /// Lets this interface's part of `endpoint` go, then gives its addresses back: the
+    /// Endpoint write comes first and is guarded by the version read, so when a newer sandbox
+    /// of the pod took the Endpoint over meanwhile nothing is released ([`Written::Changed`]),
+    /// and the pool records are released only where they still name `container_id`.
+    async fn release_interface(
+        &self,
+        endpoint: Endpoint,
+        ifname: &str,
+        container_id: &str,
+    ) -> Result<Written, ApiError> {
         let Some(entry) = endpoint
             .spec
             .interfaces
             .iter()
             .find(|entry| entry.interface == ifname)
         else {
-            return Ok(());
+            return Ok(Written::Done);
         };
+        let addresses =
+            interface_addresses(&endpoint, entry).map_err(|error| refusal(error.into()))?;
         let namespace = endpoint.namespace().unwrap_or_default();
         let holder = AllocationHolder {
             key: AllocationKey::Pod {
-                namespace: namespace.clone(),
+                namespace,
                 name: endpoint.name_any(),
                 uid: endpoint.spec.pod_uid.clone(),
             },
             interface: ifname.to_owned(),
         };
-        {
-            // Not racing this node's own claims keeps conflicts to other nodes' writes.
-            let _claiming = self.claiming.lock().await;
-            for (pool, address) in plan::recorded_addresses(entry) {
-                self.release_address(&pool, address, &holder).await?;
-            }
-        }
-        let api = self.endpoint_api(&namespace);
         let rest: Vec<_> = endpoint
             .spec
             .interfaces
@@ -832,40 +828,26 @@ impl Agent {
             .filter(|entry| entry.interface != ifname)
             .cloned()
             .collect();
-        let name = endpoint.name_any();
-        let result = if rest.is_empty() {
-            // The addresses are back in their pools, so the finalizer has nothing left to guard.
-            let unguard = json!({"metadata": {"finalizers": null}});
-            match api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&unguard))
-                .await
-            {
-                Ok(_) => api
-                    .delete(&name, &DeleteParams::default())
-                    .await
-                    .map(|_| ()),
-                Err(error) => Err(error),
-            }
+        let written = if rest.is_empty() {
+            self.endpoint_store.let_go(&endpoint).await
         } else {
             let mut endpoint = endpoint;
             endpoint.spec = EndpointSpec {
                 interfaces: rest,
                 ..endpoint.spec
             };
-            api.replace(&name, &PostParams::default(), &endpoint)
-                .await
-                .map(|_| ())
+            self.endpoint_store.replace(&endpoint).await
         };
-        match result {
-            Ok(()) => Ok(()),
-            // The addresses are already back; a racing change or a vanished Endpoint leaves at
-            // most a stale record, which the controller's garbage collection removes.
-            Err(kube::Error::Api(status)) if status.is_conflict() || status.is_not_found() => {
-                warn!(endpoint = %name, "the Endpoint changed while being updated; leaving it to the controller");
-                Ok(())
-            }
-            Err(error) => Err(internal("updating the Endpoint", &error)),
+        if written.map_err(refusal)? == Written::Changed {
+            return Ok(Written::Changed);
         }
+        // Not racing this node's own claims keeps conflicts to other nodes' writes.
+        let _claiming = self.claiming.lock().await;
+        for recorded in addresses {
+            self.release_address(&recorded.pool, recorded.address, &holder, container_id)
+                .await?;
+        }
+        Ok(Written::Done)
     }
 
     /// CHECK: the Endpoint still records this interface for this container.
@@ -928,7 +910,11 @@ impl Agent {
             .collect();
         for (endpoint, ifname) in stale {
             info!(endpoint = %endpoint.name_any(), %ifname, "GC: the runtime no longer lists this attachment");
-            self.release_interface(endpoint, &ifname).await?;
+            let container_id = endpoint.spec.container_id.clone();
+            // Changed: the cache was behind (a newer sandbox holds it now); the next GC
+            // decides on the new version.
+            self.release_interface(endpoint, &ifname, &container_id)
+                .await?;
         }
         Ok(())
     }

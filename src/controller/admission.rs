@@ -25,8 +25,9 @@
 use ipnet::IpNet;
 use kube::ResourceExt;
 
-use super::pools::{overlap_with_other_pools, subnet_addresses};
+use super::pools::overlap_with_other_pools;
 use crate::crd::{IpPool, Subnet};
+use crate::store::parse::subnet_addresses;
 
 /// Decides whether `candidate` (replacing `previous` on an update) may be stored, given every
 /// other Subnet in the cluster (the candidate's own stored version may be among them and is
@@ -41,7 +42,7 @@ pub fn review_subnet(
         return Ok(());
     }
     let name = candidate.name_any();
-    let addresses = subnet_addresses(candidate).map_err(|error| format!("spec: {error}"))?;
+    let addresses = subnet_addresses(candidate).map_err(|error| error.to_string())?;
     let cidr = addresses.cidr();
     let others = others.iter().filter(|other| other.name_any() != name);
     for other in others {
@@ -273,7 +274,7 @@ mod tests {
         let message = review_subnet(&candidate, None, &[], &[]).expect_err("reversed range");
         assert_eq!(
             message,
-            "spec: \"fd00:6::1ff-fd00:6::100\" starts after it ends: write the lower address first, e.g. fd00:6::100-fd00:6::1ff"
+            "Subnet v6: \"fd00:6::1ff-fd00:6::100\" starts after it ends: write the lower address first, e.g. fd00:6::100-fd00:6::1ff"
         );
         let excluded = subnet(
             "v6",

@@ -9,6 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -23,18 +24,13 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{
-        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-        Preconditions,
-    },
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
     runtime::{
-        WatchStreamExt,
         events::EventType,
         reflector::{ObjectRef, Store, store::Writer},
         watcher,
     },
 };
-use serde_json::json;
 use tokio::{sync::mpsc, task::JoinSet};
 use tracing::{info, warn};
 
@@ -43,16 +39,17 @@ use super::{
     lifecycle::{
         AllocationRef, Decision, NodeView, OWNER_STATEFULSET, OWNER_VIRTUAL_MACHINE, Observed,
         OwnerView, PodState, PodView, Reason, Settings, StatefulSetView, VirtualMachineView,
-        absent_pod, decide, plan_orphans, recheck_after, release_patch, sticky_owner,
+        absent_pod, decide, plan_orphans, recheck_after, sticky_owner,
     },
 };
 use crate::{
-    crd::{Endpoint, FINALIZER_ENDPOINT, IpPool},
+    crd::Endpoint,
     ipam::{KUBEVIRT_API_GROUP, KUBEVIRT_VM_NAME_LABEL},
+    store::{
+        self,
+        parse::{self, endpoint_addresses},
+    },
 };
-
-/// How many times a pool write is retried on a resourceVersion conflict before giving up.
-const CONFLICT_RETRIES: usize = 8;
 /// Delay before an Endpoint whose reconcile failed is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 /// A recheck runs this long after its grace ends, so the grace has surely ended by then.
@@ -255,12 +252,9 @@ where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
 {
-    let store = writer.as_reader();
-    let sender = sender.clone();
-    let stream = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(writer);
-    tasks.spawn(forward(stream, sender, affected));
+    let (store, events) =
+        store::cache::reflect(api, watcher::Config::default().any_semantic(), writer);
+    tasks.spawn(forward(events, sender.clone(), affected));
     store
 }
 
@@ -454,26 +448,22 @@ impl Worker {
 
     /// Returns the Endpoint's addresses to their pools, then lets the Endpoint go.
     async fn release(&self, endpoint: &Endpoint, reason: Reason) -> Result<(), Error> {
-        let holder = format!(
-            "{}/{}",
-            endpoint.namespace().unwrap_or_default(),
-            endpoint.name_any()
-        );
+        let holder = endpoint_ref(endpoint);
         let mut released = Vec::new();
-        for (pool, address) in endpoint_addresses(endpoint) {
+        for recorded in endpoint_addresses(endpoint).map_err(store::StoreError::from)? {
             let allocation = AllocationRef {
-                pool: pool.to_string(),
-                address: address.to_string(),
+                pool: recorded.pool.clone(),
+                address: recorded.address,
                 endpoint: holder.clone(),
                 pod_uid: endpoint.spec.pod_uid.clone(),
             };
-            // A sticky Endpoint's records may carry an earlier pod's UID (see release_patch).
+            // A sticky Endpoint's records may carry an earlier pod's UID (see `held_by`).
             let match_pod_uid = !endpoint.spec.sticky;
             if self
                 .release_allocation(&allocation, match_pod_uid, reason)
                 .await?
             {
-                released.push(format!("{address} ({pool})"));
+                released.push(format!("{} ({})", recorded.address, recorded.pool));
             }
         }
         if !released.is_empty() {
@@ -483,7 +473,10 @@ impl Worker {
                 .publish(endpoint, EventType::Normal, reason.as_str(), &note)
                 .await;
         }
-        self.let_go(endpoint).await
+        // Changed: an agent took the Endpoint over meanwhile (a new pod of a sticky owner);
+        // its watch event queues the next decision.
+        self.ctx.endpoint_store.let_go(endpoint).await?;
+        Ok(())
     }
 
     /// Removes one pool record if it still names its holder; `true` when it did.
@@ -493,86 +486,23 @@ impl Worker {
         match_pod_uid: bool,
         reason: Reason,
     ) -> Result<bool, Error> {
-        let pools: Api<IpPool> = Api::all(self.ctx.client.clone());
-        for _ in 0..CONFLICT_RETRIES {
-            let Some(pool) = pools.get_opt(&allocation.pool).await? else {
-                return Ok(false);
-            };
-            let Some(patch) = release_patch(
-                &pool,
-                &allocation.address,
-                &allocation.endpoint,
-                match_pod_uid.then_some(allocation.pod_uid.as_str()),
-            ) else {
-                return Ok(false);
-            };
-            match pools
-                .patch_status(
-                    &allocation.pool,
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
+        let released = self
+            .ctx
+            .pools
+            .release(&allocation.pool, allocation.address, |record| {
+                held_by(
+                    record,
+                    &allocation.endpoint,
+                    match_pod_uid.then_some(allocation.pod_uid.as_str()),
                 )
-                .await
-            {
-                Ok(pool) => {
-                    self.ctx.metrics.address_reclaimed(reason.as_str());
-                    self.ctx.metrics.observe_pool(&pool);
-                    return Ok(true);
-                }
-                Err(kube::Error::Api(status)) if status.is_conflict() => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
-        Err(Error::PoolContended {
-            pool: allocation.pool.clone(),
-            address: allocation.address.clone(),
-        })
-    }
-
-    /// Deletes a released Endpoint, or removes the finalizer of one already being deleted;
-    /// both guarded by resourceVersion so a concurrent takeover by the agent wins.
-    async fn let_go(&self, endpoint: &Endpoint) -> Result<(), Error> {
-        let api: Api<Endpoint> = Api::namespaced(
-            self.ctx.client.clone(),
-            &endpoint.namespace().unwrap_or_default(),
-        );
-        let name = endpoint.name_any();
-        let result = if endpoint.metadata.deletion_timestamp.is_some() {
-            if !endpoint
-                .finalizers()
-                .iter()
-                .any(|f| f == FINALIZER_ENDPOINT)
-            {
-                return Ok(());
-            }
-            let remaining: Vec<&String> = endpoint
-                .finalizers()
-                .iter()
-                .filter(|finalizer| *finalizer != FINALIZER_ENDPOINT)
-                .collect();
-            let patch = json!({
-                "metadata": {
-                    "resourceVersion": endpoint.resource_version(),
-                    "finalizers": remaining,
-                },
-            });
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map(drop)
-        } else {
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    resource_version: endpoint.resource_version(),
-                    uid: endpoint.uid(),
-                }),
-                ..DeleteParams::default()
-            };
-            api.delete(&name, &params).await.map(drop)
+            })
+            .await?;
+        let Some(pool) = released else {
+            return Ok(false);
         };
-        match result {
-            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
-            other => other.map_err(Error::from),
-        }
+        self.ctx.metrics.address_reclaimed(reason.as_str());
+        self.ctx.metrics.observe_pool(&pool);
+        Ok(true)
     }
 
     /// Releases unlisted allocations past their grace and reconciles every Endpoint.
@@ -601,37 +531,45 @@ impl Worker {
     }
 
     async fn sweep_orphans(&mut self) -> Result<(), Error> {
-        let client = self.ctx.client.clone();
         // Fresh lists, not caches: a record must be judged against the latest Endpoints.
-        let pools = Api::<IpPool>::all(client.clone())
-            .list(&ListParams::default())
-            .await?
-            .items;
-        let endpoints = Api::<Endpoint>::all(client)
-            .list(&ListParams::default())
-            .await?
-            .items;
+        let pools = self.ctx.pools.list(None).await?;
+        let endpoints = self.ctx.endpoint_store.list().await?;
         // Pools deleted with their Subnet leave no reconcile behind to drop their gauges.
         let existing = pools.iter().map(ResourceExt::name_any).collect();
         self.ctx.metrics.forget_pools_except(None, &existing);
-        let listed: BTreeSet<(String, String)> = endpoints
-            .iter()
-            .flat_map(endpoint_addresses)
-            .map(|(pool, address)| (pool.to_string(), address.to_string()))
-            .collect();
-        let allocations = pools.iter().flat_map(|pool| {
-            pool.status.iter().flat_map(move |status| {
-                status
-                    .allocations
-                    .iter()
-                    .map(move |(address, record)| AllocationRef {
-                        pool: pool.name_any(),
-                        address: address.clone(),
-                        endpoint: record.endpoint.clone(),
-                        pod_uid: record.pod_uid.clone(),
-                    })
-            })
-        });
+        let mut listed: BTreeSet<(String, IpAddr)> = BTreeSet::new();
+        let mut listed_unreadable: BTreeSet<String> = BTreeSet::new();
+        for endpoint in &endpoints {
+            // One unreadable Endpoint must not make every address it lists look orphaned,
+            // nor stop the sweep of the others: its addresses stay (and it is reported).
+            match endpoint_addresses(endpoint) {
+                Ok(addresses) => listed.extend(
+                    addresses
+                        .into_iter()
+                        .map(|recorded| (recorded.pool, recorded.address)),
+                ),
+                Err(error) => {
+                    warn!(%error, "the sweep cannot read an Endpoint");
+                    listed_unreadable.insert(endpoint_ref(endpoint));
+                }
+            }
+        }
+        let mut allocations = Vec::new();
+        for pool in &pools {
+            for (address, record) in
+                parse::pool_allocations(pool).map_err(store::StoreError::from)?
+            {
+                if listed_unreadable.contains(&record.endpoint) {
+                    continue;
+                }
+                allocations.push(AllocationRef {
+                    pool: pool.name_any(),
+                    address,
+                    endpoint: record.endpoint.clone(),
+                    pod_uid: record.pod_uid.clone(),
+                });
+            }
+        }
         let alive: BTreeSet<String> = self
             .caches
             .pods
@@ -675,20 +613,21 @@ impl Worker {
     }
 }
 
-/// `(pool, address)` of every address an Endpoint lists (the prefix length stripped).
-fn endpoint_addresses(endpoint: &Endpoint) -> impl Iterator<Item = (&str, &str)> {
-    endpoint.spec.interfaces.iter().flat_map(|interface| {
-        [
-            (&interface.ipv4_pool, &interface.ipv4),
-            (&interface.ipv6_pool, &interface.ipv6),
-        ]
-        .into_iter()
-        .filter_map(|(pool, address)| {
-            let address = address.as_deref()?;
-            let address = address.split_once('/').map_or(address, |(ip, _)| ip);
-            Some((pool.as_deref()?, address))
-        })
-    })
+/// `namespace/name` of `endpoint`, as pool records name it.
+fn endpoint_ref(endpoint: &Endpoint) -> String {
+    format!(
+        "{}/{}",
+        endpoint.namespace().unwrap_or_default(),
+        endpoint.name_any()
+    )
+}
+
+/// Whether a pool record still names its holder: the Endpoint (`namespace/name`) and, unless
+/// `pod_uid` is `None`, that pod. `None` for a sticky Endpoint: its identity is its name (the
+/// StatefulSet replica or the VM), and its records keep the UID of the pod that first claimed
+/// them while later pods of that name reuse them, so any record naming the Endpoint is its own.
+fn held_by(record: &crate::crd::IpAllocation, endpoint: &str, pod_uid: Option<&str>) -> bool {
+    record.endpoint == endpoint && pod_uid.is_none_or(|uid| record.pod_uid == uid)
 }
 
 fn pod_state(pod: &Pod) -> PodState {
@@ -736,6 +675,59 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::crd::IpPool;
+    use crate::store::pools::release_patch;
+
+    #[test]
+    fn release_patch_removes_only_a_record_that_still_names_the_holder() {
+        let pool: IpPool = serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": "pool-0", "resourceVersion": "42"},
+            "spec": {"subnet": "s", "cidr": "10.0.0.0/24"},
+            "status": {
+                "allocations": {
+                    "10.0.0.1": {"endpoint": "default/p", "interface": "eth0", "podUID": "old", "node": "n"},
+                    "10.0.0.2": {"endpoint": "default/q", "interface": "eth0", "podUID": "q", "node": "n"},
+                },
+                "allocatedIPCount": 2, "unallocatedIPCount": 8, "totalIPCount": 10,
+            },
+        }))
+        .expect("pool deserializes");
+        let release = |pool: &IpPool, address: &str, pod_uid: Option<&str>| {
+            let address = address.parse().expect("test addresses parse");
+            release_patch(pool, address, |record| {
+                held_by(record, "default/p", pod_uid)
+            })
+            .expect("the pool has a resourceVersion")
+        };
+        let released = Some(json!({
+            "metadata": {"resourceVersion": "42"},
+            "status": {
+                "allocations": {"10.0.0.1": null},
+                "allocatedIPCount": 1,
+                "unallocatedIPCount": 9,
+            },
+        }));
+        // A sticky Endpoint (StatefulSet replica, VM) owns every record naming it, whichever of
+        // its pods claimed it first.
+        assert_eq!(release(&pool, "10.0.0.1", None), released);
+        assert_eq!(release(&pool, "10.0.0.2", None), None);
+        assert_eq!(
+            release(&pool, "10.0.0.1", Some("old")),
+            Some(json!({
+                "metadata": {"resourceVersion": "42"},
+                "status": {
+                    "allocations": {"10.0.0.1": null},
+                    "allocatedIPCount": 1,
+                    "unallocatedIPCount": 9,
+                },
+            }))
+        );
+        // A same-name pod took the address over, another Endpoint holds it, or it is free.
+        assert_eq!(release(&pool, "10.0.0.1", Some("new")), None);
+        assert_eq!(release(&pool, "10.0.0.2", Some("old")), None);
+        assert_eq!(release(&pool, "10.0.0.3", Some("old")), None);
+    }
 
     #[test]
     fn endpoint_addresses_strip_prefixes_and_skip_unpooled_families() {
@@ -751,9 +743,17 @@ mod tests {
             },
         }))
         .expect("endpoint deserializes");
+        let addresses: Vec<(String, String)> = endpoint_addresses(&endpoint)
+            .expect("the addresses parse")
+            .into_iter()
+            .map(|recorded| (recorded.pool, recorded.address.to_string()))
+            .collect();
         assert_eq!(
-            endpoint_addresses(&endpoint).collect::<Vec<_>>(),
-            vec![("a", "10.0.0.1"), ("b", "fd00::1")]
+            addresses,
+            vec![
+                ("a".into(), "10.0.0.1".into()),
+                ("b".into(), "fd00::1".into())
+            ]
         );
     }
 

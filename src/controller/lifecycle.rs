@@ -50,12 +50,11 @@
 //! whose pod is not alive, is released with reason `OrphanAllocation`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::ResourceExt;
-use serde_json::{Value, json};
 
-use crate::crd::{EndpointSpec, IpPool};
+use crate::crd::EndpointSpec;
 
 /// The owner kinds (as the agent records them in `spec.ownerKind`) whose addresses are sticky.
 pub const OWNER_STATEFULSET: &str = "StatefulSet";
@@ -310,7 +309,7 @@ fn statefulset_verdict(
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AllocationRef {
     pub pool: String,
-    pub address: String,
+    pub address: IpAddr,
     /// The record's `endpoint` (`namespace/name`).
     pub endpoint: String,
     /// The record's `podUID`.
@@ -334,7 +333,7 @@ pub struct OrphanPlan {
 /// [`OrphanPlan::suspects`].
 pub fn plan_orphans(
     allocations: impl IntoIterator<Item = AllocationRef>,
-    listed: &BTreeSet<(String, String)>,
+    listed: &BTreeSet<(String, IpAddr)>,
     pod_alive: impl Fn(&str) -> bool,
     suspects: &BTreeMap<AllocationRef, Timestamp>,
     now: Timestamp,
@@ -342,7 +341,7 @@ pub fn plan_orphans(
 ) -> OrphanPlan {
     let mut plan = OrphanPlan::default();
     for allocation in allocations {
-        if listed.contains(&(allocation.pool.clone(), allocation.address.clone())) {
+        if listed.contains(&(allocation.pool.clone(), allocation.address)) {
             continue;
         }
         let first_seen = suspects.get(&allocation).copied().unwrap_or(now);
@@ -353,35 +352,6 @@ pub fn plan_orphans(
         }
     }
     plan
-}
-
-/// The status merge patch that removes `address` from `pool` and updates its counters, guarded
-/// by the pool's resourceVersion; `None` when the record is gone or no longer names `endpoint`
-/// (`namespace/name`) with `pod_uid` (someone else holds the address now: leave it).
-///
-/// `pod_uid` is `None` for a sticky Endpoint: its identity is its name (the StatefulSet replica or
-/// the VM), and its records keep the UID of the pod that first claimed them while later pods of
-/// that name reuse them, so any record naming the Endpoint is its own.
-pub fn release_patch(
-    pool: &IpPool,
-    address: &str,
-    endpoint: &str,
-    pod_uid: Option<&str>,
-) -> Option<Value> {
-    let status = pool.status.as_ref()?;
-    let record = status.allocations.get(address)?;
-    if record.endpoint != endpoint || pod_uid.is_some_and(|uid| record.pod_uid != uid) {
-        return None;
-    }
-    let allocated = i64::try_from(status.allocations.len() - 1).unwrap_or(i64::MAX);
-    Some(json!({
-        "metadata": { "resourceVersion": pool.resource_version() },
-        "status": {
-            "allocations": { address: null },
-            "allocatedIPCount": allocated,
-            "unallocatedIPCount": (status.total_ip_count - allocated).max(0),
-        },
-    }))
 }
 
 #[cfg(test)]
@@ -699,66 +669,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn release_patch_removes_only_a_record_that_still_names_the_holder() {
-        let pool: IpPool = serde_json::from_value(json!({
-            "apiVersion": "virtnet.io/v1alpha1", "kind": "IPPool",
-            "metadata": {"name": "pool-0", "resourceVersion": "42"},
-            "spec": {"subnet": "s", "cidr": "10.0.0.0/24"},
-            "status": {
-                "allocations": {
-                    "10.0.0.1": {"endpoint": "default/p", "interface": "eth0", "podUID": "old", "node": "n"},
-                    "10.0.0.2": {"endpoint": "default/q", "interface": "eth0", "podUID": "q", "node": "n"},
-                },
-                "allocatedIPCount": 2, "unallocatedIPCount": 8, "totalIPCount": 10,
-            },
-        }))
-        .expect("pool deserializes");
-        let released = Some(json!({
-            "metadata": {"resourceVersion": "42"},
-            "status": {
-                "allocations": {"10.0.0.1": null},
-                "allocatedIPCount": 1,
-                "unallocatedIPCount": 9,
-            },
-        }));
-        // A sticky Endpoint (StatefulSet replica, VM) owns every record naming it, whichever of
-        // its pods claimed it first.
-        assert_eq!(
-            release_patch(&pool, "10.0.0.1", "default/p", None),
-            released
-        );
-        assert_eq!(release_patch(&pool, "10.0.0.2", "default/p", None), None);
-        assert_eq!(
-            release_patch(&pool, "10.0.0.1", "default/p", Some("old")),
-            Some(json!({
-                "metadata": {"resourceVersion": "42"},
-                "status": {
-                    "allocations": {"10.0.0.1": null},
-                    "allocatedIPCount": 1,
-                    "unallocatedIPCount": 9,
-                },
-            }))
-        );
-        // A same-name pod took the address over, another Endpoint holds it, or it is free.
-        assert_eq!(
-            release_patch(&pool, "10.0.0.1", "default/p", Some("new")),
-            None
-        );
-        assert_eq!(
-            release_patch(&pool, "10.0.0.2", "default/p", Some("old")),
-            None
-        );
-        assert_eq!(
-            release_patch(&pool, "10.0.0.3", "default/p", Some("old")),
-            None
-        );
-    }
-
     fn allocation(address: &str, uid: &str) -> AllocationRef {
         AllocationRef {
             pool: "pool-0".into(),
-            address: address.into(),
+            address: address.parse().expect("test addresses parse"),
             endpoint: "default/p".into(),
             pod_uid: uid.into(),
         }
@@ -767,7 +681,10 @@ mod tests {
     #[test]
     fn unlisted_allocations_are_released_after_the_grace_unless_their_pod_lives() {
         let grace = settings().orphan_grace;
-        let listed = BTreeSet::from([("pool-0".to_string(), "10.0.0.1".to_string())]);
+        let listed = BTreeSet::from([(
+            "pool-0".to_string(),
+            "10.0.0.1".parse().expect("test addresses parse"),
+        )]);
         let all = || {
             [
                 allocation("10.0.0.1", "a"),

@@ -17,7 +17,7 @@
 mod admission;
 mod endpoint;
 mod lifecycle;
-pub mod pools;
+mod pools;
 mod subnet;
 mod webhook;
 
@@ -41,6 +41,7 @@ use crate::{
     crd::{IpPool, LABEL_SUBNET, Subnet},
     ipam::FixedIpRetention,
     observability::{Health, Metrics},
+    store::{endpoints::EndpointStore, pools::PoolStore, subnets::SubnetStore},
 };
 
 /// Errors of the controller; each tells the operator what to check.
@@ -52,11 +53,8 @@ pub enum Error {
     CrdsMissing(#[from] crate::crd::CrdsMissing),
     #[error("Subnet {0} has no uid yet; it will be retried")]
     MissingUid(String),
-    #[error(
-        "IPPool {pool} kept changing while releasing {address}; it will be retried \
-         (if this persists, look for another writer hammering the pool)"
-    )]
-    PoolContended { pool: String, address: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("leader election failed: {0}; check RBAC for coordination.k8s.io leases")]
     LeaderElection(String),
     #[error(
@@ -79,7 +77,7 @@ impl Error {
             Self::Kube(_) => "kube",
             Self::CrdsMissing(_) => "crds_missing",
             Self::MissingUid(_) => "missing_uid",
-            Self::PoolContended { .. } => "pool_contended",
+            Self::Store(error) => error.metric_label(),
             Self::LeaderElection(_) => "leader_election",
             Self::WebhookCertificate { .. } => "webhook_certificate",
             Self::Serve { .. } => "serve",
@@ -158,6 +156,9 @@ impl ControllerArgs {
 /// What every reconcile gets.
 pub struct Context {
     pub client: Client,
+    pub pools: PoolStore,
+    pub endpoint_store: EndpointStore,
+    pub subnets: SubnetStore,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub endpoints: endpoint::Config,
@@ -192,6 +193,9 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
 
     let ctx = Arc::new(Context {
         client: client.clone(),
+        pools: PoolStore::new(client.clone()),
+        endpoint_store: EndpointStore::new(client.clone()),
+        subnets: SubnetStore::new(client.clone()),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

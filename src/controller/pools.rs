@@ -15,57 +15,14 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use ipnet::IpNet;
 use kube::ResourceExt;
 
 use crate::crd::{IpPool, IpPoolSpec, Subnet};
-use crate::ipam::{CurrentPool, IpSet, IpamError, SplitRequest, SubnetAddresses, split_subnet};
-
-/// Why a Subnet cannot be split into pools; the message is written into the Subnet's status.
-#[derive(Debug, thiserror::Error)]
-pub enum PlanError {
-    #[error("spec.subnet {value:?} is not a CIDR: write it like 10.6.0.0/16 or fd00:6::/64")]
-    Cidr { value: String },
-    #[error("spec.gateway {value:?} is not an IP address: write it like 10.6.0.1")]
-    Gateway { value: String },
-    #[error("IPPool {pool} has an unparsable allocation key {key:?}: delete that entry")]
-    AllocationKey { pool: String, key: String },
-    #[error(transparent)]
-    Ipam(#[from] IpamError),
-}
-
-/// One write to the API server.
-#[derive(Clone, Debug, PartialEq)]
-pub enum PoolWrite {
-    /// New `ips` / `draining` for an existing pool: a pure loss in round 1, a pure gain in 2.
-    Update(PoolSpecChange),
-    /// Create a pool that does not exist yet.
-    Create { name: String, spec: IpPoolSpec },
-    /// Delete a drained, empty pool; conditional so a racing allocation aborts it.
-    Delete {
-        name: String,
-        resource_version: String,
-    },
-}
-
-/// New `ips` / `draining` for an existing pool, conditional on the version the plan saw.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PoolSpecChange {
-    pub name: String,
-    pub resource_version: String,
-    pub ips: Vec<String>,
-    pub draining: bool,
-}
-
-/// The status counters a pool should show.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolCounters {
-    pub name: String,
-    pub resource_version: String,
-    pub allocated: i64,
-    pub unallocated: i64,
-    pub total: i64,
-}
+use crate::ipam::{CurrentPool, IpSet, SplitRequest, split_subnet};
+use crate::store::parse::{
+    ParseError, allocated_addresses, pool_allocations, pool_ranges, subnet_addresses,
+};
+use crate::store::pools::{PoolCounters, PoolSpecChange, PoolSpecWrite};
 
 /// Everything the controller should do for one Subnet.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,51 +34,10 @@ pub struct SubnetPlan {
     /// Addresses allocated across the Subnet's pools.
     pub allocated: i64,
     /// Spec writes of this round (see the module docs); empty when the pools match the split.
-    pub writes: Vec<PoolWrite>,
+    pub writes: Vec<PoolSpecWrite>,
     /// Status counters of pools whose shown counters are stale (only meaningful once `writes`
     /// is empty: they are computed from the current specs).
     pub counters: Vec<PoolCounters>,
-}
-
-/// Parses a Subnet's addressing (`spec.subnet`, `gateway`, `ips`, `excludeIPs`).
-pub fn subnet_addresses(subnet: &Subnet) -> Result<SubnetAddresses, PlanError> {
-    let spec = &subnet.spec;
-    let cidr: IpNet = spec.subnet.parse().map_err(|_| PlanError::Cidr {
-        value: spec.subnet.clone(),
-    })?;
-    let gateway = spec
-        .gateway
-        .as_deref()
-        .map(|value| {
-            value.parse::<IpAddr>().map_err(|_| PlanError::Gateway {
-                value: value.to_string(),
-            })
-        })
-        .transpose()?;
-    Ok(SubnetAddresses::parse(
-        cidr,
-        gateway,
-        &spec.ips,
-        &spec.exclude_ips,
-    )?)
-}
-
-/// The addresses a pool's `status.allocations` holds.
-pub fn allocated_addresses(pool: &IpPool) -> Result<IpSet, PlanError> {
-    let keys = pool
-        .status
-        .as_ref()
-        .map(|status| status.allocations.keys().collect::<Vec<_>>())
-        .unwrap_or_default();
-    let mut allocated = IpSet::new();
-    for key in keys {
-        let address: IpAddr = key.parse().map_err(|_| PlanError::AllocationKey {
-            pool: pool.name_any(),
-            key: key.clone(),
-        })?;
-        allocated = allocated.union(&IpSet::parse_ranges(&[address.to_string()])?);
-    }
-    Ok(allocated)
 }
 
 /// What the pools of every Subnet but `subnet` hold, per Subnet: the addresses they offer
@@ -132,10 +48,10 @@ pub fn allocated_addresses(pool: &IpPool) -> Result<IpSet, PlanError> {
 pub fn held_by_other_subnets(
     subnet: &str,
     pools: &[IpPool],
-) -> Result<BTreeMap<String, IpSet>, PlanError> {
+) -> Result<BTreeMap<String, IpSet>, ParseError> {
     let mut held: BTreeMap<String, IpSet> = BTreeMap::new();
     for pool in pools.iter().filter(|pool| pool.spec.subnet != subnet) {
-        let addresses = IpSet::parse_ranges(&pool.spec.ips)?.union(&allocated_addresses(pool)?);
+        let addresses = pool_ranges(pool)?.union(&allocated_addresses(pool)?);
         let entry = held.entry(pool.spec.subnet.clone()).or_default();
         *entry = entry.union(&addresses);
     }
@@ -163,7 +79,7 @@ impl PoolOverlap {
 pub fn overlap_with_other_pools(
     subnet: &Subnet,
     pools: &[IpPool],
-) -> Result<Option<PoolOverlap>, PlanError> {
+) -> Result<Option<PoolOverlap>, ParseError> {
     let effective = subnet_addresses(subnet)?.effective().clone();
     Ok(held_by_other_subnets(&subnet.name_any(), pools)?
         .into_iter()
@@ -186,7 +102,7 @@ pub enum DeletionStep {
 }
 
 /// Decides the next step of a deleted Subnet over its pools (found by label).
-pub fn deletion_step(pools: &[IpPool]) -> Result<DeletionStep, PlanError> {
+pub fn deletion_step(pools: &[IpPool]) -> Result<DeletionStep, ParseError> {
     let drains: Vec<PoolSpecChange> = pools
         .iter()
         .filter(|pool| !pool.spec.draining)
@@ -202,11 +118,7 @@ pub fn deletion_step(pools: &[IpPool]) -> Result<DeletionStep, PlanError> {
     }
     let mut held = Vec::new();
     for pool in pools {
-        for (key, record) in pool.status.iter().flat_map(|status| &status.allocations) {
-            let address: IpAddr = key.parse().map_err(|_| PlanError::AllocationKey {
-                pool: pool.name_any(),
-                key: key.clone(),
-            })?;
+        for (address, record) in pool_allocations(pool)? {
             held.push((address, record.endpoint.clone()));
         }
     }
@@ -220,7 +132,7 @@ pub fn deletion_step(pools: &[IpPool]) -> Result<DeletionStep, PlanError> {
 
 /// Computes the writes and counters that bring `pools` (the Subnet's existing IPPools, found by
 /// label) in line with `subnet`. Pools whose names are not `<subnet>-<index>` are ignored.
-pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, PlanError> {
+pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, ParseError> {
     let subnet_name = subnet.name_any();
     let addresses = subnet_addresses(subnet)?;
     let mut current = Vec::with_capacity(pools.len());
@@ -233,7 +145,7 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, PlanE
         if owner != subnet_name {
             continue;
         }
-        let ranges = IpSet::parse_ranges(&pool.spec.ips)?;
+        let ranges = pool_ranges(pool)?;
         let allocated = allocated_addresses(pool)?;
         current.push(CurrentPool {
             index,
@@ -247,6 +159,10 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, PlanE
         effective: addresses.effective(),
         replicas: u32::from(subnet.spec.replicas),
         pools: &current,
+    })
+    .map_err(|source| ParseError::Addresses {
+        subnet: subnet_name.clone(),
+        source,
     })?;
 
     let mut losses = Vec::new();
@@ -258,7 +174,7 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, PlanE
         let found = existing.iter().find(|(index, _)| *index == plan.index);
         let Some((_, pool)) = found else {
             if !plan.deletable {
-                gains.push(PoolWrite::Create {
+                gains.push(PoolSpecWrite::Create {
                     name: plan.name.clone(),
                     spec: IpPoolSpec {
                         subnet: subnet_name.clone(),
@@ -271,9 +187,10 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, PlanE
             }
             continue;
         };
+        // An empty version (never from the API server) fails the write, not the guard.
         let resource_version = pool.resource_version().unwrap_or_default();
         if plan.deletable {
-            gains.push(PoolWrite::Delete {
+            gains.push(PoolSpecWrite::Delete {
                 name: plan.name.clone(),
                 resource_version,
             });
@@ -286,14 +203,14 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, PlanE
             .unwrap_or_default();
         let starts_draining = plan.draining && !pool.spec.draining;
         if !current_ranges.is_subset(&plan.ranges) || starts_draining {
-            losses.push(PoolWrite::Update(PoolSpecChange {
+            losses.push(PoolSpecWrite::Update(PoolSpecChange {
                 name: plan.name.clone(),
                 resource_version,
                 ips: current_ranges.intersect(&plan.ranges).to_range_strings(),
                 draining: plan.draining,
             }));
         } else if current_ranges != plan.ranges || pool.spec.draining != plan.draining {
-            gains.push(PoolWrite::Update(PoolSpecChange {
+            gains.push(PoolSpecWrite::Update(PoolSpecChange {
                 name: plan.name.clone(),
                 resource_version,
                 ips: plan.ranges.to_range_strings(),
@@ -351,6 +268,7 @@ mod tests {
 
     use super::*;
     use crate::crd::{IpAllocation, IpPoolStatus, SubnetSpec};
+    use crate::ipam::IpSet;
 
     fn example_subnet(replicas: u16) -> Subnet {
         let spec: SubnetSpec = serde_json::from_value(serde_json::json!({
@@ -368,7 +286,7 @@ mod tests {
         plan.writes
             .iter()
             .map(|write| match write {
-                PoolWrite::Create { name, spec } => IpPool {
+                PoolSpecWrite::Create { name, spec } => IpPool {
                     metadata: ObjectMeta {
                         name: Some(name.clone()),
                         resource_version: Some("1".into()),
@@ -393,14 +311,15 @@ mod tests {
                     interface: "eth0".into(),
                     pod_uid: "uid".into(),
                     node: "node1".into(),
+                    container_id: None,
                 },
             );
     }
 
-    fn apply(pools: &mut Vec<IpPool>, writes: &[PoolWrite]) {
+    fn apply(pools: &mut Vec<IpPool>, writes: &[PoolSpecWrite]) {
         for write in writes {
             match write {
-                PoolWrite::Update(change) => {
+                PoolSpecWrite::Update(change) => {
                     let pool = pools
                         .iter_mut()
                         .find(|pool| pool.name_any() == change.name)
@@ -408,11 +327,11 @@ mod tests {
                     pool.spec.ips = change.ips.clone();
                     pool.spec.draining = change.draining;
                 }
-                PoolWrite::Create { .. } => pools.extend(created(&SubnetPlan {
+                PoolSpecWrite::Create { .. } => pools.extend(created(&SubnetPlan {
                     writes: vec![write.clone()],
                     ..empty_plan()
                 })),
-                PoolWrite::Delete { name, .. } => pools.retain(|pool| &pool.name_any() != name),
+                PoolSpecWrite::Delete { name, .. } => pools.retain(|pool| &pool.name_any() != name),
             }
         }
     }
@@ -523,7 +442,7 @@ mod tests {
             first
                 .writes
                 .iter()
-                .all(|write| matches!(write, PoolWrite::Update(_))),
+                .all(|write| matches!(write, PoolSpecWrite::Update(_))),
             "the first round only takes addresses away: {:?}",
             first.writes
         );
@@ -556,7 +475,7 @@ mod tests {
             &mut pools,
             &drains
                 .into_iter()
-                .map(PoolWrite::Update)
+                .map(PoolSpecWrite::Update)
                 .collect::<Vec<_>>(),
         );
         assert_eq!(

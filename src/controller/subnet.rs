@@ -4,21 +4,17 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
+    Resource, ResourceExt,
     runtime::{controller::Action, events::EventType},
 };
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::{
     Context, Error,
-    pools::{
-        DeletionStep, PoolCounters, PoolWrite, SubnetPlan, deletion_step, overlap_with_other_pools,
-        plan_pools,
-    },
+    pools::{DeletionStep, SubnetPlan, deletion_step, overlap_with_other_pools, plan_pools},
 };
 use crate::crd::{FINALIZER_SUBNET, IpPool, LABEL_SUBNET, Subnet, SubnetStatus};
+use crate::store::pools::PoolSpecWrite;
 
 /// How often a Subnet is reconciled even when nothing changed (a safety net for missed events).
 const RESYNC: Duration = Duration::from_secs(300);
@@ -27,11 +23,10 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// otherwise pools first (one safe round per call), then counters and status.
 pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = subnet.name_any();
-    let pools_api: Api<IpPool> = Api::all(ctx.client.clone());
     // One Subnet at a time decides and writes pool specs, on a fresh (quorum) list of every
     // pool: two Subnets reconciled at once could each find the other's addresses still free.
     let _pool_writes = ctx.pool_writes.lock().await;
-    let all_pools = pools_api.list(&ListParams::default()).await?.items;
+    let all_pools = ctx.pools.list(None).await?;
     let pools: Vec<IpPool> = all_pools
         .iter()
         .filter(|pool| pool.labels().get(LABEL_SUBNET) == Some(&name))
@@ -41,7 +36,9 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
         return finish_deletion(&ctx, &subnet, &pools).await;
     }
     if !has_finalizer(&subnet) {
-        set_finalizers(&ctx, &subnet, true).await?;
+        ctx.subnets
+            .hold_finalizer(&subnet, FINALIZER_SUBNET, true)
+            .await?;
         // The write wakes the watch, which brings us back on the new version.
         return Ok(Action::await_change());
     }
@@ -84,7 +81,7 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     for counters in &plan.counters {
-        write_pool_counters(&pools_api, counters).await?;
+        ctx.pools.write_counters(counters).await?;
     }
     for pool in &pools {
         ctx.metrics.observe_pool(pool);
@@ -127,7 +124,8 @@ async fn finish_deletion(
     };
     match step {
         DeletionStep::Drain(changes) => {
-            let writes: Vec<PoolWrite> = changes.into_iter().map(PoolWrite::Update).collect();
+            let writes: Vec<PoolSpecWrite> =
+                changes.into_iter().map(PoolSpecWrite::Update).collect();
             apply_writes(ctx, subnet, &writes).await?;
             Ok(Action::requeue(Duration::from_secs(1)))
         }
@@ -155,7 +153,9 @@ async fn finish_deletion(
             Ok(Action::requeue(Duration::from_secs(10)))
         }
         DeletionStep::Release => {
-            set_finalizers(ctx, subnet, false).await?;
+            ctx.subnets
+                .hold_finalizer(subnet, FINALIZER_SUBNET, false)
+                .await?;
             info!(subnet = %subnet.name_any(), "deleted Subnet holds no address; finalizer removed");
             ctx.metrics
                 .forget_pools_except(Some(&subnet.name_any()), &Default::default());
@@ -166,40 +166,6 @@ async fn finish_deletion(
 
 fn has_finalizer(subnet: &Subnet) -> bool {
     subnet.finalizers().iter().any(|f| f == FINALIZER_SUBNET)
-}
-
-/// Adds (`hold`) or removes the Subnet finalizer, keeping any other; guarded by the
-/// resourceVersion the decision was made on, so no one else's finalizer change is lost.
-async fn set_finalizers(ctx: &Context, subnet: &Subnet, hold: bool) -> Result<(), Error> {
-    let mut finalizers: Vec<String> = subnet
-        .finalizers()
-        .iter()
-        .filter(|finalizer| *finalizer != FINALIZER_SUBNET)
-        .cloned()
-        .collect();
-    if hold {
-        finalizers.push(FINALIZER_SUBNET.to_owned());
-    }
-    let patch = json!({
-        "metadata": {
-            "resourceVersion": subnet.resource_version(),
-            "finalizers": finalizers,
-        },
-    });
-    let api: Api<Subnet> = Api::all(ctx.client.clone());
-    match api
-        .patch(
-            &subnet.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        // Already gone: nothing left to hold or release.
-        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
-        Err(error) => Err(error.into()),
-    }
 }
 
 /// Whether `pool` was made for this very Subnet (its controller owner is the Subnet's uid), not
@@ -224,52 +190,24 @@ async fn write_condition(
     Ok(())
 }
 
-async fn apply_writes(ctx: &Context, subnet: &Subnet, writes: &[PoolWrite]) -> Result<(), Error> {
-    let pools_api: Api<IpPool> = Api::all(ctx.client.clone());
+async fn apply_writes(
+    ctx: &Context,
+    subnet: &Subnet,
+    writes: &[PoolSpecWrite],
+) -> Result<(), Error> {
+    let owner = owner_reference(subnet)?;
     for write in writes {
+        ctx.pools
+            .write_spec(write, &subnet.name_any(), &owner)
+            .await?;
         match write {
-            PoolWrite::Update(change) => {
-                let patch = json!({
-                    "metadata": { "resourceVersion": change.resource_version },
-                    "spec": { "ips": change.ips, "draining": change.draining },
-                });
-                pools_api
-                    .patch(&change.name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await?;
+            PoolSpecWrite::Update(change) => {
                 info!(pool = %change.name, ips = ?change.ips, draining = change.draining, "pool updated");
             }
-            PoolWrite::Create { name, spec } => {
-                let pool = IpPool {
-                    metadata: ObjectMeta {
-                        name: Some(name.clone()),
-                        labels: Some([(LABEL_SUBNET.to_string(), subnet.name_any())].into()),
-                        owner_references: Some(vec![owner_reference(subnet)?]),
-                        ..ObjectMeta::default()
-                    },
-                    spec: spec.clone(),
-                    status: None,
-                };
-                match pools_api.create(&PostParams::default(), &pool).await {
-                    Ok(_) => info!(pool = %name, ips = ?spec.ips, "pool created"),
-                    // Another reconcile (or a previous leader) created it: recompute.
-                    Err(error) if is_already_exists(&error) => {}
-                    Err(error) => return Err(error.into()),
-                }
+            PoolSpecWrite::Create { name, spec } => {
+                info!(pool = %name, ips = ?spec.ips, "pool created");
             }
-            PoolWrite::Delete {
-                name,
-                resource_version,
-            } => {
-                let params = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        resource_version: Some(resource_version.clone()),
-                        uid: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                pools_api.delete(name, &params).await?;
-                info!(pool = %name, "drained pool deleted");
-            }
+            PoolSpecWrite::Delete { name, .. } => info!(pool = %name, "drained pool deleted"),
         }
     }
     ctx.publish(
@@ -279,24 +217,6 @@ async fn apply_writes(ctx: &Context, subnet: &Subnet, writes: &[PoolWrite]) -> R
         &format!("{} IPPool write(s) to match spec", writes.len()),
     )
     .await;
-    Ok(())
-}
-
-async fn write_pool_counters(api: &Api<IpPool>, counters: &PoolCounters) -> Result<(), Error> {
-    let patch = json!({
-        "metadata": { "resourceVersion": counters.resource_version },
-        "status": {
-            "allocatedIPCount": counters.allocated,
-            "unallocatedIPCount": counters.unallocated,
-            "totalIPCount": counters.total,
-        },
-    });
-    api.patch_status(
-        &counters.name,
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
     Ok(())
 }
 
@@ -326,13 +246,9 @@ async fn write_status(
     {
         return Ok(false);
     }
-    let api: Api<Subnet> = Api::all(ctx.client.clone());
-    api.patch_status(
-        &subnet.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": wanted })),
-    )
-    .await?;
+    ctx.subnets
+        .write_status(&subnet.name_any(), &wanted)
+        .await?;
     Ok(!condition_shown)
 }
 
@@ -360,10 +276,6 @@ fn owner_reference(subnet: &Subnet) -> Result<OwnerReference, Error> {
     subnet
         .controller_owner_ref(&())
         .ok_or_else(|| Error::MissingUid(subnet.name_any()))
-}
-
-fn is_already_exists(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.is_already_exists())
 }
 
 impl Context {

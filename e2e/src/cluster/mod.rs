@@ -372,6 +372,86 @@ impl Cluster {
         self.start_component(name, &[])
     }
 
+    /// Restarts component `name` (one running in a node's namespace) behind a proxy that holds
+    /// everything the apiserver sends it for `delay` ([`crate::delay`]): its watch caches lag by
+    /// that much while its writes still arrive at once. It gets a kubeconfig of its own, the same
+    /// but for the server, the proxy on that namespace's loopback; `harness_binary` runs the
+    /// proxy. Stays so for the rest of the cluster's life (a later restart keeps the proxy).
+    pub fn delay_apiserver_for(
+        &mut self,
+        name: &str,
+        harness_binary: &Path,
+        delay: Duration,
+    ) -> Result<(), ClusterError> {
+        const PROXY: &str = "127.0.0.1:16443";
+        let daemon = self.component(name)?.clone();
+        let variable = "KUBECONFIG=";
+        let kubeconfig = daemon
+            .args
+            .iter()
+            .find_map(|arg| arg.to_str()?.strip_prefix(variable).map(PathBuf::from))
+            .ok_or_else(|| ClusterError::UnknownComponent {
+                name: format!("{name} with a KUBECONFIG"),
+                known: String::new(),
+            })?;
+        let unreadable = |source| ClusterError::StateDir {
+            path: kubeconfig.clone(),
+            source,
+        };
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&fs::read(&kubeconfig).map_err(unreadable)?)
+                .map_err(|error| unreadable(std::io::Error::other(error)))?;
+        config["clusters"][0]["cluster"]["server"] = format!("https://{PROXY}").into();
+        let delayed = self
+            .guard
+            .layout
+            .pki
+            .join(format!("{name}-delayed.kubeconfig"));
+        fs::write(&delayed, config.to_string()).map_err(|source| ClusterError::StateDir {
+            path: delayed.clone(),
+            source,
+        })?;
+        let proxy = Daemon::new(
+            format!("{name}-delay"),
+            daemon.netns.clone(),
+            harness_binary,
+        )
+        .args([
+            "delay".to_owned(),
+            "--listen".to_owned(),
+            PROXY.to_owned(),
+            "--upstream".to_owned(),
+            components::apiserver_address().to_string(),
+            "--delay-ms".to_owned(),
+            delay.as_millis().to_string(),
+        ]);
+        let behind_proxy = Daemon {
+            args: daemon
+                .args
+                .iter()
+                .map(|arg| match arg.to_str() {
+                    Some(value) if value.starts_with(variable) => {
+                        format!("{variable}{}", delayed.display()).into()
+                    }
+                    _ => arg.clone(),
+                })
+                .collect(),
+            ..daemon
+        };
+        self.stop_component(name)?;
+        self.guard.start(&proxy)?;
+        self.guard.spawn(&behind_proxy)?;
+        if let Some(known) = self
+            .guard
+            .daemons
+            .iter_mut()
+            .find(|known| known.name == name)
+        {
+            *known = behind_proxy;
+        }
+        Ok(())
+    }
+
     fn component(&self, name: &str) -> Result<&Daemon, ClusterError> {
         let daemons = &self.guard.daemons;
         daemons

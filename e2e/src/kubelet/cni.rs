@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tokio::{io::AsyncWriteExt, process::Command};
 use tracing::debug;
 
-use super::error::{CniCommand, CniError};
+use super::error::{CniCallError, CniCommand};
 
 /// The interface name containerd gives the pod's primary network.
 pub const POD_IFNAME: &str = "eth0";
@@ -38,8 +38,8 @@ pub struct NetworkConfigList {
 }
 
 /// Loads the network config containerd would use: the lexically first config file in `dir`.
-pub async fn load_network_config(dir: &Path) -> Result<NetworkConfigList, CniError> {
-    let read_dir_error = |source| CniError::ReadConfDir {
+pub async fn load_network_config(dir: &Path) -> Result<NetworkConfigList, CniCallError> {
+    let read_dir_error = |source| CniCallError::ReadConfDir {
         dir: dir.to_owned(),
         source,
     };
@@ -52,13 +52,13 @@ pub async fn load_network_config(dir: &Path) -> Result<NetworkConfigList, CniErr
         }
     }
     let chosen =
-        pick_network_config_file(&file_names).ok_or_else(|| CniError::NoNetworkConfig {
+        pick_network_config_file(&file_names).ok_or_else(|| CniCallError::NoNetworkConfig {
             dir: dir.to_owned(),
         })?;
     let path = dir.join(chosen);
     let bytes = tokio::fs::read(&path)
         .await
-        .map_err(|source| CniError::ReadConfig {
+        .map_err(|source| CniCallError::ReadConfig {
             path: path.clone(),
             source,
         })?;
@@ -82,14 +82,14 @@ fn pick_network_config_file(file_names: &[String]) -> Option<&str> {
 
 /// A `.conflist` is a list; any other config file is one plugin, wrapped like libcni's
 /// `ConfListFromConf` does.
-fn parse_network_config(path: &Path, bytes: &[u8]) -> Result<NetworkConfigList, CniError> {
-    let invalid = |reason: String| CniError::InvalidConfig {
+fn parse_network_config(path: &Path, bytes: &[u8]) -> Result<NetworkConfigList, CniCallError> {
+    let invalid = |reason: String| CniCallError::InvalidConfig {
         path: path.to_owned(),
         reason,
     };
     let document: Map<String, Value> = serde_json::from_slice(bytes)
         .map_err(|error| invalid(format!("not a JSON object: {error}")))?;
-    let text_field = |key: &str| -> Result<String, CniError> {
+    let text_field = |key: &str| -> Result<String, CniCallError> {
         match document.get(key).and_then(Value::as_str) {
             Some(text) if !text.is_empty() => Ok(text.to_owned()),
             _ => Err(invalid(format!(
@@ -176,7 +176,7 @@ impl PluginRunner {
         &self,
         list: &NetworkConfigList,
         runtime: &RuntimeConf,
-    ) -> Result<Value, CniError> {
+    ) -> Result<Value, CniCallError> {
         let mut prev_result = None;
         for plugin in &list.plugins {
             let stdout = self
@@ -184,7 +184,7 @@ impl PluginRunner {
                 .await?;
             prev_result = Some(parse_result(list, plugin, &stdout)?);
         }
-        prev_result.ok_or_else(|| CniError::NoPlugins {
+        prev_result.ok_or_else(|| CniCallError::NoPlugins {
             network: list.name.clone(),
         })
     }
@@ -196,7 +196,7 @@ impl PluginRunner {
         list: &NetworkConfigList,
         runtime: &RuntimeConf,
         cached_result: Option<&Value>,
-    ) -> Result<(), CniError> {
+    ) -> Result<(), CniCallError> {
         let prev_result = cached_result.filter(|_| receives_prev_result_on_del(&list.cni_version));
         for plugin in list.plugins.iter().rev() {
             self.exec(list, plugin, CniCommand::Del, runtime, prev_result)
@@ -212,14 +212,14 @@ impl PluginRunner {
         command: CniCommand,
         runtime: &RuntimeConf,
         prev_result: Option<&Value>,
-    ) -> Result<Vec<u8>, CniError> {
+    ) -> Result<Vec<u8>, CniCallError> {
         let plugin_type = plugin_type(plugin);
         let path = self.bin_dir.join(plugin_type);
         let is_file = tokio::fs::metadata(&path)
             .await
             .is_ok_and(|metadata| metadata.is_file());
         if plugin_type.is_empty() || !is_file {
-            return Err(CniError::PluginNotFound {
+            return Err(CniCallError::PluginNotFound {
                 plugin_type: plugin_type.to_owned(),
                 bin_dir: self.bin_dir.clone(),
             });
@@ -247,7 +247,7 @@ impl PluginRunner {
             // A timed-out plugin is dropped, and must not live on as a stray process.
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| CniError::Spawn {
+            .map_err(|source| CniCallError::Spawn {
                 path: path.clone(),
                 source,
             })?;
@@ -260,7 +260,7 @@ impl PluginRunner {
             }
         };
         let run = async { tokio::join!(feed_stdin, child.wait_with_output()).1 };
-        let timed_out = || CniError::TimedOut {
+        let timed_out = || CniCallError::TimedOut {
             plugin_type: plugin_type.to_owned(),
             network: list.name.clone(),
             command,
@@ -269,7 +269,7 @@ impl PluginRunner {
         let output = tokio::time::timeout(self.timeout, run)
             .await
             .map_err(|_| timed_out())?
-            .map_err(|source| CniError::Spawn {
+            .map_err(|source| CniCallError::Spawn {
                 path: path.clone(),
                 source,
             })?;
@@ -283,7 +283,7 @@ impl PluginRunner {
         if output.status.success() {
             Ok(output.stdout)
         } else {
-            Err(CniError::PluginFailed {
+            Err(CniCallError::PluginFailed {
                 plugin_type: plugin_type.to_owned(),
                 network: list.name.clone(),
                 command,
@@ -316,8 +316,8 @@ fn parse_result(
     list: &NetworkConfigList,
     plugin: &Map<String, Value>,
     stdout: &[u8],
-) -> Result<Value, CniError> {
-    let invalid = |reason: String| CniError::InvalidResult {
+) -> Result<Value, CniCallError> {
+    let invalid = |reason: String| CniCallError::InvalidResult {
         plugin_type: plugin_type(plugin).to_owned(),
         network: list.name.clone(),
         reason,

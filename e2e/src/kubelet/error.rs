@@ -68,7 +68,7 @@ impl std::fmt::Display for CniCommand {
 
 /// A failure to load the network config or to run a plugin of the chain.
 #[derive(Debug, thiserror::Error)]
-pub enum CniError {
+pub enum CniCallError {
     #[error("cannot read the CNI config directory {dir}: {source} (check --cni-conf-dir)")]
     ReadConfDir { dir: PathBuf, source: io::Error },
     #[error(
@@ -126,7 +126,7 @@ pub enum CniError {
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error(transparent)]
-    Cni(#[from] CniError),
+    Cni(#[from] CniCallError),
     #[error("cannot run `{command}`: {source} (install iproute2)")]
     IpSpawn { command: String, source: io::Error },
     #[error("`{command}` failed: {stderr} (the kubelet stand-in must run as root)")]

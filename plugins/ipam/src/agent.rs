@@ -11,7 +11,7 @@ use virtnet_cni::agent_client::{self, TransportError};
 use virtnet_cni::config::GcAttachment;
 use virtnet_cni::env::{Attachment, CniArgs, Detachment};
 
-use crate::error::IpamError;
+use crate::error::IpamPluginError;
 
 /// Where the node agent listens and how long one request may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,26 +22,29 @@ pub struct AgentEndpoint {
 
 /// The pod an allocation is for, from `CNI_ARGS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PodRef<'a> {
+pub struct PodIdentity<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
     pub uid: Option<&'a str>,
 }
 
-impl<'a> PodRef<'a> {
+impl<'a> PodIdentity<'a> {
     /// The agent keys allocations by pod, so ADD cannot proceed without one.
-    pub fn from_args(args: &'a CniArgs) -> Result<Self, IpamError> {
+    pub fn from_args(args: &'a CniArgs) -> Result<Self, IpamPluginError> {
         let pod = &args.pod;
         Ok(Self {
             namespace: pod
                 .namespace
                 .as_deref()
-                .ok_or(IpamError::MissingPodIdentity {
+                .ok_or(IpamPluginError::MissingPodIdentity {
                     missing: "K8S_POD_NAMESPACE",
                 })?,
-            name: pod.name.as_deref().ok_or(IpamError::MissingPodIdentity {
-                missing: "K8S_POD_NAME",
-            })?,
+            name: pod
+                .name
+                .as_deref()
+                .ok_or(IpamPluginError::MissingPodIdentity {
+                    missing: "K8S_POD_NAME",
+                })?,
             uid: pod.uid.as_deref(),
         })
     }
@@ -53,7 +56,7 @@ pub enum AgentRequest<'a> {
     /// ADD: one address from each Subnet, for this interface of this pod.
     Allocate {
         attachment: &'a Attachment,
-        pod: PodRef<'a>,
+        pod: PodIdentity<'a>,
         subnets: &'a [String],
     },
     /// DEL: give back whatever this interface holds (nothing held is success).
@@ -129,7 +132,9 @@ impl AgentRequest<'_> {
                 serde_json::to_vec(&api::ReleaseRequest {
                     container_id: detachment.container_id.clone(),
                     ifname: detachment.ifname.clone(),
-                    pod: PodRef::from_args(&detachment.args).ok().map(PodRef::to_api),
+                    pod: PodIdentity::from_args(&detachment.args)
+                        .ok()
+                        .map(PodIdentity::to_api),
                 }),
             ),
             Self::Check { attachment } => post(
@@ -137,7 +142,9 @@ impl AgentRequest<'_> {
                 serde_json::to_vec(&api::CheckRequest {
                     container_id: attachment.container_id.clone(),
                     ifname: attachment.ifname.clone(),
-                    pod: PodRef::from_args(&attachment.args).ok().map(PodRef::to_api),
+                    pod: PodIdentity::from_args(&attachment.args)
+                        .ok()
+                        .map(PodIdentity::to_api),
                 }),
             ),
             Self::GarbageCollect { valid_attachments } => post(
@@ -161,7 +168,7 @@ impl AgentRequest<'_> {
     }
 }
 
-impl PodRef<'_> {
+impl PodIdentity<'_> {
     fn to_api(self) -> api::PodRef {
         api::PodRef {
             namespace: self.namespace.to_owned(),
@@ -176,7 +183,7 @@ impl AgentEndpoint {
     /// [`virtnet_cni::agent_api`]) and returns its answer: the addresses, routes and DNS for
     /// Allocate, an empty result for everything else. The whole exchange, connecting included,
     /// is bounded by `timeout`. Callers have validated the config and the environment.
-    pub fn send(&self, request: &AgentRequest<'_>) -> Result<CniResult, IpamError> {
+    pub fn send(&self, request: &AgentRequest<'_>) -> Result<CniResult, IpamPluginError> {
         tracing::debug!(
             socket = %self.socket.display(),
             timeout_ms = self.timeout.as_millis(),
@@ -198,16 +205,18 @@ impl AgentEndpoint {
                 String::from_utf8_lossy(&answer)
             ))
         })?;
-        Err(IpamError::Agent(error))
+        Err(IpamPluginError::Agent(error))
     }
 
-    fn transport(&self, error: TransportError) -> IpamError {
+    fn transport(&self, error: TransportError) -> IpamPluginError {
         let socket = self.socket.clone();
         match error {
-            TransportError::Runtime(cause) => IpamError::Runtime(cause),
-            TransportError::Unreachable(cause) => IpamError::AgentUnreachable { socket, cause },
-            TransportError::Dropped(cause) => IpamError::AgentDropped { socket, cause },
-            TransportError::Timeout(timeout) => IpamError::AgentTimeout {
+            TransportError::Runtime(cause) => IpamPluginError::Runtime(cause),
+            TransportError::Unreachable(cause) => {
+                IpamPluginError::AgentUnreachable { socket, cause }
+            }
+            TransportError::Dropped(cause) => IpamPluginError::AgentDropped { socket, cause },
+            TransportError::Timeout(timeout) => IpamPluginError::AgentTimeout {
                 socket,
                 timeout_ms: timeout.as_millis(),
             },
@@ -215,8 +224,8 @@ impl AgentEndpoint {
         }
     }
 
-    fn protocol(&self, details: &dyn fmt::Display) -> IpamError {
-        IpamError::AgentProtocol {
+    fn protocol(&self, details: &dyn fmt::Display) -> IpamPluginError {
+        IpamPluginError::AgentProtocol {
             socket: self.socket.clone(),
             details: details.to_string(),
         }

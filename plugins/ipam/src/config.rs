@@ -10,7 +10,7 @@ use virtnet_cni::{CniError, NetworkConfig};
 
 use crate::PLUGIN_NAME;
 use crate::agent::AgentEndpoint;
-use crate::error::IpamError;
+use crate::error::IpamPluginError;
 
 pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/virtnet/agent.sock";
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
@@ -37,12 +37,15 @@ impl IpamConfig {
     /// - `timeout_ms`, 1..=[`MAX_TIMEOUT_MS`], default [`DEFAULT_TIMEOUT_MS`];
     /// - `log_level`, `log_file` (older name `log_output_file_path`).
     pub fn from_network(network: &NetworkConfig) -> Result<Self, CniError> {
-        let section = network.ipam.as_ref().ok_or(IpamError::MissingIpamSection)?;
+        let section = network
+            .ipam
+            .as_ref()
+            .ok_or(IpamPluginError::MissingIpamSection)?;
         let mut fields = FieldReader::new("ipam", section);
 
         let plugin_type = fields.require("type", "\"virtnet-ipam\"", Value::as_str)?;
         if plugin_type != PLUGIN_NAME {
-            return Err(IpamError::WrongType {
+            return Err(IpamPluginError::WrongType {
                 found: plugin_type.to_owned(),
             }
             .into());
@@ -95,16 +98,18 @@ fn read_subnets(fields: &mut FieldReader<'_>) -> Result<Vec<String>, CniError> {
         subnet_name,
     )?;
     let names = match (single, list) {
-        (Some(_), Some(_)) => return Err(IpamError::BothSubnetKeys.into()),
-        (None, None) => return Err(IpamError::NoSubnet.into()),
+        (Some(_), Some(_)) => return Err(IpamPluginError::BothSubnetKeys.into()),
+        (None, None) => return Err(IpamPluginError::NoSubnet.into()),
         (Some(name), None) => vec![name],
-        (None, Some(names)) if names.is_empty() => return Err(IpamError::EmptySubnetList.into()),
+        (None, Some(names)) if names.is_empty() => {
+            return Err(IpamPluginError::EmptySubnetList.into());
+        }
         (None, Some(names)) => names,
     };
     let mut subnets: Vec<String> = Vec::with_capacity(names.len());
     for name in names {
         if subnets.iter().any(|known| known == name) {
-            return Err(IpamError::DuplicateSubnet {
+            return Err(IpamPluginError::DuplicateSubnet {
                 name: name.to_owned(),
             }
             .into());

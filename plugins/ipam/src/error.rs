@@ -6,7 +6,7 @@ use virtnet_cni::{CniError, ErrorCode};
 /// Everything virtnet-ipam itself can reject or fail at; malformed fields are reported by
 /// [`virtnet_cni::fields::FieldReader`] directly.
 #[derive(Debug, thiserror::Error)]
-pub enum IpamError {
+pub enum IpamPluginError {
     #[error(
         "the network config has no \"ipam\" section; virtnet-ipam reads its settings from \
          \"ipam\": {{\"type\": \"virtnet-ipam\", \"default_subnet\": \"<Subnet name>\"}}"
@@ -86,10 +86,10 @@ pub enum IpamError {
 
     /// STATUS reports any failure as "not available", as the spec asks.
     #[error(transparent)]
-    NotAvailable(Box<IpamError>),
+    NotAvailable(Box<IpamPluginError>),
 }
 
-impl IpamError {
+impl IpamPluginError {
     /// The underlying cause, reported as the CNI error's `details`.
     fn cause(&self) -> Option<String> {
         match self {
@@ -120,8 +120,8 @@ impl IpamError {
     }
 }
 
-impl From<IpamError> for CniError {
-    fn from(error: IpamError) -> Self {
+impl From<IpamPluginError> for CniError {
+    fn from(error: IpamPluginError) -> Self {
         let cni = Self::new(error.code(), error.to_string());
         match error.cause() {
             Some(cause) => cni.with_details(cause),

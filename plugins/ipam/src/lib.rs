@@ -23,9 +23,9 @@ use virtnet_cni::logging::LogSettings;
 use virtnet_cni::skel::{Call, Plugin};
 use virtnet_cni::{CniError, CniResult, NetworkConfig};
 
-use crate::agent::{AgentRequest, PodRef};
+use crate::agent::{AgentRequest, PodIdentity};
 use crate::config::IpamConfig;
-use crate::error::IpamError;
+use crate::error::IpamPluginError;
 
 pub const PLUGIN_NAME: &str = "virtnet-ipam";
 
@@ -48,7 +48,7 @@ impl Plugin for IpamPlugin {
         call: &Call<'_, IpamConfig>,
         attachment: &Attachment,
     ) -> Result<CniResult, CniError> {
-        let pod = PodRef::from_args(&attachment.args)?;
+        let pod = PodIdentity::from_args(&attachment.args)?;
         let request = AgentRequest::Allocate {
             attachment,
             pod,
@@ -87,7 +87,7 @@ impl Plugin for IpamPlugin {
         call.config
             .agent
             .send(&AgentRequest::Status)
-            .map_err(|error| IpamError::NotAvailable(Box::new(error)))?;
+            .map_err(|error| IpamPluginError::NotAvailable(Box::new(error)))?;
         Ok(())
     }
 }

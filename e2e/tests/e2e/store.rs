@@ -1,0 +1,537 @@
+//! The store layer's guards on the real apiserver, on a VirtNet cluster of its own:
+//! - letting an Endpoint go keeps another controller's finalizer (the Endpoint stays Terminating
+//!   until that controller removes its own);
+//! - sandboxes of the same pod racing each other — many concurrent DEL(old)/ADD(new) pairs sent
+//!   straight to the agent's socket — end with every pod holding one record, its Endpoint naming
+//!   the new sandbox, and no address twice;
+//! - replays: ADD replayed for the same sandbox answers the same address, DEL replayed and DEL of
+//!   a sandbox the agent never saw change nothing, CHECK after DEL fails;
+//! - a stale cache never hands out an address twice: with one agent's view of the apiserver
+//!   held 3 s behind (a delaying proxy), an address its pod held is released through the API and
+//!   claimed by another node's agent; the first pod's new sandbox must not get it too.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail, ensure};
+use http::{Method, StatusCode};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{DeleteParams, PostParams},
+};
+use serde_json::{Value, json};
+use virtnet_cni::agent_api::{
+    ALLOCATE_PATH, AllocateRequest, AllocateResponse, CHECK_PATH, CheckRequest, PodRef,
+    RELEASE_PATH, ReleaseRequest,
+};
+use virtnet_e2e::cluster::{Cluster, VirtnetOptions};
+
+use crate::ipam::{apply_example_subnet, kubectl_json, pool_records};
+use crate::support::{
+    Suite, create_namespace, own_virtnet_cluster, run_on_own_cluster, wait_for_ready_pods,
+};
+
+const NAMESPACE: &str = "e2e-store";
+/// Pods whose sandboxes race (each pair is one DEL and one ADD at once).
+const RACING_PODS: usize = 40;
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// One agent request; the racing pairs all go at once on a 2-core machine.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const FOREIGN_FINALIZER: &str = "backup.example.com/protect";
+
+pub fn store_guards_keep_foreign_finalizers_and_racing_sandboxes_apart(
+    suite: &Suite,
+) -> anyhow::Result<()> {
+    let virtnet = VirtnetOptions::from_workspace();
+    let example_subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
+    run_on_own_cluster(suite, own_virtnet_cluster('s', virtnet), async |cluster| {
+        apply_example_subnet(cluster, &example_subnet.to_string_lossy()).await?;
+        create_namespace(cluster, NAMESPACE).await?;
+        foreign_finalizer_is_kept(cluster).await?;
+        racing_sandboxes(cluster).await?;
+        replays(cluster).await?;
+        stale_cache(cluster).await
+    })
+}
+
+/// A real pod started by the kubelet gets its Endpoint; another controller adds its finalizer;
+/// deleting the pod releases the address and lets VirtNet's finalizer go, never the other.
+async fn foreign_finalizer_is_kept(cluster: &Cluster) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NAMESPACE);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "guarded", "labels": {"app": "guarded"}},
+        "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    wait_for_ready_pods(cluster, NAMESPACE, "app=guarded", 1).await?;
+    let endpoint = kubectl_json(
+        cluster,
+        &["get", "endpoints.virtnet.io", "-n", NAMESPACE, "guarded"],
+    )?;
+    let address = endpoint["spec"]["interfaces"][0]["ipv4"]
+        .as_str()
+        .and_then(|value| value.split('/').next())
+        .context("the Endpoint records an IPv4 address")?
+        .to_owned();
+    cluster.kubectl(&[
+        "patch",
+        "endpoints.virtnet.io",
+        "-n",
+        NAMESPACE,
+        "guarded",
+        "--type=json",
+        "-p",
+        &json!([{"op": "add", "path": "/metadata/finalizers/-", "value": FOREIGN_FINALIZER}])
+            .to_string(),
+    ])?;
+    pods.delete("guarded", &DeleteParams::default()).await?;
+    let finalizers = cluster
+        .wait_for(
+            "the address released and VirtNet's finalizer gone",
+            SETTLE_TIMEOUT,
+            || async {
+                let records = pool_records(cluster).map_err(|error| error.to_string())?;
+                if records.iter().any(|(held, _)| *held == address) {
+                    return Err(format!("{address} is still recorded"));
+                }
+                let endpoint = kubectl_json(
+                    cluster,
+                    &["get", "endpoints.virtnet.io", "-n", NAMESPACE, "guarded"],
+                )
+                .map_err(|error| {
+                    format!("the Endpoint is gone with its foreign finalizer: {error}")
+                })?;
+                let finalizers = endpoint["metadata"]["finalizers"].clone();
+                if finalizers == json!([FOREIGN_FINALIZER]) {
+                    Ok(finalizers)
+                } else {
+                    Err(format!("finalizers: {finalizers}"))
+                }
+            },
+        )
+        .await?;
+    ensure!(finalizers == json!([FOREIGN_FINALIZER]));
+    // The other controller finishes: now the Endpoint goes.
+    cluster.kubectl(&[
+        "patch",
+        "endpoints.virtnet.io",
+        "-n",
+        NAMESPACE,
+        "guarded",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ])?;
+    cluster
+        .wait_for("the Endpoint deleted", SETTLE_TIMEOUT, || async {
+            match cluster.kubectl(&["get", "endpoints.virtnet.io", "-n", NAMESPACE, "guarded"]) {
+                Err(_) => Ok(()),
+                Ok(found) => Err(found),
+            }
+        })
+        .await?;
+    Ok(())
+}
+
+/// Pods that no kubelet runs (no scheduler picks them up): their sandboxes are whatever this
+/// test tells the agent of node 1.
+async fn unscheduled_pods(
+    cluster: &Cluster,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<PodRef>> {
+    unscheduled_pods_in(cluster, NAMESPACE, prefix, count).await
+}
+
+async fn unscheduled_pods_in(
+    cluster: &Cluster,
+    namespace: &str,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<PodRef>> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), namespace);
+    let mut refs = Vec::with_capacity(count);
+    for index in 0..count {
+        let name = format!("{prefix}-{index}");
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "schedulerName": "nobody",
+                "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}],
+            },
+        }))?;
+        let created = pods.create(&PostParams::default(), &pod).await?;
+        refs.push(PodRef {
+            namespace: namespace.to_owned(),
+            name,
+            uid: created.metadata.uid,
+        });
+    }
+    Ok(refs)
+}
+
+/// The socket of the agent of node `index` (0: the first).
+fn agent_socket_of(cluster: &Cluster, index: usize) -> anyhow::Result<PathBuf> {
+    let node = cluster
+        .node_names()
+        .into_iter()
+        .nth(index)
+        .context("enough nodes")?;
+    Ok(cluster
+        .layout()
+        .node_dirs(&node)
+        .agent_run
+        .join("agent.sock"))
+}
+
+fn agent_socket(cluster: &Cluster) -> anyhow::Result<PathBuf> {
+    agent_socket_of(cluster, 0)
+}
+
+/// One request to the agent, as virtnet-ipam sends it; the status and the JSON answer.
+async fn call(
+    socket: &Path,
+    path: &'static str,
+    body: Value,
+) -> anyhow::Result<(StatusCode, Value)> {
+    let socket = socket.to_path_buf();
+    let (status, answer) = tokio::task::spawn_blocking(move || {
+        virtnet_cni::agent_client::exchange(
+            &socket,
+            REQUEST_TIMEOUT,
+            Method::POST,
+            path,
+            body.to_string().into_bytes(),
+        )
+    })
+    .await??;
+    let answer = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+    Ok((status, answer))
+}
+
+fn add_request(pod: &PodRef, container: &str) -> anyhow::Result<Value> {
+    add_request_in(pod, container, "subnet")
+}
+
+fn add_request_in(pod: &PodRef, container: &str, subnet: &str) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(AllocateRequest {
+        container_id: container.to_owned(),
+        ifname: "eth0".to_owned(),
+        netns: format!("/var/run/netns/{container}"),
+        pod: pod.clone(),
+        default_subnets: vec![subnet.to_owned()],
+    })?)
+}
+
+fn del_request(pod: &PodRef, container: &str) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(ReleaseRequest {
+        container_id: container.to_owned(),
+        ifname: "eth0".to_owned(),
+        pod: Some(pod.clone()),
+    })?)
+}
+
+/// ADD, retried as the runtime retries it while the agent says "try again".
+async fn add(socket: &Path, pod: &PodRef, container: &str) -> anyhow::Result<String> {
+    for _ in 0..20 {
+        let (status, answer) = call(socket, ALLOCATE_PATH, add_request(pod, container)?).await?;
+        if status.is_success() {
+            let response: AllocateResponse = serde_json::from_value(answer)?;
+            let address = response.ips.first().context("an address")?.address.addr();
+            return Ok(address.to_string());
+        }
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            bail!("ADD {}/{container}: {status} {answer}", pod.name);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("ADD {}/{container} kept being refused", pod.name)
+}
+
+async fn del(socket: &Path, pod: &PodRef, container: &str) -> anyhow::Result<()> {
+    for _ in 0..20 {
+        let (status, answer) = call(socket, RELEASE_PATH, del_request(pod, container)?).await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            bail!("DEL {}/{container}: {status} {answer}", pod.name);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("DEL {}/{container} kept being refused", pod.name)
+}
+
+/// The pool records of `pod` (by Endpoint name), as (address, containerID).
+fn records_of(records: &[(String, Value)], pod: &str) -> Vec<(String, String)> {
+    let endpoint = format!("{NAMESPACE}/{pod}");
+    records
+        .iter()
+        .filter(|(_, record)| record["endpoint"] == endpoint.as_str())
+        .map(|(address, record)| {
+            (
+                address.clone(),
+                record["containerID"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Every pod's first sandbox is added, then each pod's DEL(first) and ADD(second) go at once,
+/// all pods together: the guarded Endpoint write and the sandbox in the pool record keep the
+/// old sandbox's DEL from freeing what the new one holds.
+async fn racing_sandboxes(cluster: &Cluster) -> anyhow::Result<()> {
+    let socket = agent_socket(cluster)?;
+    let pods = unscheduled_pods(cluster, "race", RACING_PODS).await?;
+    let first =
+        futures::future::try_join_all(pods.iter().map(|pod| add(&socket, pod, "first"))).await?;
+    ensure!(
+        first.iter().collect::<BTreeSet<_>>().len() == RACING_PODS,
+        "first sandboxes got duplicate addresses: {first:?}"
+    );
+    let pairs = pods.iter().map(|pod| {
+        let socket = socket.clone();
+        async move {
+            let (removed, added) =
+                tokio::join!(del(&socket, pod, "first"), add(&socket, pod, "second"));
+            removed?;
+            added
+        }
+    });
+    let second = futures::future::try_join_all(pairs).await?;
+    let records = pool_records(cluster)?;
+    let mut seen = BTreeSet::new();
+    for (pod, address) in pods.iter().zip(&second) {
+        let held = records_of(&records, &pod.name);
+        ensure!(
+            held == vec![(address.clone(), "second".to_owned())],
+            "pod {}: answered {address}, pool records {held:?}",
+            pod.name
+        );
+        ensure!(seen.insert(address.clone()), "{address} is held twice");
+        let endpoint = kubectl_json(
+            cluster,
+            &["get", "endpoints.virtnet.io", "-n", NAMESPACE, &pod.name],
+        )?;
+        ensure!(
+            endpoint["spec"]["containerID"] == "second"
+                && endpoint["spec"]["interfaces"][0]["ipv4"]
+                    .as_str()
+                    .is_some_and(|recorded| recorded.starts_with(&format!("{address}/"))),
+            "pod {}: Endpoint {}",
+            pod.name,
+            endpoint["spec"]
+        );
+    }
+    Ok(())
+}
+
+/// Replayed and stray CNI calls for one pod.
+async fn replays(cluster: &Cluster) -> anyhow::Result<()> {
+    let socket = agent_socket(cluster)?;
+    let pod = unscheduled_pods(cluster, "replay", 1).await?.remove(0);
+    let address = add(&socket, &pod, "one").await?;
+    ensure!(
+        add(&socket, &pod, "one").await? == address,
+        "a replayed ADD answers the same address"
+    );
+    // DEL of a sandbox the agent never saw (the runtime cleaning up a failed one): nothing goes.
+    del(&socket, &pod, "unknown").await?;
+    ensure!(
+        records_of(&pool_records(cluster)?, &pod.name) == vec![(address.clone(), "one".to_owned())],
+        "a DEL of another sandbox left the address alone"
+    );
+    del(&socket, &pod, "one").await?;
+    del(&socket, &pod, "one").await?;
+    ensure!(
+        records_of(&pool_records(cluster)?, &pod.name).is_empty(),
+        "DEL released the address, and the replayed DEL was harmless"
+    );
+    let check = serde_json::to_value(CheckRequest {
+        container_id: "one".to_owned(),
+        ifname: "eth0".to_owned(),
+        pod: Some(pod.clone()),
+    })?;
+    let (status, answer) = call(&socket, CHECK_PATH, check).await?;
+    ensure!(
+        status == StatusCode::NOT_FOUND,
+        "CHECK after DEL fails as not allocated: {status} {answer}"
+    );
+    Ok(())
+}
+
+const STALE_NAMESPACE: &str = "e2e-stale";
+/// How far the first agent's view of the apiserver lags.
+const STALE_DELAY: Duration = Duration::from_secs(3);
+
+/// Node 1's agent decides on a cache 3 s behind: its pod's address X is released through the
+/// API and node 2's agent claims it; an ADD for the pod's new sandbox right after must not
+/// answer X (the held record is re-asserted by a guarded write, which fails on the stale view).
+async fn stale_cache(cluster: &mut Cluster) -> anyhow::Result<()> {
+    // A Subnet of two addresses, one pool: both nodes' agents allocate from the same pool.
+    let subnet = json!({
+        "apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet",
+        "metadata": {"name": "tiny"},
+        "spec": {"subnet": "10.6.0.0/16", "gateway": "10.6.0.1",
+                 "ips": ["10.6.200.10-10.6.200.11"], "replicas": 1},
+    });
+    let namespace = json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": STALE_NAMESPACE,
+                     "annotations": {"ipam.virtnet.io/default-subnet": "tiny"}},
+    });
+    for manifest in [subnet, namespace] {
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), manifest.to_string())?;
+        cluster.kubectl(&["apply", "-f", &file.path().to_string_lossy()])?;
+    }
+    cluster
+        .wait_for("IPPool tiny-0", SETTLE_TIMEOUT, || async {
+            cluster
+                .kubectl(&["get", "ippools.virtnet.io", "tiny-0"])
+                .map_err(|error| error.to_string())
+        })
+        .await?;
+    // Pods the first node's kubelet runs: they are in that agent's pod cache, so its ADD
+    // decides without a fresh read of the pod.
+    let nodes = cluster.node_names();
+    ensure!(nodes.len() >= 2, "the scenario needs two nodes");
+    let first_node = &nodes[0];
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), STALE_NAMESPACE);
+    for name in ["holder", "other"] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": "stale"}},
+            "spec": {"nodeName": first_node,
+                     "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    let running = wait_for_ready_pods(cluster, STALE_NAMESPACE, "app=stale", 2).await?;
+    let holder = running
+        .iter()
+        .find(|pod| pod.metadata.name.as_deref() == Some("holder"))
+        .context("the holder pod")?;
+    let holder_ref = PodRef {
+        namespace: STALE_NAMESPACE.to_owned(),
+        name: "holder".to_owned(),
+        uid: holder.metadata.uid.clone(),
+    };
+    let endpoint = kubectl_json(
+        cluster,
+        &[
+            "get",
+            "endpoints.virtnet.io",
+            "-n",
+            STALE_NAMESPACE,
+            "holder",
+        ],
+    )?;
+    let address = endpoint["spec"]["interfaces"][0]["ipv4"]
+        .as_str()
+        .and_then(|value| value.split('/').next())
+        .context("the holder's Endpoint records its address")?
+        .to_owned();
+    let sandbox = endpoint["spec"]["containerID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+
+    let agent = format!("virtnet-agent-{first_node}");
+    cluster.delay_apiserver_for(
+        &agent,
+        std::path::Path::new(env!("CARGO_BIN_EXE_virtnet-e2e")),
+        STALE_DELAY,
+    )?;
+    let first = agent_socket_of(cluster, 0)?;
+    let second = agent_socket_of(cluster, 1)?;
+    // Serving again (its caches synced through the proxy) once CHECK of the holder succeeds.
+    let check = serde_json::to_value(CheckRequest {
+        container_id: sandbox.clone(),
+        ifname: "eth0".to_owned(),
+        pod: Some(holder_ref.clone()),
+    })?;
+    cluster
+        .wait_for("the delayed agent to serve", SETTLE_TIMEOUT, || async {
+            match call(&first, CHECK_PATH, check.clone()).await {
+                Ok((status, _)) if status.is_success() => Ok(()),
+                Ok((status, answer)) => Err(format!("{status} {answer}")),
+                Err(error) => Err(error.to_string()),
+            }
+        })
+        .await?;
+
+    // X goes back to the pool (as a controller's release would), and the second node's agent,
+    // whose view is current, takes it: the only free address.
+    cluster.kubectl(&[
+        "patch",
+        "ippools.virtnet.io",
+        "tiny-0",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &json!({"status": {"allocations": {&address: null}}}).to_string(),
+    ])?;
+    let thief = unscheduled_pods_in(cluster, STALE_NAMESPACE, "thief", 1)
+        .await?
+        .remove(0);
+    let (status, answer) = call(
+        &second,
+        ALLOCATE_PATH,
+        add_request_in(&thief, "thief", "tiny")?,
+    )
+    .await?;
+    ensure!(
+        status.is_success(),
+        "the second agent claims the released address: {status} {answer}"
+    );
+    let taken: AllocateResponse = serde_json::from_value(answer)?;
+    let taken = taken
+        .ips
+        .first()
+        .context("an address")?
+        .address
+        .addr()
+        .to_string();
+    ensure!(
+        taken == address,
+        "the only free address was {address}, the second agent got {taken}"
+    );
+
+    // Within the first agent's lag: the holder's new sandbox.
+    let (status, answer) = call(
+        &first,
+        ALLOCATE_PATH,
+        add_request_in(&holder_ref, "holder-new", "tiny")?,
+    )
+    .await?;
+    if status.is_success() {
+        let response: AllocateResponse = serde_json::from_value(answer)?;
+        let given = response
+            .ips
+            .first()
+            .context("an address")?
+            .address
+            .addr()
+            .to_string();
+        ensure!(
+            given != address,
+            "{address} was handed out twice: to the thief and to the holder's new sandbox"
+        );
+    }
+    let holders: Vec<String> = pool_records(cluster)?
+        .into_iter()
+        .filter(|(held, _)| *held == address)
+        .map(|(_, record)| record["endpoint"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    ensure!(
+        holders == vec![format!("{STALE_NAMESPACE}/thief-0")],
+        "{address} is recorded for {holders:?}"
+    );
+    Ok(())
+}
