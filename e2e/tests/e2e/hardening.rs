@@ -5,7 +5,7 @@
 //! overlapping Subnets admitted at the same moment only the first gets pools.
 use std::{net::IpAddr, time::Duration};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api,
@@ -18,6 +18,7 @@ use virtnet_e2e::{
 };
 
 use crate::{
+    controller::{kubectl_refused, subnet_manifest, write_manifest},
     ipam::{apply_example_subnet, kubectl_json, pool_records},
     support::{
         Suite, create_namespace, install_kubevirt_crd, own_virtnet_cluster, ping_from_pod, pod_ip,
@@ -151,21 +152,6 @@ fn event_note(cluster: &Cluster, name: &str, reason: &str) -> anyhow::Result<Opt
         .map(|event| event["note"].as_str().unwrap_or_default().to_owned()))
 }
 
-fn kubectl_refused(cluster: &Cluster, args: &[&str], expected: &str) -> anyhow::Result<()> {
-    match cluster.kubectl(args) {
-        Ok(output) => bail!("kubectl {args:?} succeeded ({output}); expected {expected:?}"),
-        Err(error) => {
-            let error = error.to_string();
-            ensure!(
-                error.contains(expected),
-                "kubectl {args:?} failed without {expected:?}: {error}"
-            );
-            eprintln!("hardening: refused as expected: {expected}");
-            Ok(())
-        }
-    }
-}
-
 /// Deleting a Subnet while a pod holds one of its addresses: the Subnet stays (finalizer), says
 /// why in its status and an Event, its pools stay and stop allocating, the pod keeps its address
 /// and its traffic; the same name cannot be created again meanwhile; once the pod is gone, the
@@ -255,10 +241,7 @@ async fn an_address_dropped_from_a_spec_stays_with_its_pod(
 }
 
 fn write_subnet(cluster: &Cluster, name: &str, spec: Value) -> anyhow::Result<String> {
-    let manifest = json!({"apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet", "metadata": {"name": name}, "spec": spec});
-    let path = cluster.layout().root.join(format!("{name}.json"));
-    std::fs::write(&path, manifest.to_string())?;
-    Ok(path.to_string_lossy().into_owned())
+    write_manifest(cluster, name, &subnet_manifest(name, spec))
 }
 
 /// Two overlapping Subnets that both passed admission (the webhook reviews each without the
