@@ -14,6 +14,8 @@ mod controller;
 mod coordinator;
 #[path = "e2e/gc.rs"]
 mod gc;
+#[path = "e2e/hardening.rs"]
+mod hardening;
 #[path = "e2e/install.rs"]
 mod install;
 #[path = "e2e/ipam.rs"]
@@ -87,6 +89,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "coordinator_wires_pods_to_their_node_services_and_vms",
         coordinator::coordinator_wires_pods_to_their_node_services_and_vms,
+    ),
+    (
+        "subnets_never_give_a_held_address_to_a_second_holder",
+        hardening::subnets_never_give_a_held_address_to_a_second_holder,
     ),
     (
         "agent_allocates_exactly_under_burst_exhaustion_and_dual_stack",

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::ResourceExt;
 use virtnet_cni::agent_api::{
     AllocateResponse, AllocatedIp, ApiDns, ApiError, ApiRoute, ErrorKind,
@@ -14,11 +15,14 @@ use virtnet_cni::agent_api::{
 
 use crate::crd::{EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
 use crate::ipam::{
-    AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpamError, NamespaceDefaultSubnet,
-    OwnerRef, PodFacts, PodIpamAnnotations, PoolState, Selection, SelectionRequest, SubnetFacts,
-    allocate_in_pools, find_static_pool, parse_pool_name, select_for_interface,
+    AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpamError, KUBEVIRT_API_GROUP,
+    NamespaceDefaultSubnet, OwnerRef, PodFacts, PodIpamAnnotations, PoolState, Selection,
+    SelectionRequest, SubnetFacts, allocate_in_pools, find_static_pool, parse_pool_name,
+    select_for_interface,
 };
-use crate::store::parse::{ParseError, pool_allocations, pool_ranges, subnet_facts};
+use crate::store::parse::{
+    ParseError, allocated_addresses, pool_allocations, pool_ranges, subnet_facts,
+};
 use crate::store::pools::PoolClaim;
 
 /// Why an allocation cannot be decided; each maps to an [`ErrorKind`] for the plugin.
@@ -113,6 +117,29 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             .collect(),
         labels: pod.labels().clone(),
     }
+}
+
+/// The owner reference that would make `pod`'s key sticky, in [`AllocationKey::for_pod`]'s order
+/// (its VirtualMachineInstance, else its StatefulSet). Whoever creates a pod writes its owner
+/// references, so the agent confirms this one's uid before trusting it.
+pub fn sticky_owner(pod: &Pod) -> Option<&OwnerReference> {
+    let is = |owner: &OwnerReference, group: &str, kind: &str| {
+        owner.kind == kind && owner.api_version.split_once('/').map(|(g, _)| g) == Some(group)
+    };
+    let owners = pod.owner_references();
+    owners
+        .iter()
+        .find(|owner| is(owner, KUBEVIRT_API_GROUP, "VirtualMachineInstance"))
+        .or_else(|| owners.iter().find(|owner| is(owner, "apps", "StatefulSet")))
+}
+
+/// `pod` without the owner reference of uid `uid` (one the API server did not confirm), so that
+/// its key is an ordinary pod's.
+pub fn without_owner(mut pod: Pod, uid: &str) -> Pod {
+    if let Some(owners) = pod.metadata.owner_references.as_mut() {
+        owners.retain(|owner| owner.uid != uid);
+    }
+    pod
 }
 
 /// `namespace/name` of the Endpoint recording `key`'s allocations, as IPPool records name it.
@@ -350,6 +377,7 @@ fn claim_in_subnet(
         .iter()
         .map(|pool| pool_state(pool, holder))
         .collect::<Result<Vec<_>, _>>()?;
+    hold_foreign_allocations(&mut states, pools, &subnet.name)?;
     let addresses = &subnet.addresses;
     let held = states
         .iter()
@@ -376,6 +404,36 @@ fn claim_in_subnet(
         subnet: subnet.name.clone(),
         already_held: held.is_some(),
     })
+}
+
+/// Marks as taken, in `states` (pools of Subnet `subnet`), every address that a pool of another
+/// Subnet has allocated: Subnets of one network must never share an address, but if two were
+/// admitted at once (or one still holds an address its spec no longer lists), the pod holding it
+/// keeps it and no other is given it.
+fn hold_foreign_allocations(
+    states: &mut [PoolState],
+    pools: &[IpPool],
+    subnet: &str,
+) -> Result<(), PlanFailure> {
+    for pool in pools.iter().filter(|pool| pool.spec.subnet != subnet) {
+        let foreign = allocated_addresses(pool)?;
+        for state in states.iter_mut() {
+            for address in foreign.intersect(&state.ranges).iter() {
+                state
+                    .allocations
+                    .entry(address)
+                    .or_insert_with(|| AllocationHolder {
+                        key: AllocationKey::Pod {
+                            namespace: String::new(),
+                            name: pool.name_any(),
+                            uid: format!("allocated in IPPool {}", pool.name_any()),
+                        },
+                        interface: String::new(),
+                    });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The nodes whose labels `subnet`'s node selector accepts (all nodes without one).
@@ -809,6 +867,73 @@ mod tests {
             if claim.pool == "subnet-0" { "10" } else { "11" }
         );
         Ok(())
+    }
+
+    #[test]
+    fn an_address_allocated_in_another_subnet_is_never_handed_out() -> Result<(), PlanFailure> {
+        let record = json!({"endpoint": "team-b/db", "interface": "eth0", "podUID": "uid-b", "node": "node-2"});
+        let foreign = |allocated: &[&str]| -> IpPool {
+            let allocations: serde_json::Map<String, Value> = allocated
+                .iter()
+                .map(|address| ((*address).to_owned(), record.clone()))
+                .collect();
+            serde_json::from_value(json!({
+                "apiVersion": "virtnet.io/v1alpha1", "kind": "IPPool",
+                "metadata": {"name": "team-b-0", "resourceVersion": "7"},
+                "spec": {"subnet": "team-b", "cidr": "10.6.0.0/16", "ips": ["10.6.153.90-10.6.153.100"]},
+                "status": {"allocations": allocations},
+            }))
+            .expect("valid IPPool")
+        };
+        let pod = pod("web-1", "uid-1", Some("ReplicaSet"), json!({}));
+        let subnets = [subnet(json!({"replicas": 1}))];
+        let ours = pool(0, &["10.6.153.100-10.6.153.101"], json!({}));
+        let plan = plan(&pod, &subnets, &[ours.clone(), foreign(&["10.6.153.100"])])?;
+        assert_eq!(plan.claims[0].address.to_string(), "10.6.153.101");
+
+        let full = self::plan(
+            &pod,
+            &subnets,
+            &[ours.clone(), foreign(&["10.6.153.100", "10.6.153.101"])],
+        )
+        .expect_err("both addresses are held in team-b");
+        assert_eq!(full.kind(), ErrorKind::PoolExhausted, "{full}");
+
+        let wanted = self::pod(
+            "db",
+            "uid-3",
+            None,
+            json!({"ipam.virtnet.io/static-ips": "[{\"interface\": \"eth0\", \"ipv4\": \"10.6.153.100\"}]"}),
+        );
+        let refused = self::plan(&wanted, &subnets, &[ours, foreign(&["10.6.153.100"])])
+            .expect_err("the static address is held in team-b");
+        assert_eq!(refused.kind(), ErrorKind::IpConflict, "{refused}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_owner_to_confirm_is_the_one_that_makes_the_key_sticky() {
+        let forged: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "imposter", "namespace": "default", "uid": "uid-9",
+                         "ownerReferences": [
+                             {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db", "uid": "s"},
+                             {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "name": "vm1", "uid": "v"},
+                         ]},
+        }))
+        .expect("valid Pod");
+        let owner = sticky_owner(&forged).expect("a sticky owner");
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("VirtualMachineInstance", "v")
+        );
+        let without_vmi = without_owner(forged, "v");
+        assert_eq!(
+            sticky_owner(&without_vmi).map(|o| o.uid.as_str()),
+            Some("s")
+        );
+        let ordinary = without_owner(without_vmi, "s");
+        assert_eq!(sticky_owner(&ordinary), None);
+        assert!(!AllocationKey::for_pod(&pod_facts(&ordinary), FixedIpRetention::ON).is_sticky());
     }
 
     #[test]

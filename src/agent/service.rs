@@ -5,9 +5,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::PartialObjectMeta;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -238,6 +239,49 @@ impl Agent {
         }
     }
 
+    /// `pod`, minus a sticky owner reference (VirtualMachineInstance, StatefulSet) whose uid is
+    /// not the uid the API server shows for that owner: a pod that only claims to belong to a VM
+    /// or a StatefulSet gets an address of its own, never theirs.
+    async fn with_confirmed_owner(&self, mut pod: Pod) -> Result<Pod, ApiError> {
+        let namespace = pod.namespace().unwrap_or_default();
+        while let Some(owner) = plan::sticky_owner(&pod).cloned() {
+            let found = if owner.kind == "StatefulSet" {
+                Api::<StatefulSet>::namespaced(self.client.clone(), &namespace)
+                    .get_opt(&owner.name)
+                    .await
+                    .map(|found| found.and_then(|found| found.uid()))
+            } else {
+                let (group, version) = owner.api_version.split_once('/').unwrap_or_default();
+                let resource = ApiResource::from_gvk_with_plural(
+                    &GroupVersionKind::gvk(group, version, &owner.kind),
+                    "virtualmachineinstances",
+                );
+                Api::<DynamicObject>::namespaced_with(self.client.clone(), &namespace, &resource)
+                    .get_opt(&owner.name)
+                    .await
+                    .map(|found| found.and_then(|found| found.uid()))
+            };
+            let confirmed = match found {
+                Ok(found) => found.as_ref() == Some(&owner.uid),
+                // None at all (without KubeVirt installed the API server answers 404 too).
+                Err(kube::Error::Api(status)) if status.is_not_found() => false,
+                Err(error) => return Err(internal("reading the pod's owner", &error)),
+            };
+            if confirmed {
+                break;
+            }
+            warn!(
+                pod = %format!("{namespace}/{}", pod.name_any()),
+                owner = %format!("{}/{}", owner.kind, owner.name),
+                "the pod's owner reference names no such object (uid {}); it gets an \
+                 address of its own",
+                owner.uid
+            );
+            pod = plan::without_owner(pod, &owner.uid);
+        }
+        Ok(pod)
+    }
+
     /// ADD: decide on the cache, claim with optimistic concurrency (grouped with the other ADDs
     /// arriving meanwhile, see [`Agent::commit`]), then record the Endpoint.
     pub async fn allocate(&self, request: &AllocateRequest) -> Result<AllocateResponse, ApiError> {
@@ -265,7 +309,9 @@ impl Agent {
         request: &AllocateRequest,
     ) -> Result<AllocateResponse, ApiError> {
         let started = Instant::now();
-        let pod = self.pod(&request.pod).await?;
+        let pod = self
+            .with_confirmed_owner(self.pod(&request.pod).await?)
+            .await?;
         let (reply, answer) = oneshot::channel();
         let job = ClaimJob {
             request: request.clone(),

@@ -8,26 +8,35 @@
 //!   about the network), or it is the same network and the two hand out a common address (the
 //!   ranges of Subnets on one L2 network must be disjoint: teams may share an underlay, never an
 //!   address);
+//! - another Subnet's IPPools still hold one of its addresses (offered or allocated), whatever
+//!   that Subnet's spec says now: removing an address from a Subnet's `ips` does not take it
+//!   from the pod that holds it, and its pool keeps it until it is released;
 //! - it is a cluster default (`default: true`) of the same family as another default Subnet with
 //!   the very same node and namespace selectors (both would claim the same pods; defaults with
 //!   different selectors serve different pods and are allowed).
 //!
 //! An update that leaves the spec as it was is always allowed, so that labels, annotations and
 //! finalizers of Subnets admitted before a rule existed can still change.
+//!
+//! Two Subnets created at the same moment are each reviewed without the other; the controller
+//! therefore checks again before it writes any pool (see `subnet::reconcile`), one Subnet at a
+//! time, and writes none for a Subnet whose addresses another Subnet's pools hold.
 
 use ipnet::IpNet;
 use kube::ResourceExt;
 
-use crate::crd::Subnet;
+use super::pools::overlap_with_other_pools;
+use crate::crd::{IpPool, Subnet};
 use crate::store::parse::subnet_addresses;
 
 /// Decides whether `candidate` (replacing `previous` on an update) may be stored, given every
 /// other Subnet in the cluster (the candidate's own stored version may be among them and is
-/// skipped by name). `Err` carries the message the user sees.
+/// skipped by name) and every IPPool. `Err` carries the message the user sees.
 pub fn review_subnet(
     candidate: &Subnet,
     previous: Option<&Subnet>,
     others: &[Subnet],
+    pools: &[IpPool],
 ) -> Result<(), String> {
     if previous.is_some_and(|previous| previous.spec == candidate.spec) {
         return Ok(());
@@ -85,7 +94,19 @@ pub fn review_subnet(
             ));
         }
     }
-    Ok(())
+    match overlap_with_other_pools(candidate, pools) {
+        Ok(None) => Ok(()),
+        Ok(Some(overlap)) => Err(format!(
+            "Subnet {name:?} would hand out {} that Subnet {:?} still holds in its IPPools \
+             (allocated to pods, or not yet released from its pools): leave them out of \
+             spec.ips here until Subnet {:?} has let them go",
+            overlap.shared_ranges(),
+            overlap.other,
+            overlap.other,
+        )),
+        // A pool the engine cannot read: say which, rather than admit blindly.
+        Err(error) => Err(format!("cannot check the existing IPPools: {error}")),
+    }
 }
 
 /// Whether two networks share an address (networks of different families never do).
@@ -128,7 +149,7 @@ mod tests {
             subnet("v6b", json!({"subnet": "fd00:7::/64"})),
         ] {
             assert_eq!(
-                review_subnet(&candidate, None, &others),
+                review_subnet(&candidate, None, &others, &[]),
                 Ok(()),
                 "{}",
                 candidate.spec.subnet
@@ -141,7 +162,7 @@ mod tests {
         let others = [example_subnet()];
         for cidr in ["10.6.153.0/24", "10.0.0.0/8"] {
             let candidate = subnet("second", json!({"subnet": cidr}));
-            let message = review_subnet(&candidate, None, &others).expect_err(cidr);
+            let message = review_subnet(&candidate, None, &others, &[]).expect_err(cidr);
             assert!(
                 message.starts_with(&format!(
                     "spec.subnet {cidr} overlaps Subnet \"subnet\" (10.6.0.0/16): two Subnets must not share addresses"
@@ -154,6 +175,7 @@ mod tests {
             &subnet("v6b", json!({"subnet": "fd00:6:0:1::/64"})),
             None,
             &v6,
+            &[],
         )
         .expect_err("IPv6 overlap");
         assert!(
@@ -169,12 +191,12 @@ mod tests {
             "team-b",
             json!({"subnet": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ["10.6.160.10-10.6.160.49"]}),
         );
-        assert_eq!(review_subnet(&beside, None, &others), Ok(()));
+        assert_eq!(review_subnet(&beside, None, &others, &[]), Ok(()));
         let sharing = subnet(
             "team-c",
             json!({"subnet": "10.6.0.0/16", "ips": ["10.6.153.200-10.6.154.10"]}),
         );
-        let message = review_subnet(&sharing, None, &others).expect_err("shared addresses");
+        let message = review_subnet(&sharing, None, &others, &[]).expect_err("shared addresses");
         assert!(
             message.starts_with(
                 "Subnet \"team-c\" would hand out 10.6.153.200-10.6.153.255 that Subnet \"subnet\" on the same network 10.6.0.0/16 hands out too"
@@ -182,7 +204,54 @@ mod tests {
             "{message}"
         );
         let everything = subnet("all", json!({"subnet": "10.6.0.0/16"}));
-        assert!(review_subnet(&everything, None, &others).is_err());
+        assert!(review_subnet(&everything, None, &others, &[]).is_err());
+    }
+
+    fn pool_of(subnet: &str, ips: &[&str], allocated: &[&str]) -> IpPool {
+        let allocations: serde_json::Map<String, Value> = allocated
+            .iter()
+            .map(|address| {
+                let record =
+                    json!({"endpoint": "ns/pod", "interface": "eth0", "podUID": "u", "node": "n"});
+                ((*address).to_owned(), record)
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": format!("{subnet}-0"), "labels": {crate::crd::LABEL_SUBNET: subnet}},
+            "spec": {"subnet": subnet, "cidr": "10.6.0.0/16", "ips": ips},
+            "status": {"allocations": allocations},
+        }))
+        .expect("pool deserializes")
+    }
+
+    #[test]
+    fn an_address_another_subnets_pool_still_holds_is_refused() {
+        // "subnet" no longer lists 10.6.153.120 in its spec, but a pod still holds it.
+        let narrowed = subnet(
+            "subnet",
+            json!({"subnet": "10.6.0.0/16", "ips": ["10.6.153.200-10.6.153.255"]}),
+        );
+        let pools = [pool_of(
+            "subnet",
+            &["10.6.153.120", "10.6.153.200-10.6.153.255"],
+            &["10.6.153.120"],
+        )];
+        let taker = subnet(
+            "taker",
+            json!({"subnet": "10.6.0.0/16", "ips": ["10.6.153.100-10.6.153.150"]}),
+        );
+        let others = std::slice::from_ref(&narrowed);
+        assert_eq!(review_subnet(&taker, None, others, &[]), Ok(()));
+        let message = review_subnet(&taker, None, others, &pools).expect_err("held address");
+        assert!(
+            message.starts_with(
+                "Subnet \"taker\" would hand out 10.6.153.120 that Subnet \"subnet\" still holds in its IPPools"
+            ),
+            "{message}"
+        );
+        // The Subnet's own pools never count against it.
+        assert_eq!(review_subnet(&narrowed, None, &[], &pools), Ok(()));
     }
 
     #[test]
@@ -191,7 +260,7 @@ mod tests {
         let mut scaled = example_subnet();
         scaled.spec.replicas = 5;
         assert_eq!(
-            review_subnet(&scaled, Some(&stored), std::slice::from_ref(&stored)),
+            review_subnet(&scaled, Some(&stored), std::slice::from_ref(&stored), &[]),
             Ok(())
         );
     }
@@ -202,7 +271,7 @@ mod tests {
             "v6",
             json!({"subnet": "fd00:6::/64", "ips": ["fd00:6::1ff-fd00:6::100"]}),
         );
-        let message = review_subnet(&candidate, None, &[]).expect_err("reversed range");
+        let message = review_subnet(&candidate, None, &[], &[]).expect_err("reversed range");
         assert_eq!(
             message,
             "Subnet v6: \"fd00:6::1ff-fd00:6::100\" starts after it ends: write the lower address first, e.g. fd00:6::100-fd00:6::1ff"
@@ -211,15 +280,15 @@ mod tests {
             "v6",
             json!({"subnet": "fd00:6::/64", "excludeIPs": ["fd00:6::9-fd00:6::1"]}),
         );
-        assert!(review_subnet(&excluded, None, &[]).is_err());
+        assert!(review_subnet(&excluded, None, &[], &[]).is_err());
     }
 
     #[test]
     fn two_defaults_for_the_same_pods_are_rejected_but_selected_ones_are_not() {
         let first = subnet("first", json!({"subnet": "10.6.0.0/16", "default": true}));
         let second = subnet("second", json!({"subnet": "10.7.0.0/16", "default": true}));
-        let message =
-            review_subnet(&second, None, std::slice::from_ref(&first)).expect_err("second default");
+        let message = review_subnet(&second, None, std::slice::from_ref(&first), &[])
+            .expect_err("second default");
         assert!(
             message.starts_with("Subnet \"first\" is already the default IPv4 Subnet"),
             "{message}"
@@ -233,7 +302,7 @@ mod tests {
         let plain = subnet("plain", json!({"subnet": "10.8.0.0/16"}));
         for candidate in [rack, v6, plain] {
             assert_eq!(
-                review_subnet(&candidate, None, std::slice::from_ref(&first)),
+                review_subnet(&candidate, None, std::slice::from_ref(&first), &[]),
                 Ok(())
             );
         }
@@ -247,7 +316,7 @@ mod tests {
             .labels_mut()
             .insert("team".to_owned(), "net".to_owned());
         assert_eq!(
-            review_subnet(&labelled, Some(&stored), &[example_subnet()]),
+            review_subnet(&labelled, Some(&stored), &[example_subnet()], &[]),
             Ok(())
         );
     }

@@ -165,6 +165,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub endpoints: endpoint::Config,
+    /// Held while a Subnet's pool specs are decided and written (see [`subnet::reconcile`]).
+    pub pool_writes: tokio::sync::Mutex<()>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
@@ -207,6 +209,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         ),
         metrics,
         endpoints: args.endpoint_config(),
+        pool_writes: tokio::sync::Mutex::new(()),
     });
 
     let manager =

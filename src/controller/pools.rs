@@ -13,13 +13,15 @@
 //! that allocated in the meantime makes the write fail and the plan is recomputed; and an address
 //! only ever joins a pool after every other pool has let go of it.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use kube::ResourceExt;
 
 use crate::crd::{IpPool, IpPoolSpec, Subnet};
-use crate::ipam::{CurrentPool, SplitRequest, split_subnet};
-use crate::store::parse::{ParseError, allocated_addresses, pool_ranges, subnet_addresses};
+use crate::ipam::{CurrentPool, IpSet, SplitRequest, split_subnet};
+use crate::store::parse::{
+    ParseError, allocated_addresses, pool_allocations, pool_ranges, subnet_addresses,
+};
 use crate::store::pools::{PoolCounters, PoolSpecChange, PoolSpecWrite};
 
 /// Everything the controller should do for one Subnet.
@@ -36,6 +38,96 @@ pub struct SubnetPlan {
     /// Status counters of pools whose shown counters are stale (only meaningful once `writes`
     /// is empty: they are computed from the current specs).
     pub counters: Vec<PoolCounters>,
+}
+
+/// What the pools of every Subnet but `subnet` hold, per Subnet: the addresses they offer
+/// (`spec.ips`) and the ones they have allocated. An address in there must not join `subnet`'s
+/// pools whatever the Subnets' specs say: a spec can drop an address a pod still holds (the pool
+/// keeps it until it is released), and two Subnets admitted at the same moment were each checked
+/// without the other.
+pub fn held_by_other_subnets(
+    subnet: &str,
+    pools: &[IpPool],
+) -> Result<BTreeMap<String, IpSet>, ParseError> {
+    let mut held: BTreeMap<String, IpSet> = BTreeMap::new();
+    for pool in pools.iter().filter(|pool| pool.spec.subnet != subnet) {
+        let addresses = pool_ranges(pool)?.union(&allocated_addresses(pool)?);
+        let entry = held.entry(pool.spec.subnet.clone()).or_default();
+        *entry = entry.union(&addresses);
+    }
+    Ok(held)
+}
+
+/// Another Subnet whose pools hold addresses that `subnet` would hand out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolOverlap {
+    /// The other Subnet.
+    pub other: String,
+    /// The addresses both would hand out.
+    pub shared: IpSet,
+}
+
+impl PoolOverlap {
+    /// The addresses, as `a-b` ranges joined for a message.
+    pub fn shared_ranges(&self) -> String {
+        self.shared.to_range_strings().join(", ")
+    }
+}
+
+/// The first other Subnet (by name) whose pools ([`held_by_other_subnets`]) hold an address of
+/// `subnet`'s effective set; `None` when `subnet` may have pools for all of it.
+pub fn overlap_with_other_pools(
+    subnet: &Subnet,
+    pools: &[IpPool],
+) -> Result<Option<PoolOverlap>, ParseError> {
+    let effective = subnet_addresses(subnet)?.effective().clone();
+    Ok(held_by_other_subnets(&subnet.name_any(), pools)?
+        .into_iter()
+        .find_map(|(other, held)| {
+            let shared = effective.intersect(&held);
+            (!shared.is_empty()).then_some(PoolOverlap { other, shared })
+        }))
+}
+
+/// What a deleted Subnet (one with a deletion timestamp) waits for before its finalizer goes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeletionStep {
+    /// Stop every pool handing out addresses first (conditional writes), so that no allocation
+    /// can start between the check below and the finalizer's removal.
+    Drain(Vec<PoolSpecChange>),
+    /// Every pool is draining but these addresses are still allocated (address, Endpoint).
+    Wait(Vec<(IpAddr, String)>),
+    /// Nothing is allocated any more: the finalizer may go, and the pools with the Subnet.
+    Release,
+}
+
+/// Decides the next step of a deleted Subnet over its pools (found by label).
+pub fn deletion_step(pools: &[IpPool]) -> Result<DeletionStep, ParseError> {
+    let drains: Vec<PoolSpecChange> = pools
+        .iter()
+        .filter(|pool| !pool.spec.draining)
+        .map(|pool| PoolSpecChange {
+            name: pool.name_any(),
+            resource_version: pool.resource_version().unwrap_or_default(),
+            ips: pool.spec.ips.clone(),
+            draining: true,
+        })
+        .collect();
+    if !drains.is_empty() {
+        return Ok(DeletionStep::Drain(drains));
+    }
+    let mut held = Vec::new();
+    for pool in pools {
+        for (address, record) in pool_allocations(pool)? {
+            held.push((address, record.endpoint.clone()));
+        }
+    }
+    held.sort();
+    Ok(if held.is_empty() {
+        DeletionStep::Release
+    } else {
+        DeletionStep::Wait(held)
+    })
 }
 
 /// Computes the writes and counters that bring `pools` (the Subnet's existing IPPools, found by
@@ -363,6 +455,71 @@ mod tests {
         assert!(
             sizes.iter().all(|size| (31..=32).contains(size)),
             "{sizes:?}"
+        );
+    }
+
+    #[test]
+    fn a_deleted_subnet_drains_then_waits_for_its_allocations_then_lets_go() {
+        let mut pools = created(&plan_pools(&example_subnet(2), &[]).expect("plan"));
+        allocate(&mut pools[1], "10.6.153.200");
+        let DeletionStep::Drain(drains) = deletion_step(&pools).expect("step") else {
+            panic!("the pools hand out addresses: they drain first");
+        };
+        assert_eq!(drains.len(), 2);
+        assert!(drains.iter().all(|change| change.draining));
+        assert_eq!(
+            drains[0].ips, pools[0].spec.ips,
+            "draining changes no range"
+        );
+        apply(
+            &mut pools,
+            &drains
+                .into_iter()
+                .map(PoolSpecWrite::Update)
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(
+            deletion_step(&pools).expect("step"),
+            DeletionStep::Wait(vec![(
+                "10.6.153.200".parse().expect("address"),
+                "default/pod".to_owned()
+            )])
+        );
+        pools[1].status = None;
+        assert_eq!(deletion_step(&pools).expect("step"), DeletionStep::Release);
+        assert_eq!(deletion_step(&[]).expect("step"), DeletionStep::Release);
+    }
+
+    #[test]
+    fn another_subnets_offered_or_allocated_addresses_are_an_overlap() {
+        let mut theirs = created(&plan_pools(&example_subnet(1), &[]).expect("plan"));
+        // Their spec no longer offers 10.6.153.100-10.6.153.199, but a pod holds .120.
+        theirs[0].spec.ips = vec!["10.6.153.200-10.6.153.255".into()];
+        allocate(&mut theirs[0], "10.6.153.120");
+        let candidate = |ips: &[&str]| {
+            let mut subnet = example_subnet(1);
+            subnet.metadata.name = Some("other".into());
+            subnet.spec.ips = ips.iter().map(|ip| (*ip).to_owned()).collect();
+            subnet
+        };
+        let overlap = overlap_with_other_pools(&candidate(&["10.6.153.100-10.6.153.130"]), &theirs)
+            .expect("check")
+            .expect("the held address overlaps");
+        assert_eq!(overlap.other, "subnet");
+        assert_eq!(overlap.shared_ranges(), "10.6.153.120");
+        let overlap = overlap_with_other_pools(&candidate(&["10.6.153.250-10.6.154.10"]), &theirs)
+            .expect("check")
+            .expect("the offered addresses overlap");
+        assert_eq!(overlap.shared_ranges(), "10.6.153.250-10.6.153.255");
+        assert_eq!(
+            overlap_with_other_pools(&candidate(&["10.6.153.100-10.6.153.119"]), &theirs)
+                .expect("check"),
+            None
+        );
+        // A Subnet's own pools are never an overlap.
+        assert_eq!(
+            overlap_with_other_pools(&example_subnet(1), &theirs).expect("check"),
+            None
         );
     }
 

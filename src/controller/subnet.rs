@@ -11,32 +11,67 @@ use tracing::{info, warn};
 
 use super::{
     Context, Error,
-    pools::{SubnetPlan, plan_pools},
+    pools::{DeletionStep, SubnetPlan, deletion_step, overlap_with_other_pools, plan_pools},
 };
-use crate::crd::{Subnet, SubnetStatus};
+use crate::crd::{FINALIZER_SUBNET, IpPool, LABEL_SUBNET, Subnet, SubnetStatus};
 use crate::store::pools::PoolSpecWrite;
 
 /// How often a Subnet is reconciled even when nothing changed (a safety net for missed events).
 const RESYNC: Duration = Duration::from_secs(300);
 
-/// Reconciles one Subnet: pools first (one safe round per call), then counters and status.
+/// Reconciles one Subnet: a deleted one waits for its allocations to go ([`finish_deletion`]);
+/// otherwise pools first (one safe round per call), then counters and status.
 pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = subnet.name_any();
-    let pools = ctx.pools.list(Some(&name)).await?;
-    let plan = match plan_pools(&subnet, &pools) {
-        Ok(plan) => plan,
+    // One Subnet at a time decides and writes pool specs, on a fresh (quorum) list of every
+    // pool: two Subnets reconciled at once could each find the other's addresses still free.
+    let _pool_writes = ctx.pool_writes.lock().await;
+    let all_pools = ctx.pools.list(None).await?;
+    let pools: Vec<IpPool> = all_pools
+        .iter()
+        .filter(|pool| pool.labels().get(LABEL_SUBNET) == Some(&name))
+        .cloned()
+        .collect();
+    if subnet.metadata.deletion_timestamp.is_some() {
+        return finish_deletion(&ctx, &subnet, &pools).await;
+    }
+    if !has_finalizer(&subnet) {
+        ctx.subnets
+            .hold_finalizer(&subnet, FINALIZER_SUBNET, true)
+            .await?;
+        // The write wakes the watch, which brings us back on the new version.
+        return Ok(Action::await_change());
+    }
+    if let Some(stale) = pools.iter().find(|pool| !owned_by(pool, &subnet)) {
+        let message = format!(
+            "IPPool {} belongs to an earlier Subnet of this name and is being removed; pools \
+             are created once it is gone",
+            stale.name_any()
+        );
+        write_condition(&ctx, &subnet, "PreviousPoolsRemaining", &message).await?;
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    let checked = overlap_with_other_pools(&subnet, &all_pools)
+        .and_then(|overlap| plan_pools(&subnet, &pools).map(|plan| (overlap, plan)));
+    let plan = match checked {
+        Ok((None, plan)) => plan,
+        Ok((Some(overlap), _)) => {
+            let message = format!(
+                "no pools are written: Subnet {:?} already holds {} in its IPPools (offered or \
+                 allocated); remove those addresses from this Subnet's spec.ips (or add them to \
+                 spec.excludeIPs), or release them from Subnet {:?} first",
+                overlap.other,
+                overlap.shared_ranges(),
+                overlap.other,
+            );
+            warn!(subnet = %name, %message, "Subnet overlaps another Subnet's pools");
+            write_condition(&ctx, &subnet, "Overlaps", &message).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
         Err(problem) => {
             let message = problem.to_string();
             warn!(subnet = %name, %message, "Subnet cannot be split into pools");
-            ctx.publish(&*subnet, EventType::Warning, "InvalidSpec", &message)
-                .await;
-            write_status(
-                &ctx,
-                &subnet,
-                None,
-                ready(&subnet, false, "InvalidSpec", &message),
-            )
-            .await?;
+            write_condition(&ctx, &subnet, "InvalidSpec", &message).await?;
             return Ok(Action::requeue(RESYNC));
         }
     };
@@ -65,6 +100,94 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
     )
     .await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// A deleted Subnet: its pools stop handing out addresses, and the finalizer stays until no
+/// address is allocated, so that neither the pools nor (through a Subnet recreated under the
+/// same name) the addresses of running pods can be handed out again. Once the finalizer is
+/// gone, the API server deletes the Subnet and the garbage collector its pools.
+async fn finish_deletion(
+    ctx: &Context,
+    subnet: &Subnet,
+    pools: &[IpPool],
+) -> Result<Action, Error> {
+    if !has_finalizer(subnet) {
+        return Ok(Action::await_change());
+    }
+    let step = match deletion_step(pools) {
+        Ok(step) => step,
+        Err(problem) => {
+            let message = format!("deletion waits: {problem}");
+            write_condition(ctx, subnet, "DeletionBlocked", &message).await?;
+            return Ok(Action::requeue(Duration::from_secs(10)));
+        }
+    };
+    match step {
+        DeletionStep::Drain(changes) => {
+            let writes: Vec<PoolSpecWrite> =
+                changes.into_iter().map(PoolSpecWrite::Update).collect();
+            apply_writes(ctx, subnet, &writes).await?;
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        DeletionStep::Wait(held) => {
+            const SHOWN: usize = 5;
+            let listed: Vec<String> = held
+                .iter()
+                .take(SHOWN)
+                .map(|(address, endpoint)| format!("{address} ({endpoint})"))
+                .collect();
+            let more = held.len().saturating_sub(SHOWN);
+            let message = format!(
+                "deletion waits for {} allocated address(es) to be released: {}{}; the pools hand \
+                 out no new addresses, and the Subnet goes once its pods are gone",
+                held.len(),
+                listed.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                },
+            );
+            info!(subnet = %subnet.name_any(), allocated = held.len(), "deleted Subnet waits for its allocations");
+            write_condition(ctx, subnet, "DeletionBlocked", &message).await?;
+            Ok(Action::requeue(Duration::from_secs(10)))
+        }
+        DeletionStep::Release => {
+            ctx.subnets
+                .hold_finalizer(subnet, FINALIZER_SUBNET, false)
+                .await?;
+            info!(subnet = %subnet.name_any(), "deleted Subnet holds no address; finalizer removed");
+            ctx.metrics
+                .forget_pools_except(Some(&subnet.name_any()), &Default::default());
+            Ok(Action::await_change())
+        }
+    }
+}
+
+fn has_finalizer(subnet: &Subnet) -> bool {
+    subnet.finalizers().iter().any(|f| f == FINALIZER_SUBNET)
+}
+
+/// Whether `pool` was made for this very Subnet (its controller owner is the Subnet's uid), not
+/// for an earlier one of the same name whose pools the garbage collector is still removing.
+fn owned_by(pool: &IpPool, subnet: &Subnet) -> bool {
+    pool.owner_references()
+        .iter()
+        .any(|owner| owner.controller == Some(true) && Some(&owner.uid) == subnet.uid().as_ref())
+}
+
+/// Shows a not-Ready condition (counters kept as they were) and, when it is news, an Event.
+async fn write_condition(
+    ctx: &Context,
+    subnet: &Subnet,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    if write_status(ctx, subnet, None, ready(subnet, false, reason, message)).await? {
+        ctx.publish(subnet, EventType::Warning, reason, message)
+            .await;
+    }
+    Ok(())
 }
 
 async fn apply_writes(
@@ -102,7 +225,7 @@ async fn write_status(
     subnet: &Subnet,
     plan: Option<&SubnetPlan>,
     condition: Condition,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let current = subnet.status.clone().unwrap_or_default();
     let wanted = SubnetStatus {
         gateway: plan
@@ -121,12 +244,12 @@ async fn write_status(
         && current.total_ip_count == wanted.total_ip_count
         && current.allocated_ip_count == wanted.allocated_ip_count
     {
-        return Ok(());
+        return Ok(false);
     }
     ctx.subnets
         .write_status(&subnet.name_any(), &wanted)
         .await?;
-    Ok(())
+    Ok(!condition_shown)
 }
 
 /// Conditions are equal for our purposes when only their transition time differs.

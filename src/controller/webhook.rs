@@ -1,7 +1,7 @@
 //! The validating admission webhook: `POST /validate/subnets` over HTTPS, served by every
 //! replica (leader or not), deciding with [`super::admission::review_subnet`].
 //!
-//! The other Subnets are listed from the API server at admission time, not read from a cache:
+//! The other Subnets and every IPPool are listed from the API server at admission time, not read from a cache:
 //! Subnets are created rarely, and a stale cache could admit an overlap with one created a
 //! moment ago.
 
@@ -35,7 +35,7 @@ use tokio_rustls::{
 use tracing::{debug, info, warn};
 
 use super::{Error, admission::review_subnet};
-use crate::crd::Subnet;
+use crate::crd::{IpPool, Subnet};
 
 /// The path the ValidatingWebhookConfiguration points at.
 pub const SUBNETS_PATH: &str = "/validate/subnets";
@@ -126,17 +126,30 @@ async fn verdict(
     subnet: &Subnet,
     previous: Option<&Subnet>,
 ) -> Result<(), String> {
-    let others = Api::<Subnet>::all(client.clone())
+    let others = list_for_review::<Subnet>(client, subnet, "Subnets").await?;
+    let pools = list_for_review::<IpPool>(client, subnet, "IPPools").await?;
+    review_subnet(subnet, previous, &others, &pools)
+}
+
+/// Every object of kind `K`, from the API server; `what` names them in the refusal.
+async fn list_for_review<K>(client: &Client, subnet: &Subnet, what: &str) -> Result<Vec<K>, String>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::all(client.clone())
         .list(&ListParams::default())
         .await
+        .map(|list| list.items)
         .map_err(|error| {
-            warn!(subnet = %subnet.name_any(), %error, "cannot list Subnets to check for overlaps");
+            warn!(subnet = %subnet.name_any(), %error, what, "cannot list to check for overlaps");
             format!(
-                "virtnet-controller cannot list the other Subnets to check for overlaps ({error}); \
+                "virtnet-controller cannot list the {what} to check for overlaps ({error}); \
                  retry, and if it persists check the controller's RBAC and logs"
             )
-        })?;
-    review_subnet(subnet, previous, &others.items)
+        })
 }
 
 /// TLS connections whose handshake is done; handshakes run in their own tasks so one slow client

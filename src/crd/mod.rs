@@ -29,6 +29,11 @@ pub const LABEL_SUBNET: &str = "ipam.virtnet.io/subnet";
 /// before the object disappears.
 pub const FINALIZER_ENDPOINT: &str = "ipam.virtnet.io/endpoint";
 
+/// Finalizer the controller keeps on every Subnet: a deleted Subnet stays (and its pools with it)
+/// until no address of its pools is allocated, so a Subnet recreated under the same name cannot
+/// hand out an address a pod still uses.
+pub const FINALIZER_SUBNET: &str = "ipam.virtnet.io/allocations";
+
 /// The virtnet.io CRDs are not served: the controller and the agent cannot start.
 #[derive(Debug, thiserror::Error)]
 #[error(

@@ -168,23 +168,17 @@ impl fmt::Display for AllocationKey {
     }
 }
 
-/// The VM a virt-launcher pod runs, from its labels or its VirtualMachineInstance owner
-/// (a VMI has the same name as its VM).
+/// The VM a virt-launcher pod runs: the VirtualMachineInstance that owns it (a VMI has the same
+/// name as its VM). Labels do not count: any pod may carry KubeVirt's launcher labels, and the
+/// VM's address must not go to a pod that merely claims to run it. (The agent also drops owner
+/// references whose uid is not the owner's: see `agent::plan::sticky_owner`.)
 fn virtual_machine_name(pod: &PodFacts) -> Option<&str> {
-    let is_launcher = pod.labels.get(KUBEVIRT_LAUNCHER_LABEL).map(String::as_str)
-        == Some(KUBEVIRT_LAUNCHER_VALUE);
-    let from_labels = is_launcher
-        .then(|| pod.labels.get(KUBEVIRT_VM_NAME_LABEL))
-        .flatten()
-        .map(String::as_str);
-    from_labels.or_else(|| {
-        pod.owners
-            .iter()
-            .find(|owner| {
-                owner.kind == "VirtualMachineInstance" && owner.api_group == KUBEVIRT_API_GROUP
-            })
-            .map(|owner| owner.name.as_str())
-    })
+    pod.owners
+        .iter()
+        .find(|owner| {
+            owner.kind == "VirtualMachineInstance" && owner.api_group == KUBEVIRT_API_GROUP
+        })
+        .map(|owner| owner.name.as_str())
 }
 
 fn is_statefulset_pod(pod: &PodFacts) -> bool {
@@ -268,27 +262,39 @@ mod tests {
 
     #[test]
     fn kubevirt_pods_are_sticky_by_vm_name() {
-        let by_labels = pod(
+        let by_owner = pod(
             "virt-launcher-vm1-x7k2p",
+            vec![owner("VirtualMachineInstance", "vm1", "kubevirt.io")],
+            &[
+                ("kubevirt.io", "virt-launcher"),
+                ("vm.kubevirt.io/name", "vm1"),
+            ],
+        );
+        let key = AllocationKey::for_pod(&by_owner, FixedIpRetention::ON);
+        assert_eq!(key.to_string(), "default/vm1");
+        assert_eq!(key.endpoint_name(), "vm1");
+        assert_eq!(key.kind(), "VirtualMachine");
+        let migrated = pod(
+            "virt-launcher-vm1-q9zzz",
+            vec![owner("VirtualMachineInstance", "vm1", "kubevirt.io")],
+            &[],
+        );
+        assert_eq!(
+            AllocationKey::for_pod(&migrated, FixedIpRetention::ON),
+            key,
+            "same VM after migration"
+        );
+        let forged = pod(
+            "imposter",
             vec![],
             &[
                 ("kubevirt.io", "virt-launcher"),
                 ("vm.kubevirt.io/name", "vm1"),
             ],
         );
-        let key = AllocationKey::for_pod(&by_labels, FixedIpRetention::ON);
-        assert_eq!(key.to_string(), "default/vm1");
-        assert_eq!(key.endpoint_name(), "vm1");
-        assert_eq!(key.kind(), "VirtualMachine");
-        let by_owner = pod(
-            "virt-launcher-vm1-q9zzz",
-            vec![owner("VirtualMachineInstance", "vm1", "kubevirt.io")],
-            &[],
-        );
-        assert_eq!(
-            AllocationKey::for_pod(&by_owner, FixedIpRetention::ON),
-            key,
-            "same VM after migration"
+        assert!(
+            !AllocationKey::for_pod(&forged, FixedIpRetention::ON).is_sticky(),
+            "labels alone never make a pod the VM's"
         );
         let label_without_vm = pod(
             "virt-launcher-x",

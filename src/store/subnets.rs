@@ -1,7 +1,7 @@
 //! Subnet reads and the status the controller reports on them.
 
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::StoreError;
@@ -28,6 +28,50 @@ impl SubnetStore {
             .await
             .map_err(|error| StoreError::api("listing Subnets", error))?
             .items)
+    }
+
+    /// Adds (`hold`) or removes `finalizer` on `subnet`, keeping every other finalizer; guarded
+    /// by the resourceVersion the decision was made on, so that no one else's finalizer change
+    /// is lost (a conflict is retried by the reconciler on a fresh read). A Subnet already gone
+    /// has nothing left to hold.
+    pub async fn hold_finalizer(
+        &self,
+        subnet: &Subnet,
+        finalizer: &str,
+        hold: bool,
+    ) -> Result<(), StoreError> {
+        let name = subnet.name_any();
+        let resource_version =
+            subnet
+                .resource_version()
+                .ok_or_else(|| StoreError::MissingResourceVersion {
+                    kind: "Subnet".to_owned(),
+                    name: name.clone(),
+                })?;
+        let mut finalizers: Vec<&str> = subnet
+            .finalizers()
+            .iter()
+            .map(String::as_str)
+            .filter(|kept| *kept != finalizer)
+            .collect();
+        if hold {
+            finalizers.push(finalizer);
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": resource_version, "finalizers": finalizers},
+        });
+        match self
+            .api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if super::is_not_found(&error) => Ok(()),
+            Err(error) => Err(StoreError::api(
+                format!("writing the finalizers of Subnet {name}"),
+                error,
+            )),
+        }
     }
 
     /// Writes a Subnet's status. Unguarded on purpose: the status is the controller's alone (one

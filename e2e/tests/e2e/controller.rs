@@ -65,7 +65,7 @@ async fn scenarios(cluster: &mut Cluster, examples: &Path) -> anyhow::Result<()>
 }
 
 /// Runs kubectl with `args` and expects it to fail with `expected` in its error.
-fn kubectl_refused(cluster: &Cluster, args: &[&str], expected: &str) -> anyhow::Result<()> {
+pub fn kubectl_refused(cluster: &Cluster, args: &[&str], expected: &str) -> anyhow::Result<()> {
     match cluster.kubectl(args) {
         Ok(output) => bail!("kubectl {args:?} succeeded ({output}); expected {expected:?}"),
         Err(error) => {
@@ -77,19 +77,19 @@ fn kubectl_refused(cluster: &Cluster, args: &[&str], expected: &str) -> anyhow::
             let said = error
                 .split_once("): ")
                 .map_or(error.as_str(), |(_, said)| said);
-            eprintln!("controller: refused as expected: {said}");
+            eprintln!("refused as expected: {said}");
             Ok(())
         }
     }
 }
 
-fn write_manifest(cluster: &Cluster, name: &str, manifest: &Value) -> anyhow::Result<String> {
+pub fn write_manifest(cluster: &Cluster, name: &str, manifest: &Value) -> anyhow::Result<String> {
     let path = cluster.layout().root.join(format!("{name}.json"));
     std::fs::write(&path, manifest.to_string())?;
     Ok(path.to_string_lossy().into_owned())
 }
 
-fn subnet_manifest(name: &str, spec: Value) -> Value {
+pub fn subnet_manifest(name: &str, spec: Value) -> Value {
     json!({"apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet", "metadata": {"name": name}, "spec": spec})
 }
 
