@@ -4,7 +4,7 @@ use std::{fs, path::Path};
 
 use nix::mount::{MntFlags, umount2};
 
-use super::{ClusterError, layout::Layout};
+use super::{ClusterError, layout::Layout, real_node};
 use crate::{naming::ClusterNames, process, topology};
 
 /// Stops the cluster's processes, deletes its network namespaces (pod namespaces included),
@@ -25,6 +25,12 @@ pub fn teardown(names: &ClusterNames, layout: &Layout) -> Result<(), ClusterErro
     for netns in &namespaces {
         process::kill_pids(&topology::netns_pids(netns).unwrap_or_default());
     }
+    // Real nodes' pod containers live in pod network namespaces of containerd's own (under the
+    // node's state) but all in the node's cgroup.
+    leftovers.extend(real_node::sweep_cgroups(&format!(
+        "{}-node",
+        names.cluster()
+    )));
     for netns in &namespaces {
         if let Err(error) = topology::delete_netns(netns) {
             leftovers.push(error.to_string());
