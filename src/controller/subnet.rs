@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::{
     Context, Error,
+    admission::review_against_older,
     pools::{PoolCounters, PoolWrite, SubnetPlan, plan_pools},
 };
 use crate::crd::{IpPool, LABEL_SUBNET, Subnet, SubnetStatus};
@@ -28,6 +29,25 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
         .list(&ListParams::default().labels(&format!("{LABEL_SUBNET}={name}")))
         .await?
         .items;
+    // The webhook fails open (a Subnet write must not depend on this controller running), so a
+    // Subnet that conflicts with an older one may be stored: it gets no pools.
+    let subnets = Api::<Subnet>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    if let Err(message) = review_against_older(&subnet, &subnets) {
+        warn!(subnet = %name, %message, "Subnet conflicts with an older Subnet: no pools");
+        ctx.publish(&*subnet, EventType::Warning, "Conflict", &message)
+            .await;
+        write_status(
+            &ctx,
+            &subnet,
+            None,
+            ready(&subnet, false, "Conflict", &message),
+        )
+        .await?;
+        return Ok(Action::requeue(RESYNC));
+    }
     let plan = match plan_pools(&subnet, &pools) {
         Ok(plan) => plan,
         Err(problem) => {

@@ -676,7 +676,8 @@ impl StartingCluster {
                 multus.configure_node(&target, node, dirs)?;
             }
         }
-        // The webhook fails closed: until the controller answers, every Subnet write is refused.
+        // The webhook fails open: until the controller answers, Subnet writes go unchecked, and
+        // tests expect them checked.
         wait_for(
             "the controller to answer the Subnet admission webhook",
             APISERVER_READY_TIMEOUT,

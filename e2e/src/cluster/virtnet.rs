@@ -357,9 +357,10 @@ fn register_webhook(
     Ok(cert)
 }
 
-/// Whether a server-side dry-run create of a Subnet gets through admission, which calls the
-/// webhook (it declares no side effects).
-pub async fn webhook_answers(client: &kube::Client) -> Result<(), kube::Error> {
+/// Whether the controller answers the Subnet webhook: a server-side dry-run create of a Subnet
+/// only the webhook refuses (an IPv6 range that starts after it ends, which CEL cannot order) is
+/// denied by it. The webhook fails open, so a create that gets through means nobody answered.
+pub async fn webhook_answers(client: &kube::Client) -> Result<(), String> {
     let resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("virtnet.io", "v1alpha1", "Subnet"),
         "subnets",
@@ -367,10 +368,10 @@ pub async fn webhook_answers(client: &kube::Client) -> Result<(), kube::Error> {
     let probe: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet",
         "metadata": { "name": "virtnet-e2e-webhook-probe" },
-        "spec": { "subnet": "192.0.2.0/24" },
+        "spec": { "subnet": "fd00:e2e::/64", "ips": ["fd00:e2e::20-fd00:e2e::10"] },
     }))
-    .map_err(kube::Error::SerdeError)?;
-    Api::<DynamicObject>::all_with(client.clone(), &resource)
+    .map_err(|error| error.to_string())?;
+    let created = Api::<DynamicObject>::all_with(client.clone(), &resource)
         .create(
             &PostParams {
                 dry_run: true,
@@ -378,8 +379,12 @@ pub async fn webhook_answers(client: &kube::Client) -> Result<(), kube::Error> {
             },
             &probe,
         )
-        .await
-        .map(drop)
+        .await;
+    match created {
+        Err(kube::Error::Api(status)) if status.message.contains("denied the request") => Ok(()),
+        Err(error) => Err(error.to_string()),
+        Ok(_) => Err("a Subnet only the webhook refuses was admitted: no replica answers".into()),
+    }
 }
 
 /// A client certificate acting as ServiceAccount `kube-system/<sa>` (user name and
