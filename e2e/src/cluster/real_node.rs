@@ -25,10 +25,16 @@
 //! shows it the values it checks (read-only files bind-mounted over those /proc/sys entries);
 //! nothing is written to the kernel.
 //!
-//! Cgroups: no systemd, so the cgroupfs driver; every pod container lands under
-//! [`cgroup_parent`], the node's own cgroup (kubelet's `cgroupRoot`, with `cgroupsPerQOS: false`
-//! and no node-allocatable enforcement), which teardown empties and removes. The machine's
+//! Cgroups: no systemd, so the cgroupfs driver; no QoS cgroups and no node-allocatable
+//! enforcement (`cgroupsPerQOS: false`, `enforceNodeAllocatable: []`), so pod containers get
+//! containerd's default cgroup (`/k8s.io/<container>`, unique per container). The machine's
 //! cgroup v1 hierarchy is accepted (`failCgroupV1: false`), swap too (`failSwapOn: false`).
+//! The machine grants no CAP_SYS_RESOURCE, so containerd keeps pods' oom_score_adj at or above
+//! its own (`restrict_oom_score_adj`): runc cannot lower it for the sandbox.
+//!
+//! Teardown: the node's processes (containerd, kubelet, the runc shims) are in its network
+//! namespace; the pod containers are their descendants and are killed first (see `teardown`).
+//! With the last process of its mount namespace gone, every mount the node made is gone too.
 //!
 //! Images are imported into the node's containerd (`ctr -n k8s.io images import`), never pulled:
 //! the pod sandbox image and busybox, from `e2e/tools/install`, and VirtNet's from `make image`.
@@ -51,8 +57,6 @@ const KERNEL_DEFAULTS: &[(&str, &str)] = &[
     ("kernel/keys/root_maxkeys", "1000000"),
     ("kernel/keys/root_maxbytes", "25000000"),
 ];
-/// The parent of every node's cgroup, in each cgroup hierarchy.
-pub const CGROUP_PARENT: &str = "virtnet-e2e";
 /// containerd's socket as the node sees it, and kubelet's runtime endpoint.
 const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// The test images `e2e/tools/install` builds (archives in the bin directory, the version in
@@ -114,11 +118,6 @@ fn system_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|| Path::new("/usr/bin").join(name))
 }
 
-/// The node's own cgroup (kubelet's `cgroupRoot`): `/virtnet-e2e/<node>` in every hierarchy.
-pub fn cgroup_parent(node: &str) -> String {
-    format!("/{CGROUP_PARENT}/{node}")
-}
-
 /// One real node of a starting cluster.
 pub struct RealNode<'a> {
     pub name: &'a str,
@@ -141,7 +140,7 @@ impl RealNode<'_> {
         let containerd_config = root.join("containerd.toml");
         write(&containerd_config, &containerd_config_toml(&images.pause))?;
         let kubelet_config = root.join("kubelet.json");
-        let config = kubelet_config_json(self.ip, self.ca_cert, &cgroup_parent(self.name));
+        let config = kubelet_config_json(self.ip, self.ca_cert);
         write(&kubelet_config, &format!("{config:#}\n"))?;
         let sysctl_dir = root.join("sysctl");
         fs::create_dir_all(&sysctl_dir).map_err(|source| ClusterError::StateDir {
@@ -235,6 +234,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{sandbox_image}"
   netns_mounts_under_state_dir = true
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -254,7 +254,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 /// apiserver reaches it with a client certificate of the cluster CA (exec, logs) and is allowed
 /// everything; read-only port off; no image garbage collection or disk-pressure eviction (the
 /// imported images could not be pulled back, and the disk is the machine's, shared).
-fn kubelet_config_json(node_ip: Ipv4Addr, ca_cert: &Path, cgroup_root: &str) -> serde_json::Value {
+fn kubelet_config_json(node_ip: Ipv4Addr, ca_cert: &Path) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -272,7 +272,6 @@ fn kubelet_config_json(node_ip: Ipv4Addr, ca_cert: &Path, cgroup_root: &str) -> 
         "containerRuntimeEndpoint": format!("unix://{CONTAINERD_SOCKET}"),
         "cgroupDriver": "cgroupfs",
         "cgroupsPerQOS": false,
-        "cgroupRoot": cgroup_root,
         "enforceNodeAllocatable": [],
         "failCgroupV1": false,
         "failSwapOn": false,
@@ -348,69 +347,6 @@ fn node_script(script: &NodeScript<'_>) -> String {
     lines.join("\n") + "\n"
 }
 
-/// Kills every process left in the cluster's node cgroups (pod containers, whose runc shims
-/// teardown already killed with the node's network namespace) and removes the cgroups, in every
-/// hierarchy. Returns what could not be removed.
-pub fn sweep_cgroups(node_prefix: &str) -> Vec<String> {
-    let mut leftovers = Vec::new();
-    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
-        return leftovers;
-    };
-    for hierarchy in hierarchies.filter_map(Result::ok) {
-        let parent = hierarchy.path().join(CGROUP_PARENT);
-        let Ok(nodes) = fs::read_dir(&parent) else {
-            continue;
-        };
-        for node in nodes.filter_map(Result::ok) {
-            if !node.file_name().to_string_lossy().starts_with(node_prefix) {
-                continue;
-            }
-            leftovers.extend(empty_and_remove(&node.path()));
-        }
-    }
-    leftovers
-}
-
-/// SIGKILLs every process in cgroup `dir` and below, then removes the cgroups deepest first.
-fn empty_and_remove(dir: &Path) -> Vec<String> {
-    let mut cgroups = Vec::new();
-    collect_cgroups(dir, &mut cgroups);
-    cgroups.sort_by_key(|path| std::cmp::Reverse(path.components().count()));
-    let mut leftovers = Vec::new();
-    for cgroup in &cgroups {
-        // A process may still be exiting right after SIGKILL: a few tries before giving up.
-        let mut removed = false;
-        for _ in 0..50 {
-            let pids: Vec<i32> = fs::read_to_string(cgroup.join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|line| line.trim().parse().ok())
-                .collect();
-            crate::process::kill_pids(&pids);
-            if fs::remove_dir(cgroup).is_ok() || !cgroup.exists() {
-                removed = true;
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        if !removed {
-            leftovers.push(format!("cgroup {}", cgroup.display()));
-        }
-    }
-    leftovers
-}
-
-fn collect_cgroups(dir: &Path, into: &mut Vec<PathBuf>) {
-    into.push(dir.to_owned());
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.filter_map(Result::ok) {
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                collect_cgroups(&entry.path(), into);
-            }
-        }
-    }
-}
-
 fn write(path: &Path, content: &str) -> Result<(), ClusterError> {
     fs::write(path, content).map_err(|source| ClusterError::StateDir {
         path: path.to_owned(),
@@ -455,14 +391,9 @@ mod tests {
     }
 
     #[test]
-    fn kubelet_protects_the_kernel_defaults_and_puts_pods_under_the_node_cgroup() {
-        let config = kubelet_config_json(
-            Ipv4Addr::new(10, 6, 0, 11),
-            Path::new("/ca.crt"),
-            &cgroup_parent("c-node1"),
-        );
+    fn kubelet_protects_the_kernel_defaults_and_uses_cgroupfs() {
+        let config = kubelet_config_json(Ipv4Addr::new(10, 6, 0, 11), Path::new("/ca.crt"));
         assert_eq!(config["protectKernelDefaults"], true);
-        assert_eq!(config["cgroupRoot"], "/virtnet-e2e/c-node1");
         assert_eq!(config["cgroupDriver"], "cgroupfs");
         assert_eq!(config["address"], "10.6.0.11");
     }
@@ -472,5 +403,6 @@ mod tests {
         let toml = containerd_config_toml("localhost/virtnet-e2e/pause:1");
         assert!(toml.contains(r#"sandbox_image = "localhost/virtnet-e2e/pause:1""#));
         assert!(toml.contains("netns_mounts_under_state_dir = true"));
+        assert!(toml.contains("restrict_oom_score_adj = true"));
     }
 }
