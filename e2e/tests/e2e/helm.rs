@@ -286,7 +286,9 @@ fn ensure_wire(
         // kube-proxy may still be programming the new Service's rules: a few tries.
         let mut last = String::new();
         for _ in 0..20 {
-            match cluster.exec_in_pod(client, &["wget", "-q", "-T", "3", "-O", "-", &url]) {
+            // busybox's `wget -T` crashes: the timeout is busybox's own `timeout`.
+            let get = ["timeout", "5", "wget", "-q", "-O", "-", &url];
+            match cluster.exec_in_pod(client, &get) {
                 Ok(body) if body.trim() == GREETING => {
                     last.clear();
                     break;
