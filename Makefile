@@ -41,9 +41,10 @@ e2e: tools image
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test -p virtnet-e2e --test e2e --locked
 
-## sandbox: build VirtNet, bring a 3-node cluster up, install VirtNet, apply the sample workloads,
-## leave it running and print its KUBECONFIG
-sandbox: tools
+## sandbox: build VirtNet and its image, bring a cluster of 3 real nodes (kubelet + containerd)
+## up, `helm install` VirtNet, apply the sample workloads, leave it running and print its
+## KUBECONFIG
+sandbox: tools image
 	$(CARGO) build --workspace --locked
 	bash e2e/tools/sandbox up
 

@@ -59,6 +59,10 @@ const KERNEL_DEFAULTS: &[(&str, &str)] = &[
 ];
 /// containerd's socket as the node sees it, and kubelet's runtime endpoint.
 const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// Where in a node's directory containerd keeps one directory per running task (container).
+const TASKS_DIR: &str = "run/containerd/io.containerd.runtime.v2.task/k8s.io";
+/// The cgroup containerd's CRI puts containers in when kubelet names no parent.
+const CONTAINERD_CGROUP: &str = "k8s.io";
 /// The test images `e2e/tools/install` builds (archives in the bin directory, the version in
 /// `virtnet-e2e-images.version`).
 const TEST_IMAGE_ARCHIVES: &[&str] = &["virtnet-e2e-busybox.oci.tar", "virtnet-e2e-pause.oci.tar"];
@@ -345,6 +349,36 @@ fn node_script(script: &NodeScript<'_>) -> String {
         ),
     ]);
     lines.join("\n") + "\n"
+}
+
+/// Removes the cgroups containerd made for the containers of the real nodes under `nodes_dir`
+/// (their tasks' directories name them) in every hierarchy, once their processes are gone:
+/// runc removes them on a clean stop, never on a node that is killed.
+pub fn remove_container_cgroups(nodes_dir: &Path) {
+    let ids: Vec<std::ffi::OsString> = fs::read_dir(nodes_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .flat_map(|node| {
+            fs::read_dir(node.path().join(TASKS_DIR))
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .map(|task| task.file_name())
+        })
+        .collect();
+    let hierarchies: Vec<PathBuf> = fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|hierarchy| hierarchy.path().join(CONTAINERD_CGROUP))
+        .collect();
+    for hierarchy in &hierarchies {
+        for id in &ids {
+            // Already gone, or not empty (then it is not ours to force): either way, best effort.
+            let _ = fs::remove_dir(hierarchy.join(id));
+        }
+    }
 }
 
 fn write(path: &Path, content: &str) -> Result<(), ClusterError> {

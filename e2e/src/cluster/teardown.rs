@@ -4,7 +4,7 @@ use std::{fs, path::Path};
 
 use nix::mount::{MntFlags, umount2};
 
-use super::{ClusterError, layout::Layout};
+use super::{ClusterError, layout::Layout, real_node};
 use crate::{naming::ClusterNames, process, topology};
 
 /// Stops the cluster's processes, deletes its network namespaces (pod namespaces included),
@@ -36,6 +36,7 @@ pub fn teardown(names: &ClusterNames, layout: &Layout) -> Result<(), ClusterErro
         }
     }
 
+    real_node::remove_container_cgroups(&layout.nodes);
     leftovers.extend(unmount_under(&layout.root));
     match fs::remove_dir_all(&layout.root) {
         Ok(()) => {}
