@@ -2,11 +2,12 @@
 CARGO ?= cargo
 E2E_TOOLS_BIN ?= /var/cache/virtnet-e2e/bin
 
-.PHONY: test lint unit tools bench
+.PHONY: test lint unit tools bench image
 
 ## test: formatting, lints, unit tests and the e2e suite on the local cluster harness
-## (the e2e suite runs the `virtnet` and plugin binaries, which `cargo test` alone does not build)
-test: lint tools
+## (the e2e suite runs the `virtnet` and plugin binaries, which `cargo test` alone does not build,
+## and installs `make image`'s image with helm on real nodes)
+test: lint tools image
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test --workspace --locked
 
@@ -23,6 +24,11 @@ unit:
 tools:
 	bash e2e/tools/install
 
+## image: VirtNet's container image (image/Containerfile) as an OCI archive in target/image,
+## built without a container daemon; prints its size. Import with `ctr images import`.
+image:
+	bash image/build
+
 ## bench: performance figures, each reported as a ratio against a baseline measured in the same run
 bench:
 	$(CARGO) bench --workspace --locked
@@ -31,13 +37,14 @@ bench:
 .PHONY: e2e sandbox sandbox-down
 
 ## e2e: only the end-to-end suite; brings its own cluster up and tears it down (needs root)
-e2e: tools
+e2e: tools image
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) test -p virtnet-e2e --test e2e --locked
 
-## sandbox: build VirtNet, bring a 3-node cluster up, install VirtNet, apply the sample workloads,
-## leave it running and print its KUBECONFIG
-sandbox: tools
+## sandbox: build VirtNet and its image, bring a cluster of 3 real nodes (kubelet + containerd)
+## up, `helm install` VirtNet, apply the sample workloads, leave it running and print its
+## KUBECONFIG
+sandbox: tools image
 	$(CARGO) build --workspace --locked
 	bash e2e/tools/sandbox up
 

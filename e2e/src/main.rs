@@ -50,6 +50,13 @@ enum Commands {
         /// second underlay, 10.7.0.0/16 (gateway 10.7.0.1).
         #[arg(long)]
         multus: bool,
+        /// Real nodes: kubelet + containerd + runc on every node instead of the stand-in.
+        #[arg(long)]
+        real_nodes: bool,
+        /// Install VirtNet as users do (implies --virtnet and --real-nodes): `make image`'s image
+        /// imported into every node, the chart installed with helm.
+        #[arg(long)]
+        helm: bool,
     },
     /// Tear a cluster down: processes, network namespaces, mounts, state directory. Succeeds
     /// when there is nothing to remove.
@@ -116,6 +123,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bin_dir,
             virtnet,
             multus,
+            real_nodes,
+            helm,
         } => {
             let harness_binary =
                 std::env::current_exe().context("cannot locate the virtnet-e2e executable")?;
@@ -125,10 +134,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 bin_dir: bin_dir.unwrap_or_else(default_bin_dir),
                 harness_binary,
-                virtnet: (virtnet || multus).then(|| VirtnetOptions {
+                virtnet: (virtnet || multus || helm).then(|| VirtnetOptions {
                     multus,
-                    ..VirtnetOptions::from_workspace()
+                    ..if helm {
+                        VirtnetOptions::helm_from_workspace()
+                    } else {
+                        VirtnetOptions::from_workspace()
+                    }
                 }),
+                real_nodes: real_nodes || helm,
             })
             .await?;
             println!("export KUBECONFIG={}", cluster.kubeconfig().display());

@@ -233,6 +233,41 @@ fn kill_groups(groups: &[u32]) {
     }
 }
 
+/// Every descendant of `pids` (children, their children...), from /proc's parent links.
+pub fn descendants(pids: &[i32]) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|pid| Some((pid, parent_pid(pid)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found: Vec<i32> = Vec::new();
+    let mut frontier: Vec<i32> = pids.to_vec();
+    while let Some(parent) = frontier.pop() {
+        for &(pid, _) in parents.iter().filter(|&&(_, ppid)| ppid == parent) {
+            if !found.contains(&pid) {
+                found.push(pid);
+                frontier.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Field 4 of /proc/<pid>/stat.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Kills processes outright: used for stragglers found in a namespace about to be deleted.
 pub fn kill_pids(pids: &[i32]) {
     for &pid in pids {

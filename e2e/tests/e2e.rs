@@ -16,6 +16,8 @@ mod coordinator;
 mod gc;
 #[path = "e2e/hardening.rs"]
 mod hardening;
+#[path = "e2e/helm.rs"]
+mod helm;
 #[path = "e2e/install.rs"]
 mod install;
 #[path = "e2e/ipam.rs"]
@@ -81,6 +83,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "multus_nads_give_pool_addresses_and_a_second_nic_its_own_network",
         multus::multus_nads_give_pool_addresses_and_a_second_nic_its_own_network,
+    ),
+    (
+        "helm_installed_virtnet_wires_real_node_pods_and_keeps_their_addresses_across_an_upgrade",
+        helm::helm_installed_virtnet_wires_real_node_pods_and_keeps_their_addresses_across_an_upgrade,
     ),
     (
         "virtnet_agents_install_the_plugins_and_the_conflist_and_a_restart_keeps_them",

@@ -109,6 +109,21 @@ pub fn review_subnet(
     }
 }
 
+/// The controller's own check of a stored Subnet, for one written while no webhook answered (the
+/// webhook fails open): `subnet` is judged against the Subnets created before it (by creation
+/// time, then name), which keep their pools; a conflicting newer one gets none.
+pub fn review_against_older(subnet: &Subnet, all: &[Subnet]) -> Result<(), String> {
+    let age = |of: &Subnet| (of.metadata.creation_timestamp.clone(), of.name_any());
+    let own = age(subnet);
+    let older: Vec<Subnet> = all
+        .iter()
+        .filter(|other| age(other) < own)
+        .cloned()
+        .collect();
+    // Pools are checked by the reconciler itself (`overlap_with_other_pools`), on a fresh list.
+    review_subnet(subnet, None, &older, &[])
+}
+
 /// Whether two networks share an address (networks of different families never do).
 fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
@@ -134,6 +149,25 @@ mod tests {
             "subnet",
             json!({"subnet": "10.6.0.0/16", "gateway": "10.6.0.1", "ips": ["10.6.153.100-10.6.153.255"], "replicas": 3}),
         )
+    }
+
+    #[test]
+    fn of_two_overlapping_stored_subnets_only_the_newer_is_refused() {
+        let mut older = subnet(
+            "older",
+            json!({ "subnet": "10.6.0.0/16", "ips": ["10.6.1.1-10.6.1.9"] }),
+        );
+        older.metadata.creation_timestamp = Some(stamp("2026-01-01T00:00:00Z"));
+        let mut newer = subnet("newer", json!({ "subnet": "10.6.1.0/24" }));
+        newer.metadata.creation_timestamp = Some(stamp("2026-01-01T00:00:05Z"));
+        let all = [older.clone(), newer.clone()];
+        assert_eq!(review_against_older(&older, &all), Ok(()));
+        let refused = review_against_older(&newer, &all).expect_err("the newer overlaps");
+        assert!(refused.contains("\"older\""), "{refused}");
+    }
+
+    fn stamp(rfc3339: &str) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+        serde_json::from_value(json!(rfc3339)).expect("an RFC 3339 time")
     }
 
     #[test]

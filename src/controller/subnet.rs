@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::{
     Context, Error,
+    admission::review_against_older,
     pools::{DeletionStep, SubnetPlan, deletion_step, overlap_with_other_pools, plan_pools},
 };
 use crate::crd::{FINALIZER_SUBNET, IpPool, LABEL_SUBNET, Subnet, SubnetStatus};
@@ -50,6 +51,14 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
         );
         write_condition(&ctx, &subnet, "PreviousPoolsRemaining", &message).await?;
         return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    // The webhook fails open (a Subnet write must not depend on this controller running), so a
+    // Subnet that conflicts with an older one may be stored: it gets no pools.
+    let subnets = ctx.subnets.list().await?;
+    if let Err(message) = review_against_older(&subnet, &subnets) {
+        warn!(subnet = %name, %message, "Subnet conflicts with an older Subnet: no pools");
+        write_condition(&ctx, &subnet, "Conflict", &message).await?;
+        return Ok(Action::requeue(RESYNC));
     }
     let checked = overlap_with_other_pools(&subnet, &all_pools)
         .and_then(|overlap| plan_pools(&subnet, &pools).map(|plan| (overlap, plan)));

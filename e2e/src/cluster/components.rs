@@ -63,6 +63,7 @@ pub struct ApiserverFiles<'a> {
     pub service_account: &'a ServiceAccountKey,
     pub front_proxy_ca_cert: &'a Path,
     pub front_proxy_client: &'a CertAndKey,
+    pub kubelet_client: &'a CertAndKey,
 }
 
 /// The user the front-proxy client certificate names; the apiserver only trusts request headers
@@ -118,6 +119,20 @@ pub fn apiserver(bins: &Binaries, netns: &str, files: &ApiserverFiles<'_>) -> Da
             "--proxy-client-key-file={}",
             files.front_proxy_client.key.display()
         ),
+        // kubectl exec/logs on real nodes: the apiserver dials kubelet at the node's underlay IP
+        // (node names resolve nowhere) with a client certificate kubelet trusts.
+        format!(
+            "--kubelet-client-certificate={}",
+            files.kubelet_client.cert.display()
+        ),
+        format!(
+            "--kubelet-client-key={}",
+            files.kubelet_client.key.display()
+        ),
+        "--kubelet-preferred-address-types=InternalIP".into(),
+        // Webhooks (VirtNet's Subnet webhook) are called at their Service's endpoints: no
+        // kube-proxy runs in the control-plane namespace to route a ClusterIP.
+        "--enable-aggregator-routing=true".into(),
         // The default (lease) endpoint reconciler stays: the advertise address is a routable
         // underlay IP, so the `kubernetes` Service gets real endpoints that kube-proxy programs.
     ])

@@ -9,6 +9,7 @@ mod components;
 mod layout;
 mod multus;
 mod node_cni;
+mod real_node;
 mod teardown;
 mod virtnet;
 
@@ -34,8 +35,12 @@ pub use self::{
     components::apiserver_url,
     layout::{DEFAULT_STATE_PARENT, Layout},
     node_cni::{NodeDirs, POD_RANGE_FIRST, POD_RANGE_LAST},
+    real_node::TestImages,
     teardown::teardown,
-    virtnet::{EXAMPLE_SUBNET, VIRTNET_CONFLIST, VirtnetOptions},
+    virtnet::{
+        EXAMPLE_SUBNET, HelmInstall, NAMESPACE as VIRTNET_NAMESPACE, RELEASE as VIRTNET_RELEASE,
+        VIRTNET_CONFLIST, VirtnetOptions,
+    },
 };
 use crate::{
     command::{self, CommandError},
@@ -88,6 +93,12 @@ pub enum ClusterError {
     NodeCount { nodes: usize },
     #[error("{path} is missing: run e2e/tools/install to build the cluster's third-party binaries")]
     MissingBinary { path: PathBuf },
+    #[error("VirtNet's image {path} is missing: build it with `make image`")]
+    MissingImage { path: PathBuf },
+    #[error(
+        "VirtNet installed with helm runs as pods, which only real nodes run: set `real_nodes`"
+    )]
+    HelmNeedsRealNodes,
     #[error("the harness binary {path} is missing: build it with `cargo build -p virtnet-e2e`")]
     MissingHarness { path: PathBuf },
     #[error("cannot create {path}: {source}")]
@@ -153,6 +164,9 @@ pub struct ClusterOptions {
     /// Run VirtNet (controller, agents, plugins, the default conflist as every node's default
     /// network); `None` keeps the bootstrap network (macvlan + host-local).
     pub virtnet: Option<VirtnetOptions>,
+    /// Every node a real one (kubelet + containerd + runc, see `real_node`) instead of the
+    /// kubelet stand-in.
+    pub real_nodes: bool,
 }
 
 impl ClusterOptions {
@@ -165,6 +179,7 @@ impl ClusterOptions {
             bin_dir: default_bin_dir(),
             harness_binary: harness_binary.into(),
             virtnet: None,
+            real_nodes: false,
         }
     }
 
@@ -185,7 +200,24 @@ impl ClusterOptions {
                 let needed = self.virtnet.as_ref().is_some_and(|virtnet| virtnet.multus);
                 (needed && !multus.is_file()).then_some(multus)
             })
+            .or_else(|| {
+                self.real_nodes
+                    .then(|| real_node::missing_binary(&self.bin_dir))
+                    .flatten()
+            })
             .map(|path| ClusterError::MissingBinary { path })
+            .or_else(|| {
+                let helm = self.virtnet.as_ref()?.helm.as_ref()?;
+                if !self.real_nodes {
+                    Some(ClusterError::HelmNeedsRealNodes)
+                } else if !helm.image_archive.is_file() {
+                    Some(ClusterError::MissingImage {
+                        path: helm.image_archive.clone(),
+                    })
+                } else {
+                    None
+                }
+            })
     }
 }
 
@@ -196,6 +228,8 @@ struct ControlPlanePki {
     service_account: ServiceAccountKey,
     front_proxy_ca: CertificateAuthority,
     front_proxy_client: CertAndKey,
+    /// What the apiserver presents to kubelets (exec, logs, port-forward).
+    kubelet_client: CertAndKey,
 }
 
 /// A running cluster. Dropping it tears it down.
@@ -237,6 +271,7 @@ impl Cluster {
             },
             harness_binary: options.harness_binary,
             virtnet: options.virtnet,
+            real_nodes: options.real_nodes,
         };
         let client = match starting.start().await {
             Ok(client) => client,
@@ -293,6 +328,47 @@ impl Cluster {
                 .arg(self.kubeconfig())
                 .args(args),
         )?)
+    }
+
+    /// Runs helm as admin (e.g. `upgrade`, `uninstall`) and returns its stdout.
+    pub fn helm(&self, args: &[&str]) -> Result<String, ClusterError> {
+        Ok(command::run_stdout(
+            Command::new(self.bins.path("helm"))
+                .arg("--kubeconfig")
+                .arg(self.kubeconfig())
+                .args(args),
+        )?)
+    }
+
+    /// Runs `program args...` in the first container of `pod` on a real node (`kubectl exec`)
+    /// and returns its stdout.
+    pub fn exec_in_pod(
+        &self,
+        pod: &Pod,
+        program_and_args: &[&str],
+    ) -> Result<String, ClusterError> {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let mut args = vec!["exec", "--namespace", namespace, name, "--"];
+        args.extend_from_slice(program_and_args);
+        self.kubectl(&args)
+    }
+
+    /// Imports OCI archives into the containerd of every (real) node.
+    pub fn import_images(&self, archives: &[PathBuf]) -> Result<(), ClusterError> {
+        for node in self.node_names() {
+            real_node::import_images(&self.layout().node_dirs(&node), archives)?;
+        }
+        Ok(())
+    }
+
+    /// Names image `from` also `to` in every (real) node's containerd, as pushing the same
+    /// image under a new tag would.
+    pub fn tag_image(&self, from: &str, to: &str) -> Result<(), ClusterError> {
+        for node in self.node_names() {
+            real_node::tag_image(&self.layout().node_dirs(&node), from, to)?;
+        }
+        Ok(())
     }
 
     /// The network namespace the kubelet stand-in created for `pod`.
@@ -535,6 +611,7 @@ struct StartingCluster {
     bins: Binaries,
     harness_binary: PathBuf,
     virtnet: Option<VirtnetOptions>,
+    real_nodes: bool,
 }
 
 impl StartingCluster {
@@ -567,7 +644,10 @@ impl StartingCluster {
         // Only now: kube-controller-manager exits if the RBAC roles it reads at start-up are not
         // bootstrapped yet, and the others would only fill their logs with retries.
         self.start_controllers(&pki)?;
-        self.start_nodes()?;
+        self.start_nodes(&pki)?;
+        if self.real_nodes {
+            self.import_test_images().await?;
+        }
         // ServiceAccount admission rejects pods until kube-controller-manager created this.
         wait_for(
             "the default ServiceAccount",
@@ -637,11 +717,20 @@ impl StartingCluster {
             control_plane_netns: &self.guard.names.control_plane_netns(),
             nodes,
         };
-        let installed = virtnet::install(options, &target)?;
-        installed
-            .daemons
-            .iter()
-            .try_for_each(|daemon| self.start_daemon(daemon))?;
+        let multus = match &options.helm {
+            Some(helm) => {
+                virtnet::install_with_helm(options, helm, &target)?;
+                None
+            }
+            None => {
+                let installed = virtnet::install(options, &target)?;
+                installed
+                    .daemons
+                    .iter()
+                    .try_for_each(|daemon| self.start_daemon(daemon))?;
+                installed.multus
+            }
+        };
         wait_for(
             "every virtnet agent to serve its socket",
             APISERVER_READY_TIMEOUT,
@@ -662,12 +751,13 @@ impl StartingCluster {
             },
         )
         .await?;
-        if let Some(multus) = &installed.multus {
+        if let Some(multus) = &multus {
             for (node, _, dirs) in &target.nodes {
                 multus.configure_node(&target, node, dirs)?;
             }
         }
-        // The webhook fails closed: until the controller answers, every Subnet write is refused.
+        // The webhook fails open: until the controller answers, Subnet writes go unchecked, and
+        // tests expect them checked.
         wait_for(
             "the controller to answer the Subnet admission webhook",
             APISERVER_READY_TIMEOUT,
@@ -695,6 +785,12 @@ impl StartingCluster {
             ],
         )?;
         let service_account = ServiceAccountKey::create(dir)?;
+        // Real kubelets accept any client certificate of the cluster CA (and allow it all).
+        let kubelet_client = ca.issue_client(&ClientIdentity {
+            file_stem: "apiserver-kubelet-client",
+            user: "kube-apiserver-kubelet-client",
+            groups: &["system:masters"],
+        })?;
         // A CA of its own, as kubeadm does: client certificates of the cluster CA must not be
         // able to pose as the front proxy.
         let front_proxy_ca =
@@ -751,6 +847,7 @@ impl StartingCluster {
             service_account,
             front_proxy_ca,
             front_proxy_client,
+            kubelet_client,
         })
     }
 
@@ -768,6 +865,7 @@ impl StartingCluster {
                     service_account: &pki.service_account,
                     front_proxy_ca_cert: pki.front_proxy_ca.cert_path(),
                     front_proxy_client: &pki.front_proxy_client,
+                    kubelet_client: &pki.kubelet_client,
                 },
             ),
             components::forwarder(
@@ -805,8 +903,13 @@ impl StartingCluster {
             .try_for_each(|daemon| self.start_daemon(daemon))
     }
 
-    fn start_nodes(&mut self) -> Result<(), ClusterError> {
+    fn start_nodes(&mut self, pki: &ControlPlanePki) -> Result<(), ClusterError> {
         let pod_netns_prefix = self.guard.names.pod_netns_prefix();
+        let images = if self.real_nodes {
+            Some(TestImages::installed(&self.bins.dir)?)
+        } else {
+            None
+        };
         for index in 1..=self.nodes {
             let node = self.guard.names.node(index);
             let netns = self.guard.names.node_netns(index);
@@ -818,29 +921,63 @@ impl StartingCluster {
                 &node,
                 &self.guard.layout.component_kubeconfig("kube-proxy"),
             );
-            let kubelet = components::kubelet(
-                &self.harness_binary,
-                &netns,
-                &node,
-                node_ip(index),
-                &self
-                    .guard
-                    .layout
-                    .component_kubeconfig(&format!("kubelet-{node}")),
-                &dirs,
-                &pod_netns_prefix,
-            )
-            // Plugins configured cluster-wide (a NetworkAttachmentDefinition) only know the
-            // agent socket's production path.
-            .args(self.virtnet.iter().map(|_| {
-                format!(
-                    "--host-path={}:{}",
-                    dirs.agent_run.display(),
-                    virtnet::AGENT_RUN_HOST_PATH
+            let kubeconfig = self
+                .guard
+                .layout
+                .component_kubeconfig(&format!("kubelet-{node}"));
+            let kubelet = match &images {
+                Some(images) => real_node::RealNode {
+                    name: &node,
+                    netns: &netns,
+                    ip: node_ip(index),
+                    dirs: &dirs,
+                    kubeconfig: &kubeconfig,
+                    ca_cert: pki.ca.cert_path(),
+                    logs: &self.guard.layout.logs,
+                }
+                .prepare(&self.bins, images)?,
+                None => components::kubelet(
+                    &self.harness_binary,
+                    &netns,
+                    &node,
+                    node_ip(index),
+                    &kubeconfig,
+                    &dirs,
+                    &pod_netns_prefix,
                 )
-            }));
+                // Plugins configured cluster-wide (a NetworkAttachmentDefinition) only know the
+                // agent socket's production path.
+                .args(self.virtnet.iter().map(|_| {
+                    format!(
+                        "--host-path={}:{}",
+                        dirs.agent_run.display(),
+                        virtnet::AGENT_RUN_HOST_PATH
+                    )
+                })),
+            };
             self.start_daemon(&kube_proxy)?;
             self.start_daemon(&kubelet)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every real node's containerd and imports the test images into it.
+    async fn import_test_images(&self) -> Result<(), ClusterError> {
+        let archives = TestImages::archives(&self.bins.dir);
+        for index in 1..=self.nodes {
+            let dirs = self.guard.layout.node_dirs(&self.guard.names.node(index));
+            let socket = real_node::containerd_socket(&dirs);
+            wait_for(
+                &format!("containerd of node {index} to serve {}", socket.display()),
+                NODES_READY_TIMEOUT,
+                &self.guard.layout.logs,
+                || {
+                    let serving = std::os::unix::net::UnixStream::connect(&socket).map(drop);
+                    async move { serving }
+                },
+            )
+            .await?;
+            real_node::import_images(&dirs, &archives)?;
         }
         Ok(())
     }

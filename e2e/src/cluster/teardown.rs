@@ -4,7 +4,7 @@ use std::{fs, path::Path};
 
 use nix::mount::{MntFlags, umount2};
 
-use super::{ClusterError, layout::Layout};
+use super::{ClusterError, layout::Layout, real_node};
 use crate::{naming::ClusterNames, process, topology};
 
 /// Stops the cluster's processes, deletes its network namespaces (pod namespaces included),
@@ -23,7 +23,12 @@ pub fn teardown(names: &ClusterNames, layout: &Layout) -> Result<(), ClusterErro
     // Anything still running in the cluster's namespaces (a component whose pid file was lost,
     // a CNI plugin caught mid-call) belongs to the cluster too.
     for netns in &namespaces {
-        process::kill_pids(&topology::netns_pids(netns).unwrap_or_default());
+        let pids = topology::netns_pids(netns).unwrap_or_default();
+        // Real nodes' pod containers run in network namespaces containerd made (not named, so
+        // not listed here) as children of the runc shims, which are in the node's: they go first,
+        // before their parents' death hands them to init.
+        process::kill_pids(&process::descendants(&pids));
+        process::kill_pids(&pids);
     }
     for netns in &namespaces {
         if let Err(error) = topology::delete_netns(netns) {
@@ -31,6 +36,7 @@ pub fn teardown(names: &ClusterNames, layout: &Layout) -> Result<(), ClusterErro
         }
     }
 
+    real_node::remove_container_cgroups(&layout.nodes);
     leftovers.extend(unmount_under(&layout.root));
     match fs::remove_dir_all(&layout.root) {
         Ok(()) => {}

@@ -20,7 +20,7 @@ use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
 };
 
-use super::{ClusterError, components::apiserver_url, multus::Multus};
+use super::{ClusterError, components::apiserver_url, multus::Multus, real_node};
 use crate::{
     command, kubeconfig,
     pki::{CertAndKey, CertificateAuthority, ClientIdentity},
@@ -34,7 +34,10 @@ pub const VIRTNET_CONFLIST: &str = "00-virtnet.conflist";
 pub const AGENT_RUN_HOST_PATH: &str = "/var/run/virtnet";
 /// The Subnet the default conflist allocates from.
 pub const EXAMPLE_SUBNET: &str = "subnet";
-const NAMESPACE: &str = "kube-system";
+/// Where VirtNet is installed (the chart's release namespace).
+pub const NAMESPACE: &str = "kube-system";
+/// The helm release name of a [`HelmInstall`].
+pub const RELEASE: &str = "virtnet";
 const RBAC_KINDS: &[&str] = &[
     "ServiceAccount",
     "ClusterRole",
@@ -62,6 +65,56 @@ pub struct VirtnetOptions {
     pub controller_env: Vec<(String, String)>,
     /// Extra environment of every `virtnet agent` (e.g. `VIRTNET_GROUP_COMMIT=false`).
     pub agent_env: Vec<(String, String)>,
+    /// Install as users do: the image into every node, the chart with helm (real nodes only).
+    /// `None`: the harness starts the controller and agents as processes with the chart's RBAC.
+    pub helm: Option<HelmInstall>,
+}
+
+/// VirtNet installed the way users install it: `make image`'s archive imported into every real
+/// node's containerd, then `helm install` of the chart with the harness's values (the nodes' NIC,
+/// the example Subnet as default, VirtNet as the default CNI). The controller and the agents are
+/// then the chart's Deployment and DaemonSet pods, with their ServiceAccount tokens.
+#[derive(Debug, Clone)]
+pub struct HelmInstall {
+    /// The OCI archive `make image` writes.
+    pub image_archive: PathBuf,
+    /// The image reference the archive carries.
+    pub repository: String,
+    pub tag: String,
+}
+
+impl HelmInstall {
+    /// `make image`'s output for this workspace's version.
+    pub fn from_workspace(target_dir: &Path) -> Self {
+        let tag = env!("CARGO_PKG_VERSION").to_owned();
+        Self {
+            image_archive: target_dir.join(format!("image/virtnet-{tag}.oci.tar")),
+            repository: "ghcr.io/virtnet/virtnet".to_owned(),
+            tag,
+        }
+    }
+
+    /// The image reference, `repository:tag`.
+    pub fn image(&self) -> String {
+        format!("{}:{}", self.repository, self.tag)
+    }
+
+    /// The harness's values: the image as imported (never pulled), VirtNet as every node's
+    /// default CNI on the node NIC with the example Subnet, the controller on the host network
+    /// (default-CNI mode: it cannot wait for an address of its own).
+    fn values(&self) -> serde_json::Value {
+        serde_json::json!({
+            "image": { "repository": self.repository, "tag": self.tag, "pullPolicy": "Never" },
+            "controller": { "hostNetwork": true },
+            "agent": { "cni": {
+                "defaultCNI": true,
+                "master": crate::topology::NODE_NIC,
+                "defaultSubnets": [EXAMPLE_SUBNET],
+                "hostBinDir": "/opt/cni/bin",
+                "hostConfDir": "/etc/cni/net.d",
+            } },
+        })
+    }
 }
 
 impl VirtnetOptions {
@@ -78,7 +131,19 @@ impl VirtnetOptions {
             multus: false,
             controller_env: Vec::new(),
             agent_env: Vec::new(),
+            helm: None,
         }
+    }
+
+    /// The workspace's chart and `make image`'s image, installed with helm.
+    pub fn helm_from_workspace() -> Self {
+        let mut options = Self::from_workspace();
+        let target = options
+            .binaries
+            .parent()
+            .map_or_else(|| PathBuf::from("target"), Path::to_path_buf);
+        options.helm = Some(HelmInstall::from_workspace(&target));
+        options
     }
 
     /// The first missing VirtNet binary, if any.
@@ -220,6 +285,35 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Installe
     Ok(Installed { daemons, multus })
 }
 
+/// Installs VirtNet with helm (see [`HelmInstall`]) and waits until its pods are Ready.
+pub fn install_with_helm(
+    options: &VirtnetOptions,
+    helm: &HelmInstall,
+    target: &Target<'_>,
+) -> Result<(), ClusterError> {
+    for (_, _, dirs) in &target.nodes {
+        real_node::import_images(dirs, std::slice::from_ref(&helm.image_archive))?;
+    }
+    let values = values_file(target.state);
+    write(&values, &format!("{:#}\n", helm.values()))?;
+    command::run(
+        Command::new(target.helm)
+            .args(["install", RELEASE])
+            .arg(options.repo.join("chart"))
+            .args(["--namespace", NAMESPACE, "--kubeconfig"])
+            .arg(target.admin_kubeconfig)
+            .arg("--values")
+            .arg(&values)
+            .args(["--wait", "--timeout", "180s"]),
+    )?;
+    Ok(())
+}
+
+/// The values file [`install_with_helm`] installed the chart with, under the cluster's state.
+pub fn values_file(state: &Path) -> PathBuf {
+    state.join("virtnet-values.yaml")
+}
+
 /// Issues the webhook's serving certificate and registers the chart's webhook configuration,
 /// pointed at [`WEBHOOK_ADDRESS`] and trusting the harness CA.
 fn register_webhook(
@@ -263,9 +357,10 @@ fn register_webhook(
     Ok(cert)
 }
 
-/// Whether a server-side dry-run create of a Subnet gets through admission, which calls the
-/// webhook (it declares no side effects).
-pub async fn webhook_answers(client: &kube::Client) -> Result<(), kube::Error> {
+/// Whether the controller answers the Subnet webhook: a server-side dry-run create of a Subnet
+/// only the webhook refuses (an IPv6 range that starts after it ends, which CEL cannot order) is
+/// denied by it. The webhook fails open, so a create that gets through means nobody answered.
+pub async fn webhook_answers(client: &kube::Client) -> Result<(), String> {
     let resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("virtnet.io", "v1alpha1", "Subnet"),
         "subnets",
@@ -273,10 +368,10 @@ pub async fn webhook_answers(client: &kube::Client) -> Result<(), kube::Error> {
     let probe: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet",
         "metadata": { "name": "virtnet-e2e-webhook-probe" },
-        "spec": { "subnet": "192.0.2.0/24" },
+        "spec": { "subnet": "fd00:e2e::/64", "ips": ["fd00:e2e::20-fd00:e2e::10"] },
     }))
-    .map_err(kube::Error::SerdeError)?;
-    Api::<DynamicObject>::all_with(client.clone(), &resource)
+    .map_err(|error| error.to_string())?;
+    let created = Api::<DynamicObject>::all_with(client.clone(), &resource)
         .create(
             &PostParams {
                 dry_run: true,
@@ -284,8 +379,12 @@ pub async fn webhook_answers(client: &kube::Client) -> Result<(), kube::Error> {
             },
             &probe,
         )
-        .await
-        .map(drop)
+        .await;
+    match created {
+        Err(kube::Error::Api(status)) if status.message.contains("denied the request") => Ok(()),
+        Err(error) => Err(error.to_string()),
+        Ok(_) => Err("a Subnet only the webhook refuses was admitted: no replica answers".into()),
+    }
 }
 
 /// A client certificate acting as ServiceAccount `kube-system/<sa>` (user name and

@@ -1,0 +1,348 @@
+//! VirtNet installed as users install it, on real nodes (kubelet + containerd + runc): `make
+//! image`'s image imported into each node's containerd, the chart installed with helm. The agent
+//! is the DaemonSet's pod and the controller the Deployment's, each with its ServiceAccount token,
+//! so the chart's RBAC, probes, tolerations and hostPath mounts are what runs. Pods get their
+//! addresses through containerd → macvlan → virtnet-ipam → virtnet-coordinator, and talk on the
+//! wire (ping, TCP, a ClusterIP through kube-proxy); `helm upgrade` to a new image tag keeps the
+//! held addresses and a running pod's connectivity; a pod deleted with kubectl has its address
+//! released by containerd's CNI DEL; `helm uninstall` leaves the nodes' other CNI files alone.
+use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+use serde_json::json;
+use virtnet_e2e::cluster::{
+    Cluster, HelmInstall, NodeDirs, TestImages, VIRTNET_NAMESPACE as NAMESPACE,
+    VIRTNET_RELEASE as RELEASE, VirtnetOptions, default_bin_dir,
+};
+
+use crate::{
+    ipam::{apply_example_subnet, kubectl_json, pool_records},
+    support::{
+        Suite, create_namespace, own_virtnet_cluster, pod_ip, pod_name, run_on_own_cluster,
+        wait_for_ready_pods,
+    },
+};
+
+const TEST_NAMESPACE: &str = "helm";
+const UPGRADE_TAG: &str = "e2e-upgrade";
+const HTTP_PORT: u16 = 8080;
+/// What the server pod answers.
+const GREETING: &str = "served-by-virtnet";
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn helm_installed_virtnet_wires_real_node_pods_and_keeps_their_addresses_across_an_upgrade(
+    suite: &Suite,
+) -> anyhow::Result<()> {
+    let virtnet = VirtnetOptions::helm_from_workspace();
+    let subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
+    let chart = virtnet.repo.join("chart");
+    let helm = virtnet
+        .helm
+        .clone()
+        .context("helm_from_workspace sets helm")?;
+    let mut options = own_virtnet_cluster('h', virtnet);
+    options.nodes = 2;
+    options.real_nodes = true;
+    run_on_own_cluster(suite, options, async |cluster| {
+        scenario(cluster, &subnet.to_string_lossy(), &chart, &helm).await
+    })
+}
+
+async fn scenario(
+    cluster: &mut Cluster,
+    subnet: &str,
+    chart: &Path,
+    helm: &HelmInstall,
+) -> anyhow::Result<()> {
+    let nodes = cluster.node_names();
+    ensure_chart_pods(cluster, &helm.image(), nodes.len()).await?;
+    let before_uninstall: Vec<BTreeMap<String, Vec<u8>>> = nodes
+        .iter()
+        .map(|node| other_cni_files(&cluster.layout().node_dirs(node)))
+        .collect::<anyhow::Result<_>>()?;
+
+    apply_example_subnet(cluster, subnet).await?;
+    create_namespace(cluster, TEST_NAMESPACE).await?;
+    let images = TestImages::installed(&default_bin_dir())?;
+    let server = start_pod(cluster, &images, "server", &nodes[0], &server_command()).await?;
+    let client = start_pod(cluster, &images, "client", &nodes[1], "sleep 3600").await?;
+    let service_ip = create_service(cluster).await?;
+    let server_ip = pod_ip(&server)?;
+    let client_ip = pod_ip(&client)?;
+    let example_range = "10.6.153.100".parse::<IpAddr>()?..="10.6.153.255".parse::<IpAddr>()?;
+    ensure!(
+        example_range.contains(&server_ip) && example_range.contains(&client_ip),
+        "pods got {server_ip} and {client_ip}, not addresses of the example Subnet"
+    );
+    ensure_wire(cluster, &client, server_ip, &service_ip).context("after helm install")?;
+    let held_before = held_addresses(cluster)?;
+
+    // The same image under a new tag, as a release would push it.
+    cluster.tag_image(&helm.image(), &format!("{}:{UPGRADE_TAG}", helm.repository))?;
+    let notes = cluster.helm(&[
+        "upgrade",
+        RELEASE,
+        &chart.to_string_lossy(),
+        "--namespace",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        &format!("image.tag={UPGRADE_TAG}"),
+        "--wait",
+        "--timeout",
+        "180s",
+    ])?;
+    ensure_chart_pods(
+        cluster,
+        &format!("{}:{UPGRADE_TAG}", helm.repository),
+        nodes.len(),
+    )
+    .await
+    .context("after helm upgrade")?;
+    let held_after = held_addresses(cluster)?;
+    ensure!(
+        held_after == held_before,
+        "helm upgrade changed the held addresses: {held_before:?} became {held_after:?}"
+    );
+    ensure_wire(cluster, &client, server_ip, &service_ip).context("after helm upgrade")?;
+    for stays in ["CRDs", "addresses"] {
+        ensure!(
+            notes.contains(stays),
+            "the chart's NOTES do not say what stays after uninstall ({stays}):\n{notes}"
+        );
+    }
+
+    // containerd's CNI DEL, served by the upgraded agent, releases the address.
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "client",
+        "--namespace",
+        TEST_NAMESPACE,
+        "--timeout=90s",
+    ])?;
+    let holder = format!("{TEST_NAMESPACE}/client");
+    cluster
+        .wait_for(
+            "the deleted pod's address back in its pool",
+            RELEASE_TIMEOUT,
+            || async {
+                let records = pool_records(cluster).map_err(|error| error.to_string())?;
+                let held: Vec<&String> = records
+                    .iter()
+                    .filter(|(_, record)| record["endpoint"] == holder.as_str())
+                    .map(|(address, _)| address)
+                    .collect();
+                if held.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{holder} still holds {held:?}"))
+                }
+            },
+        )
+        .await?;
+
+    cluster.helm(&["uninstall", RELEASE, "--namespace", NAMESPACE, "--wait"])?;
+    for (node, before) in nodes.iter().zip(&before_uninstall) {
+        let after = other_cni_files(&cluster.layout().node_dirs(node))?;
+        ensure!(
+            &after == before,
+            "helm uninstall changed node {node}'s other CNI files: {:?} became {:?}",
+            before.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+/// One agent pod per node and the controller pod, all Ready, running `image` as their
+/// ServiceAccounts; the controller on the host network (default-CNI mode).
+async fn ensure_chart_pods(cluster: &Cluster, image: &str, nodes: usize) -> anyhow::Result<()> {
+    for (component, count) in [("agent", nodes), ("controller", 1)] {
+        let selector = format!("app.kubernetes.io/name=virtnet-{component}");
+        let pods = cluster
+            .wait_for(
+                &format!("{count} Ready virtnet-{component} pods running {image}"),
+                ROLLOUT_TIMEOUT,
+                || async {
+                    let list = Api::<Pod>::namespaced(cluster.client(), NAMESPACE)
+                        .list(&ListParams::default().labels(&selector))
+                        .await
+                        .map_err(|error| error.to_string())?;
+                    let current: Vec<&Pod> = list
+                        .items
+                        .iter()
+                        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+                        .filter(|pod| pod_image(pod) == Some(image))
+                        .filter(|pod| virtnet_e2e::cluster::is_pod_ready(pod))
+                        .collect();
+                    if current.len() == count && list.items.len() == count {
+                        Ok(list.items.clone())
+                    } else {
+                        Err(format!(
+                            "{} pods, {} Ready with the image",
+                            list.items.len(),
+                            current.len()
+                        ))
+                    }
+                },
+            )
+            .await?;
+        for pod in &pods {
+            let spec = pod.spec.as_ref().context("pod without spec")?;
+            ensure!(
+                spec.service_account_name.as_deref() == Some(&format!("virtnet-{component}"))
+                    && spec.host_network == Some(true),
+                "pod {} runs as {:?}, hostNetwork {:?}",
+                pod_name(pod),
+                spec.service_account_name,
+                spec.host_network
+            );
+        }
+    }
+    Ok(())
+}
+
+fn pod_image(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref()?.containers.first()?.image.as_deref()
+}
+
+/// busybox's httpd answering [`GREETING`] on [`HTTP_PORT`].
+fn server_command() -> String {
+    format!(
+        "mkdir -p /tmp/www && echo {GREETING} >/tmp/www/index.html && \
+         exec httpd -f -p {HTTP_PORT} -h /tmp/www"
+    )
+}
+
+/// A busybox pod on `node` running `command`, Ready.
+async fn start_pod(
+    cluster: &Cluster,
+    images: &TestImages,
+    name: &str,
+    node: &str,
+    command: &str,
+) -> anyhow::Result<Pod> {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": { "app": name } },
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main",
+                "image": images.busybox,
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", command],
+            }],
+        },
+    }))?;
+    Api::<Pod>::namespaced(cluster.client(), TEST_NAMESPACE)
+        .create(&PostParams::default(), &pod)
+        .await
+        .with_context(|| format!("creating pod {name}"))?;
+    let mut ready = wait_for_ready_pods(cluster, TEST_NAMESPACE, &format!("app={name}"), 1).await?;
+    ready.pop().context("no pod")
+}
+
+/// A ClusterIP Service in front of the server pod; returns its ClusterIP.
+async fn create_service(cluster: &Cluster) -> anyhow::Result<String> {
+    let service: Service = serde_json::from_value(json!({
+        "metadata": { "name": "server" },
+        "spec": {
+            "selector": { "app": "server" },
+            "ports": [{ "port": HTTP_PORT, "targetPort": HTTP_PORT }],
+        },
+    }))?;
+    let created = Api::<Service>::namespaced(cluster.client(), TEST_NAMESPACE)
+        .create(&PostParams::default(), &service)
+        .await
+        .context("creating the server Service")?;
+    created
+        .spec
+        .and_then(|spec| spec.cluster_ip)
+        .context("the Service has no ClusterIP")
+}
+
+/// From the client pod: ping the server, fetch from it over TCP directly and through the
+/// Service's ClusterIP (kube-proxy on the client's node).
+fn ensure_wire(
+    cluster: &Cluster,
+    client: &Pod,
+    server: IpAddr,
+    service_ip: &str,
+) -> anyhow::Result<()> {
+    let server = server.to_string();
+    cluster
+        .exec_in_pod(client, &["ping", "-c", "3", "-W", "5", &server])
+        .with_context(|| format!("ping {server} from the client pod"))?;
+    for target in [server.as_str(), service_ip] {
+        let url = format!("http://{target}:{HTTP_PORT}/");
+        // kube-proxy may still be programming the new Service's rules: a few tries.
+        let mut last = String::new();
+        for _ in 0..20 {
+            // busybox's `wget -T` crashes: the timeout is busybox's own `timeout`.
+            let get = ["timeout", "5", "wget", "-q", "-O", "-", &url];
+            match cluster.exec_in_pod(client, &get) {
+                Ok(body) if body.trim() == GREETING => {
+                    last.clear();
+                    break;
+                }
+                Ok(body) => last = format!("answered {body:?}"),
+                Err(error) => last = error.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        ensure!(last.is_empty(), "GET {url} from the client pod: {last}");
+    }
+    Ok(())
+}
+
+/// Which address each holder keeps, from every IPPool's allocations.
+fn held_addresses(cluster: &Cluster) -> anyhow::Result<BTreeMap<String, String>> {
+    let endpoints = kubectl_json(cluster, &["get", "endpoints.virtnet.io", "-A"])?;
+    ensure!(
+        endpoints["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty()),
+        "no Endpoints recorded"
+    );
+    Ok(pool_records(cluster)?
+        .into_iter()
+        .map(|(address, record)| {
+            (
+                record["endpoint"].as_str().unwrap_or_default().to_owned(),
+                address,
+            )
+        })
+        .collect())
+}
+
+/// Every file of the node's CNI directories that is not VirtNet's, with its content (a plugin
+/// link's content is its target).
+fn other_cni_files(dirs: &NodeDirs) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let mut files = BTreeMap::new();
+    for dir in [&dirs.cni_conf, &dirs.cni_bin] {
+        for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.starts_with("virtnet") || name.contains("virtnet.conflist") {
+                continue;
+            }
+            let content = match fs::read_link(&path) {
+                Ok(target) => target.to_string_lossy().into_owned().into_bytes(),
+                Err(_) => fs::read(&path)?,
+            };
+            files.insert(path.display().to_string(), content);
+        }
+    }
+    Ok(files)
+}
