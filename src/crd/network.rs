@@ -123,7 +123,7 @@ pub struct NetworkSpec {
 
     /// A pod interface whose network-selection element names an IPAMClaim
     /// (`ipam-claim-reference`) keeps the claim's address across pods (KubeVirt VMs).
-    #[serde(default)]
+    #[serde(rename = "allowPersistentIPs", default)]
     pub allow_persistent_ips: bool,
 }
 
