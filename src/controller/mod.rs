@@ -11,12 +11,17 @@
 //!   [`lifecycle::decide`]; its table is in [`lifecycle`]'s docs) and the periodic sweep of
 //!   every pool's allocations.
 //!
+//! - [`network`]: Network → NetworkAttachmentDefinition (rendered by [`nads::plan_nad`]), when
+//!   the cluster serves Multus's NetworkAttachmentDefinition CRD.
+//!
 //! With a serving certificate, every replica also serves the validating admission webhook for
 //! Subnets ([`webhook`], deciding with [`admission::review_subnet`]).
 
 mod admission;
 mod endpoint;
 mod lifecycle;
+mod nads;
+mod network;
 mod pools;
 mod subnet;
 mod webhook;
@@ -260,6 +265,17 @@ async fn run_reconcilers(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     let subnets: Api<Subnet> = Api::all(ctx.client.clone());
     let pools: Api<IpPool> = Api::all(ctx.client.clone());
     let mut stop_endpoints = stop.clone();
+    let mut stop_networks = stop.clone();
+    let render_networks = network::nad_crd_installed(&ctx).await;
+    let network_ctx = ctx.clone();
+    let networks = async move {
+        if render_networks {
+            network::run(network_ctx, async move {
+                let _ = stop_networks.wait_for(|stop| *stop).await;
+            })
+            .await;
+        }
+    };
     let stopped = async move {
         let _ = stop.wait_for(|stop| *stop).await;
     };
@@ -283,5 +299,5 @@ async fn run_reconcilers(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
             ctx,
         )
         .for_each(|_| async {});
-    tokio::join!(subnets, endpoints);
+    tokio::join!(subnets, endpoints, networks);
 }

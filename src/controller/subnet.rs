@@ -262,7 +262,7 @@ async fn write_status(
 }
 
 /// Conditions are equal for our purposes when only their transition time differs.
-fn same_condition(a: &Condition, b: &Condition) -> bool {
+pub(super) fn same_condition(a: &Condition, b: &Condition) -> bool {
     a.type_ == b.type_
         && a.status == b.status
         && a.reason == b.reason

@@ -4,6 +4,8 @@
 //! - [`IpPool`] (kind `IPPool`, cluster scoped, `ipp`): a controller-made shard of a Subnet,
 //!   holding the allocation records.
 //! - [`Endpoint`] (namespaced, `vep`): the addresses one workload instance holds.
+//! - [`Network`] (namespaced, `vnet`): a secondary network, rendered into a
+//!   [`NetworkAttachmentDefinition`] (that kind is Multus's, `k8s.cni.cncf.io/v1`).
 //!
 //! The types carry their validation as CEL rules, so the CRDs generated from them (`virtnet
 //! crdgen`, committed under `chart/crds/`) make the apiserver reject bad objects.
@@ -12,6 +14,8 @@
 
 mod endpoint;
 mod ippool;
+mod nad;
+mod network;
 mod rules;
 mod subnet;
 
@@ -19,6 +23,10 @@ use kube::CustomResourceExt;
 
 pub use endpoint::{Endpoint, EndpointInterface, EndpointSpec, EndpointStatus};
 pub use ippool::{IpAllocation, IpPool, IpPoolSpec, IpPoolStatus};
+pub use nad::{NetworkAttachmentDefinition, NetworkAttachmentDefinitionSpec};
+pub use network::{
+    CniVersion, CoordinatorOptions, MainPlugin, Network, NetworkSpec, NetworkStatus, NetworkSubnets,
+};
 pub use subnet::{Dns, Route, Subnet, SubnetSpec, SubnetStatus};
 
 /// Label on every IPPool naming its Subnet, so the controller and agents can list a Subnet's
@@ -59,12 +67,13 @@ pub struct CrdManifest {
     pub yaml: String,
 }
 
-/// Renders the CRDs of all three kinds.
+/// Renders the CRDs of the virtnet.io kinds.
 pub fn crd_manifests() -> Result<Vec<CrdManifest>, serde_saphyr::SerializeError> {
     [
         (Subnet::crd_name(), Subnet::crd()),
         (IpPool::crd_name(), IpPool::crd()),
         (Endpoint::crd_name(), Endpoint::crd()),
+        (Network::crd_name(), Network::crd()),
     ]
     .into_iter()
     .map(|(name, crd)| {
@@ -177,7 +186,13 @@ mod tests {
 
     #[test]
     fn crd_names_kinds_and_short_names() {
-        let names = [Subnet::crd(), IpPool::crd(), Endpoint::crd()].map(|crd| {
+        let names = [
+            Subnet::crd(),
+            IpPool::crd(),
+            Endpoint::crd(),
+            Network::crd(),
+        ]
+        .map(|crd| {
             let names = crd.spec.names;
             (
                 crd.spec.scope,
@@ -210,6 +225,13 @@ mod tests {
                     "Endpoint".into(),
                     "endpoints".into(),
                     Some(vec!["vep".into()]),
+                    virtnet()
+                ),
+                (
+                    "Namespaced".into(),
+                    "Network".into(),
+                    "networks".into(),
+                    Some(vec!["vnet".into()]),
                     virtnet()
                 ),
             ]

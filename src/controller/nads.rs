@@ -1,0 +1,336 @@
+//! What the Network reconciler ([`super::network`]) writes: the NetworkAttachmentDefinition
+//! rendered from a Network ([`render_config`]) and whether to create it, put it back, leave it,
+//! or refuse to touch it because someone else owns it ([`plan_nad`]). Pure functions.
+//!
+//! The rendered conflist is the main plugin (macvlan or ipvlan, with virtnet-ipam naming the
+//! Network's Subnets), then virtnet-coordinator, always last:
+//!
+//! ```json
+//! {"cniVersion": "1.0.0", "name": "<network>", "plugins": [
+//!   {"type": "macvlan", "master": "ens192", "mode": "bridge",
+//!    "ipam": {"type": "virtnet-ipam", "default_subnets": ["subnet-v4"]}},
+//!   {"type": "virtnet-coordinator"}]}
+//! ```
+
+use kube::{Resource, ResourceExt, api::ObjectMeta};
+use serde_json::{Map, Value, json};
+
+use crate::crd::{Network, NetworkAttachmentDefinition, NetworkAttachmentDefinitionSpec};
+
+/// The CNI type of VirtNet's IPAM plugin.
+const IPAM_PLUGIN: &str = "virtnet-ipam";
+/// The CNI type of VirtNet's coordinator plugin.
+const COORDINATOR_PLUGIN: &str = "virtnet-coordinator";
+
+/// The conflist of `network`'s NetworkAttachmentDefinition.
+pub fn render_config(network: &Network) -> Value {
+    let spec = &network.spec;
+    let master = match spec.vlan_id {
+        Some(vlan) if vlan != 0 => format!("{}.{vlan}", spec.master),
+        _ => spec.master.clone(),
+    };
+    let mut main = Map::new();
+    main.insert("type".into(), spec.plugin.as_str().into());
+    main.insert("master".into(), master.into());
+    main.insert(
+        "mode".into(),
+        spec.mode
+            .as_deref()
+            .unwrap_or(spec.plugin.default_mode())
+            .into(),
+    );
+    if let Some(mtu) = spec.mtu {
+        main.insert("mtu".into(), mtu.into());
+    }
+    main.insert(
+        "ipam".into(),
+        json!({"type": IPAM_PLUGIN, "default_subnets": spec.subnets.names().collect::<Vec<_>>()}),
+    );
+
+    let options = &spec.coordinator;
+    let mut coordinator = Map::new();
+    coordinator.insert("type".into(), COORDINATOR_PLUGIN.into());
+    let optional = [
+        ("mode", options.mode.clone().map(Value::from)),
+        (
+            "podDefaultRouteNIC",
+            options.pod_default_route_nic.clone().map(Value::from),
+        ),
+        (
+            "detectIPConflict",
+            options.detect_ip_conflict.then_some(Value::Bool(true)),
+        ),
+        (
+            "detectGateway",
+            options.detect_gateway.then_some(Value::Bool(true)),
+        ),
+        ("vethHostMTU", options.veth_host_mtu.map(Value::from)),
+        (
+            "kubevirtBinding",
+            options.kubevirt_binding.clone().map(Value::from),
+        ),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            coordinator.insert(key.into(), value);
+        }
+    }
+
+    let mut config = Map::new();
+    config.insert("cniVersion".into(), spec.cni_version.as_str().into());
+    config.insert("name".into(), network.name_any().into());
+    if spec.allow_persistent_ips {
+        // Top level, where kubevirt/ipam-extensions and OVN-Kubernetes read it.
+        config.insert("allowPersistentIPs".into(), true.into());
+    }
+    config.insert(
+        "plugins".into(),
+        Value::Array(vec![main.into(), coordinator.into()]),
+    );
+    config.into()
+}
+
+/// What to do about the NetworkAttachmentDefinition of a Network.
+#[derive(Debug, PartialEq)]
+pub enum NadPlan {
+    /// None exists: create this one.
+    Create(NetworkAttachmentDefinition),
+    /// Ours, but edited (or its config unreadable): replace it with this one (which carries the
+    /// existing resourceVersion, so a concurrent edit makes the write fail and retry).
+    Replace(NetworkAttachmentDefinition),
+    /// Ours and as rendered.
+    UpToDate,
+    /// A NetworkAttachmentDefinition of that name that this Network does not control: never
+    /// written. `owner` describes who controls it, if anyone.
+    Foreign { owner: Option<String> },
+}
+
+/// The Network has no uid yet (it was never stored): nothing can name it as owner.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("Network {0} has no uid yet; it will be retried")]
+pub struct NoUid(pub String);
+
+/// Decides from the Network and the same-name NetworkAttachmentDefinition, if any.
+pub fn plan_nad(
+    network: &Network,
+    existing: Option<&NetworkAttachmentDefinition>,
+) -> Result<NadPlan, NoUid> {
+    let owner = network
+        .controller_owner_ref(&())
+        .ok_or_else(|| NoUid(network.name_any()))?;
+    let config = render_config(network);
+    let Some(existing) = existing else {
+        return Ok(NadPlan::Create(NetworkAttachmentDefinition {
+            metadata: ObjectMeta {
+                name: Some(network.name_any()),
+                namespace: network.namespace(),
+                owner_references: Some(vec![owner]),
+                ..ObjectMeta::default()
+            },
+            spec: NetworkAttachmentDefinitionSpec {
+                config: Some(config.to_string()),
+            },
+        }));
+    };
+    let controller = existing
+        .owner_references()
+        .iter()
+        .find(|reference| reference.controller == Some(true));
+    match controller {
+        Some(reference) if reference.uid == owner.uid => {}
+        other => {
+            return Ok(NadPlan::Foreign {
+                owner: other.map(|reference| format!("{} {}", reference.kind, reference.name)),
+            });
+        }
+    }
+    let shown: Option<Value> = existing
+        .spec
+        .config
+        .as_deref()
+        .and_then(|text| serde_json::from_str(text).ok());
+    if shown.as_ref() == Some(&config) {
+        return Ok(NadPlan::UpToDate);
+    }
+    let mut replacement = existing.clone();
+    replacement.spec.config = Some(config.to_string());
+    Ok(NadPlan::Replace(replacement))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    use super::*;
+
+    fn network(spec: Value) -> Network {
+        let mut network: Network = serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1",
+            "kind": "Network",
+            "metadata": {"name": "underlay", "namespace": "team", "uid": "net-uid"},
+            "spec": spec,
+        }))
+        .expect("a Network");
+        network.metadata.generation = Some(1);
+        network
+    }
+
+    fn minimal() -> Network {
+        network(json!({"master": "ens192", "subnets": {"ipv4": "subnet-v4"}}))
+    }
+
+    #[test]
+    fn minimal_network_renders_macvlan_bridge_then_the_coordinator() {
+        assert_eq!(
+            render_config(&minimal()),
+            json!({
+                "cniVersion": "1.0.0",
+                "name": "underlay",
+                "plugins": [
+                    {"type": "macvlan", "master": "ens192", "mode": "bridge",
+                     "ipam": {"type": "virtnet-ipam", "default_subnets": ["subnet-v4"]}},
+                    {"type": "virtnet-coordinator"},
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn every_option_lands_in_its_plugin() {
+        let network = network(json!({
+            "cniVersion": "0.3.1",
+            "plugin": "ipvlan",
+            "master": "ens224",
+            "mode": "l3",
+            "mtu": 9000,
+            "vlanId": 100,
+            "subnets": {"ipv4": "v4", "ipv6": "v6"},
+            "coordinator": {"mode": "underlay", "podDefaultRouteNIC": "net1",
+                            "detectIPConflict": true, "detectGateway": true,
+                            "vethHostMTU": 1400, "kubevirtBinding": "passt"},
+            "allowPersistentIPs": true,
+        }));
+        assert_eq!(
+            render_config(&network),
+            json!({
+                "cniVersion": "0.3.1",
+                "name": "underlay",
+                "allowPersistentIPs": true,
+                "plugins": [
+                    {"type": "ipvlan", "master": "ens224.100", "mode": "l3", "mtu": 9000,
+                     "ipam": {"type": "virtnet-ipam", "default_subnets": ["v4", "v6"]}},
+                    {"type": "virtnet-coordinator", "mode": "underlay",
+                     "podDefaultRouteNIC": "net1", "detectIPConflict": true,
+                     "detectGateway": true, "vethHostMTU": 1400, "kubevirtBinding": "passt"},
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn rendered_plugins_parse_with_the_plugins_own_config_readers() {
+        let config = render_config(&network(json!({
+            "master": "ens192",
+            "subnets": {"ipv4": "v4", "ipv6": "v6"},
+            "coordinator": {"detectGateway": true, "kubevirtBinding": "bridge"},
+        })));
+        for plugin in config["plugins"].as_array().expect("plugins") {
+            let mut single = plugin.clone();
+            single["cniVersion"] = config["cniVersion"].clone();
+            single["name"] = config["name"].clone();
+            let parsed = virtnet_cni::NetworkConfig::parse(single.to_string().as_bytes())
+                .expect("a plugin config");
+            if plugin["type"] == COORDINATOR_PLUGIN {
+                virtnet_coordinator::config::CoordinatorConfig::from_network(&parsed)
+                    .expect("the coordinator accepts its config");
+            } else {
+                let ipam = virtnet_ipam::config::IpamConfig::from_network(&parsed)
+                    .expect("virtnet-ipam accepts its section");
+                assert_eq!(ipam.subnets, ["v4", "v6"]);
+            }
+        }
+    }
+
+    #[test]
+    fn absent_nad_is_created_with_a_controller_owner_reference() {
+        let NadPlan::Create(nad) = plan_nad(&minimal(), None).expect("plan") else {
+            panic!("expected a create");
+        };
+        assert_eq!(nad.metadata.name.as_deref(), Some("underlay"));
+        assert_eq!(nad.metadata.namespace.as_deref(), Some("team"));
+        let owner = &nad.owner_references()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("Network", "net-uid", Some(true))
+        );
+        let config: Value =
+            serde_json::from_str(nad.spec.config.as_deref().expect("config")).expect("JSON");
+        assert_eq!(config, render_config(&minimal()));
+    }
+
+    fn owned(config: &str) -> NetworkAttachmentDefinition {
+        let NadPlan::Create(mut nad) = plan_nad(&minimal(), None).expect("plan") else {
+            panic!("expected a create");
+        };
+        nad.spec.config = Some(config.to_owned());
+        nad.metadata.resource_version = Some("7".into());
+        nad
+    }
+
+    #[test]
+    fn our_nad_is_left_when_it_matches_and_put_back_when_edited() {
+        let rendered = render_config(&minimal());
+        // Same JSON, other formatting: nothing to write.
+        let pretty = serde_json::to_string_pretty(&rendered).expect("JSON");
+        assert_eq!(
+            plan_nad(&minimal(), Some(&owned(&pretty))),
+            Ok(NadPlan::UpToDate)
+        );
+        for edited in [
+            rendered.to_string().replace("ens192", "ens999"),
+            "{not json".to_owned(),
+        ] {
+            let NadPlan::Replace(replacement) =
+                plan_nad(&minimal(), Some(&owned(&edited))).expect("plan")
+            else {
+                panic!("expected a replace of {edited}");
+            };
+            assert_eq!(replacement.metadata.resource_version.as_deref(), Some("7"));
+            assert_eq!(replacement.spec.config, Some(rendered.to_string()));
+        }
+    }
+
+    #[test]
+    fn a_nad_this_network_does_not_control_is_never_written() {
+        let mut hand_written = owned("{}");
+        hand_written.metadata.owner_references = None;
+        assert_eq!(
+            plan_nad(&minimal(), Some(&hand_written)),
+            Ok(NadPlan::Foreign { owner: None })
+        );
+        // Controlled by something else, or by an earlier Network of the same name.
+        for (kind, uid) in [("SpiderMultusConfig", "other"), ("Network", "old-uid")] {
+            let mut taken = owned("{}");
+            taken.metadata.owner_references = Some(vec![OwnerReference {
+                kind: kind.into(),
+                name: "underlay".into(),
+                uid: uid.into(),
+                controller: Some(true),
+                ..OwnerReference::default()
+            }]);
+            assert_eq!(
+                plan_nad(&minimal(), Some(&taken)),
+                Ok(NadPlan::Foreign {
+                    owner: Some(format!("{kind} underlay"))
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn a_network_never_stored_cannot_own_anything() {
+        let mut network = minimal();
+        network.metadata.uid = None;
+        assert_eq!(plan_nad(&network, None), Err(NoUid("underlay".into())));
+    }
+}
