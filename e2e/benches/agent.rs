@@ -22,8 +22,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
 use serde_json::{Value, json};
+use virtnet_cni::trusted::TRUSTED_DIRS_ENV;
 use virtnet_e2e::cluster::{
-    Cluster, ClusterOptions, VirtnetOptions, apiserver_url, default_bin_dir, is_pod_ready,
+    Cluster, ClusterOptions, DEFAULT_STATE_PARENT, VirtnetOptions, apiserver_url, default_bin_dir,
+    is_pod_ready,
 };
 use virtnet_e2e::netns::{named_netns_path, run_in_netns};
 
@@ -442,6 +444,8 @@ fn run_plugin(
         .env("CNI_IFNAME", "eth0")
         .env("CNI_ARGS", pod_args)
         .env("CNI_PATH", binary.parent().unwrap_or(Path::new("/")))
+        // The nodes keep their agent sockets under the harness's state directory.
+        .env(TRUSTED_DIRS_ENV, DEFAULT_STATE_PARENT)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use tracing::{info, warn};
 use virtnet_cni::NetworkConfig;
+use virtnet_cni::trusted::TrustedDirs;
 use virtnet_ipam::config::IpamConfig;
 
 /// Sorts before other CNI configs (libcni and the runtimes take the lexically first). A Multus
@@ -212,7 +213,7 @@ pub fn plan(args: &CniInstallArgs, socket: &Path) -> Result<InstallPlan, Install
         return Err(InstallError::NoDefaultSubnets);
     }
     let conflist = Conflist::new(args, &master, socket).render()?;
-    check_with_virtnet_ipam(&conflist)?;
+    check_with_virtnet_ipam(&conflist, socket)?;
     Ok(InstallPlan {
         plugins,
         conflist: Some(NodeFile {
@@ -435,14 +436,23 @@ impl<'a> Conflist<'a> {
 /// Parses the interface plugin's stdin (its entry with the list's `cniVersion` and `name`, as
 /// libcni passes it) the way virtnet-ipam does, so the agent never writes a conflist whose every
 /// ADD would fail: Subnet names, socket path and cniVersion are checked by the plugin's own rules.
-fn check_with_virtnet_ipam(conflist: &str) -> Result<(), InstallError> {
+/// The agent's own socket directory is node configuration, so it is trusted here; outside the
+/// plugins' built-in directories the runtime must list it too (`VIRTNET_CNI_TRUSTED_DIRS`).
+fn check_with_virtnet_ipam(conflist: &str, socket: &Path) -> Result<(), InstallError> {
     let rejected = |reason: String| InstallError::RejectedConflist { reason };
     let list: serde_json::Value =
         serde_json::from_str(conflist).map_err(|error| rejected(error.to_string()))?;
     let stdin = plugin_stdin(&list, 0).to_string();
-    let network = NetworkConfig::parse(stdin.as_bytes()).map_err(|error| rejected(error.msg))?;
+    let mut network =
+        NetworkConfig::parse(stdin.as_bytes()).map_err(|error| rejected(error.msg))?;
+    network.trusted_dirs = trusting_socket_dir(socket).map_err(|error| rejected(error.msg))?;
     IpamConfig::from_network(&network).map_err(|error| rejected(error.msg))?;
     Ok(())
+}
+
+/// The plugins' trusted directories plus the one the agent's socket is in.
+fn trusting_socket_dir(socket: &Path) -> Result<TrustedDirs, virtnet_cni::CniError> {
+    TrustedDirs::with_extra(socket.parent().and_then(Path::to_str))
 }
 
 /// The stdin libcni gives plugin `index` of a conflist: its own entry plus the list's
@@ -574,13 +584,17 @@ mod tests {
             let plan = plan(&default_cni(flags), Path::new("/run/n1/agent.sock"))?;
             let conflist = conflist_json(&plan);
             let stdin = |index| plugin_stdin(&conflist, index).to_string();
-            let network = NetworkConfig::parse(stdin(0).as_bytes())
+            let mut network = NetworkConfig::parse(stdin(0).as_bytes())
                 .unwrap_or_else(|error| panic!("{flags:?}: {error}"));
+            network.trusted_dirs = trusting_socket_dir(Path::new("/run/n1/agent.sock"))
+                .unwrap_or_else(|error| panic!("{error}"));
             let ipam = IpamConfig::from_network(&network)
                 .unwrap_or_else(|error| panic!("{flags:?}: {error}"));
-            assert_eq!(ipam.agent.socket, Path::new("/run/n1/agent.sock"));
-            let coordinator = NetworkConfig::parse(stdin(1).as_bytes())
-                .and_then(|network| CoordinatorConfig::from_network(&network));
+            assert_eq!(ipam.agent.socket.as_path(), Path::new("/run/n1/agent.sock"));
+            let coordinator = NetworkConfig::parse(stdin(1).as_bytes()).and_then(|mut network| {
+                network.trusted_dirs = trusting_socket_dir(Path::new("/run/n1/agent.sock"))?;
+                CoordinatorConfig::from_network(&network)
+            });
             assert!(coordinator.is_ok(), "{flags:?}: {coordinator:?}");
         }
         Ok(())

@@ -5,6 +5,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use virtnet_cni::trusted::TRUSTED_DIRS_ENV;
+
 use super::{layout::Layout, node_cni::NodeDirs};
 use crate::{
     pki::{CertAndKey, ServiceAccountKey},
@@ -215,7 +217,9 @@ pub fn kube_proxy(bins: &Binaries, netns: &str, node: &str, kubeconfig: &Path) -
     ])
 }
 
-/// The kubelet stand-in (`virtnet-e2e kubelet`) of one node.
+/// The kubelet stand-in (`virtnet-e2e kubelet`) of one node. The plugins it runs (and Multus's
+/// delegates) inherit its environment, which trusts the node's own directory for the agent
+/// socket and log files, as a real node's runtime trusts /run/virtnet.
 pub fn kubelet(
     harness_binary: &Path,
     netns: &str,
@@ -240,6 +244,7 @@ pub fn kubelet(
         format!("--cni-cache-dir={}", dirs.cni_cache.display()),
         format!("--netns-prefix={pod_netns_prefix}"),
     ])
+    .with_env(&[(TRUSTED_DIRS_ENV, &dirs.root.display().to_string())])
 }
 
 /// The loopback forwarder (`virtnet-e2e forward`) in the root namespace.

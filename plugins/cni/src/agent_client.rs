@@ -2,8 +2,8 @@
 //! its unix socket, bounded by a timeout. Each plugin decodes the answer and words the failures
 //! its own way (virtnet-ipam fails the command, virtnet-coordinator warns and carries on).
 
+use crate::trusted::TrustedPath;
 use std::io;
-use std::path::Path;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -31,7 +31,7 @@ pub enum TransportError {
 /// Sends `method path` with a JSON `body` to the agent at `socket` and returns the status and
 /// body of its answer. The whole exchange, connecting included, is bounded by `timeout`.
 pub fn exchange(
-    socket: &Path,
+    socket: &TrustedPath,
     timeout: Duration,
     method: Method,
     path: &str,
@@ -49,12 +49,12 @@ pub fn exchange(
 }
 
 async fn send(
-    socket: &Path,
+    socket: &TrustedPath,
     method: Method,
     path: &str,
     body: Vec<u8>,
 ) -> Result<(StatusCode, Bytes), TransportError> {
-    let stream = UnixStream::connect(socket)
+    let stream = UnixStream::connect(socket.socket().map_err(TransportError::Unreachable)?)
         .await
         .map_err(TransportError::Unreachable)?;
     let (mut sender, connection) = http1::handshake(TokioIo::new(stream))

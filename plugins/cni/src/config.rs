@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use crate::error::CniError;
 use crate::fields::{FieldReader, describe};
 use crate::result::CniResult;
+use crate::trusted::TrustedDirs;
 use crate::version::{CniVersion, supported_list};
 
 /// An attachment the runtime still uses, listed in a GC request's `cni.dev/valid-attachments`.
@@ -35,6 +36,22 @@ pub struct NetworkConfig {
     pub valid_attachments: Option<Vec<GcAttachment>>,
     /// Every key that is not a standard CNI key: the plugin's own settings.
     pub plugin_keys: Map<String, Value>,
+    /// Where this config may put host paths (the agent socket, log files): the built-in
+    /// directories, plus the runtime environment's (set by the skel).
+    pub trusted_dirs: TrustedDirs,
+    /// Whether a plugin's reader refuses keys it does not know (see [`UnknownKeys`]).
+    pub unknown_keys: UnknownKeys,
+}
+
+/// What a plugin does with a key it does not know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnknownKeys {
+    /// Refuse the config, naming the key: a typo must not be silently ignored.
+    #[default]
+    Refuse,
+    /// Ignore it: a teardown must not fail forever because a newer VirtNet wrote a key this
+    /// version does not know (the skel warns instead).
+    Ignore,
 }
 
 impl NetworkConfig {
@@ -100,6 +117,8 @@ impl NetworkConfig {
                 }
                 reader.into_unread()
             },
+            trusted_dirs: TrustedDirs::default(),
+            unknown_keys: UnknownKeys::Refuse,
         })
     }
 
@@ -114,7 +133,29 @@ impl NetworkConfig {
     /// A reader over the plugin's own top-level keys; call [`FieldReader::finish`] once every
     /// setting is read to reject unknown keys.
     pub fn plugin_fields(&self) -> FieldReader<'_> {
-        FieldReader::new("", &self.plugin_keys)
+        self.section_fields("", &self.plugin_keys)
+    }
+
+    /// A reader over one of the config's objects (e.g. `ipam`), honouring
+    /// [`unknown_keys`](Self::unknown_keys).
+    pub fn section_fields<'a>(
+        &self,
+        path: &str,
+        fields: &'a Map<String, Value>,
+    ) -> FieldReader<'a> {
+        let reader = FieldReader::new(path, fields);
+        match self.unknown_keys {
+            UnknownKeys::Refuse => reader,
+            UnknownKeys::Ignore => reader.ignoring_unknown_keys(),
+        }
+    }
+
+    /// The same config, read again with unknown keys ignored.
+    pub fn ignoring_unknown_keys(&self) -> Self {
+        Self {
+            unknown_keys: UnknownKeys::Ignore,
+            ..self.clone()
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::error::CniError;
+use crate::trusted::{TRUSTED_DIRS_ENV, TrustedDirs};
 
 const CNI_COMMAND: &str = "CNI_COMMAND";
 const CNI_CONTAINERID: &str = "CNI_CONTAINERID";
@@ -15,13 +16,14 @@ const CNI_NETNS: &str = "CNI_NETNS";
 const CNI_IFNAME: &str = "CNI_IFNAME";
 const CNI_ARGS: &str = "CNI_ARGS";
 const CNI_PATH: &str = "CNI_PATH";
-const READ_VARIABLES: [&str; 6] = [
+const READ_VARIABLES: [&str; 7] = [
     CNI_COMMAND,
     CNI_CONTAINERID,
     CNI_NETNS,
     CNI_IFNAME,
     CNI_ARGS,
     CNI_PATH,
+    TRUSTED_DIRS_ENV,
 ];
 
 /// The longest interface name Linux accepts (IFNAMSIZ minus the terminating NUL).
@@ -56,6 +58,12 @@ impl Command {
             Self::Gc => "GC",
             Self::Status => "STATUS",
         }
+    }
+
+    /// DEL and GC release what an older config set up: a key this version does not know must
+    /// not make them fail forever.
+    pub const fn tolerates_unknown_keys(self) -> bool {
+        matches!(self, Self::Del | Self::Gc)
     }
 
     fn parse(value: &str) -> Result<Self, CniError> {
@@ -113,6 +121,8 @@ pub struct Inputs {
     pub request: Request,
     /// `CNI_PATH`: where the runtime keeps plugin binaries (empty when unset).
     pub cni_path: Vec<PathBuf>,
+    /// Where a config may put the agent socket and log files.
+    pub trusted_dirs: TrustedDirs,
 }
 
 impl Inputs {
@@ -157,7 +167,12 @@ impl Inputs {
             .get(CNI_PATH)
             .map(|paths| std::env::split_paths(paths).collect())
             .unwrap_or_default();
-        Ok(Self { request, cni_path })
+        let trusted_dirs = TrustedDirs::with_extra(env.get(TRUSTED_DIRS_ENV))?;
+        Ok(Self {
+            request,
+            cni_path,
+            trusted_dirs,
+        })
     }
 
     pub fn command(&self) -> Command {

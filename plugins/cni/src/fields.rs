@@ -19,6 +19,8 @@ pub struct FieldReader<'a> {
     path: String,
     fields: &'a Map<String, Value>,
     known: Vec<&'static str>,
+    /// [`finish`](Self::finish) accepts unknown keys (teardown commands only).
+    ignore_unknown: bool,
 }
 
 impl<'a> FieldReader<'a> {
@@ -29,6 +31,21 @@ impl<'a> FieldReader<'a> {
             path: path.into(),
             fields,
             known: Vec::new(),
+            ignore_unknown: false,
+        }
+    }
+
+    /// A reader whose [`finish`](Self::finish) accepts keys nobody asked for, as do the readers
+    /// of its nested objects.
+    pub fn ignoring_unknown_keys(mut self) -> Self {
+        self.ignore_unknown = true;
+        self
+    }
+
+    fn child(&self, path: String, fields: &'a Map<String, Value>) -> Self {
+        Self {
+            ignore_unknown: self.ignore_unknown,
+            ..Self::new(path, fields)
         }
     }
 
@@ -123,9 +140,8 @@ impl<'a> FieldReader<'a> {
         expected: &str,
     ) -> Result<Option<FieldReader<'a>>, CniError> {
         let path = self.path_of(key);
-        Ok(self
-            .get(key, expected, Value::as_object)?
-            .map(|fields| FieldReader::new(path, fields)))
+        let nested = self.get(key, expected, Value::as_object)?;
+        Ok(nested.map(|fields| self.child(path, fields)))
     }
 
     /// Reads a list of objects, parsing each with `parse` through a reader whose path ends in
@@ -143,7 +159,7 @@ impl<'a> FieldReader<'a> {
         items
             .into_iter()
             .enumerate()
-            .map(|(index, fields)| parse(FieldReader::new(format!("{path}[{index}]"), fields)))
+            .map(|(index, fields)| parse(self.child(format!("{path}[{index}]"), fields)))
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
@@ -169,6 +185,9 @@ impl<'a> FieldReader<'a> {
     /// Rejects keys that none of the reads above asked for, listing the accepted ones and
     /// suggesting the intended key for near-misses such as `defaultSubnet`.
     pub fn finish(self) -> Result<(), CniError> {
+        if self.ignore_unknown {
+            return Ok(());
+        }
         let unknown: Vec<String> = self
             .fields
             .keys()

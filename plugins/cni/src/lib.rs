@@ -14,6 +14,7 @@
 //! - [`version`]: [`version::CniVersion`] and the VERSION reply.
 //! - [`error`]: [`error::CniError`] and the spec's [`error::ErrorCode`]s plus VirtNet's own.
 //! - [`logging`]: `log_level` / `log_file` settings; logs go to stderr or a file, never stdout.
+//! - [`trusted`]: the directories a config may name for the agent socket and log files.
 //! - `testing` (feature `testing`): run a plugin binary like a runtime does, for integration tests.
 
 pub mod agent_api;
@@ -28,6 +29,7 @@ pub mod result;
 pub mod skel;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod trusted;
 pub mod version;
 
 pub use config::NetworkConfig;

@@ -1,14 +1,14 @@
 //! Plugin logging: to stderr or to a file, never to stdout, which carries the CNI result.
 
-use std::fs::{self, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use crate::error::CniError;
-use crate::fields::{FieldReader, as_absolute_path};
+use crate::fields::FieldReader;
+use crate::trusted::{TrustedDirs, TrustedPath};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogLevel {
@@ -54,13 +54,13 @@ impl LogLevel {
 pub struct LogSettings {
     pub level: LogLevel,
     /// Append to this file instead of stderr.
-    pub file: Option<PathBuf>,
+    pub file: Option<TrustedPath>,
 }
 
 impl LogSettings {
     /// Reads `log_level` and `log_file` (or the older key `log_output_file_path`) from a plugin's
-    /// config object.
-    pub fn read(fields: &mut FieldReader<'_>) -> Result<Self, CniError> {
+    /// config object; the file must lie under one of `trusted`.
+    pub fn read(fields: &mut FieldReader<'_>, trusted: &TrustedDirs) -> Result<Self, CniError> {
         let level = fields
             .get(
                 "log_level",
@@ -69,13 +69,7 @@ impl LogSettings {
             )?
             .unwrap_or_default();
         let file_key = fields.either("log_file", "log_output_file_path")?;
-        let file = fields
-            .get(
-                file_key,
-                "an absolute file path, e.g. \"/var/log/virtnet/virtnet-ipam.log\"",
-                as_absolute_path,
-            )?
-            .map(Path::to_path_buf);
+        let file = trusted.read_path(fields, file_key, "/var/log/virtnet/virtnet-ipam.log")?;
         Ok(Self { level, file })
     }
 
@@ -84,7 +78,7 @@ impl LogSettings {
     /// A log file that cannot be opened does not fail the CNI operation: losing logs is better
     /// than failing a pod, so logging falls back to stderr and says why.
     pub fn install(&self) {
-        let (writer, open_failure) = match self.file.as_deref().map(open_log_file) {
+        let (writer, open_failure) = match self.file.as_ref().map(open_log_file) {
             None => (BoxMakeWriter::new(std::io::stderr), None),
             Some(Ok(file)) => (BoxMakeWriter::new(Mutex::new(file)), None),
             Some(Err(failure)) => (BoxMakeWriter::new(std::io::stderr), Some(failure)),
@@ -111,14 +105,9 @@ impl LogSettings {
     }
 }
 
-fn open_log_file(path: &Path) -> Result<fs::File, (PathBuf, std::io::Error)> {
-    let open = || {
-        if let Some(directory) = path.parent() {
-            fs::create_dir_all(directory)?;
-        }
-        OpenOptions::new().create(true).append(true).open(path)
-    };
-    open().map_err(|error| (path.to_path_buf(), error))
+fn open_log_file(path: &TrustedPath) -> Result<std::fs::File, (PathBuf, std::io::Error)> {
+    path.open_append()
+        .map_err(|error| (path.as_path().to_path_buf(), error))
 }
 
 #[cfg(test)]
@@ -133,7 +122,7 @@ mod tests {
             other => panic!("fixture must be an object, got {other}"),
         };
         let mut reader = FieldReader::new("ipam", &fields);
-        let settings = LogSettings::read(&mut reader)?;
+        let settings = LogSettings::read(&mut reader, &TrustedDirs::default())?;
         reader.finish()?;
         Ok(settings)
     }
@@ -147,14 +136,35 @@ mod tests {
 
     #[test]
     fn reads_level_and_either_file_key() -> Result<(), CniError> {
-        let settings =
-            read(json!({"log_level": "DEBUG", "log_output_file_path": "/var/log/x.log"}))?;
+        let settings = read(json!({"log_level": "DEBUG", "log_file": "/var/log/virtnet/x.log"}))?;
         assert_eq!(settings.level, LogLevel::Debug);
-        assert_eq!(settings.file, Some(PathBuf::from("/var/log/x.log")));
-        assert_eq!(
-            read(json!({"log_file": "/tmp/y.log"}))?.file,
-            Some(PathBuf::from("/tmp/y.log"))
-        );
+        let file = settings.file.as_ref().map(TrustedPath::as_path);
+        assert_eq!(file, Some(std::path::Path::new("/var/log/virtnet/x.log")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_log_file_outside_the_trusted_directories_is_refused() {
+        for path in [
+            "/etc/cron.d/x",
+            "/var/log/virtnet/../../../etc/shadow",
+            "/tmp/y.log",
+        ] {
+            let error = read(json!({"log_file": path})).expect_err(path);
+            assert!(
+                error
+                    .msg
+                    .starts_with("ipam.log_file must be an absolute path under one of the node's trusted directories /var/run/virtnet, /run/virtnet, /var/log/virtnet"),
+                "{}",
+                error.msg
+            );
+        }
+    }
+
+    #[test]
+    fn reads_the_older_file_key() -> Result<(), CniError> {
+        let settings = read(json!({"log_output_file_path": "/var/log/virtnet/old.log"}))?;
+        assert!(settings.file.is_some());
         Ok(())
     }
 
@@ -172,7 +182,7 @@ mod tests {
         assert!(
             error
                 .msg
-                .starts_with("ipam.log_file must be an absolute file path"),
+                .starts_with("ipam.log_file must be an absolute path under one of"),
             "{}",
             error.msg
         );

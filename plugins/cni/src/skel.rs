@@ -147,10 +147,21 @@ where
     if inputs.request == Request::Version {
         return version_reply();
     }
-    let network = NetworkConfig::parse(stdin)?;
+    let mut network = NetworkConfig::parse(stdin)?;
+    network.trusted_dirs = inputs.trusted_dirs.clone();
     let command = inputs.command();
     check_command_exists_in(command, network.cni_version)?;
-    let config = plugin.parse_config(&network)?;
+    // A teardown must not fail forever on a key this version does not know (a newer VirtNet
+    // wrote the config): it is read again ignoring unknown keys, and the refusal is logged.
+    let (network, config, ignored) = match plugin.parse_config(&network) {
+        Ok(config) => (network, config, None),
+        Err(refusal) if command.tolerates_unknown_keys() => {
+            let lenient = network.ignoring_unknown_keys();
+            let config = plugin.parse_config(&lenient)?;
+            (lenient, config, Some(refusal))
+        }
+        Err(refusal) => return Err(refusal),
+    };
 
     plugin.log_settings(&config).install();
     let (container, ifname) = match &inputs.request {
@@ -165,6 +176,12 @@ where
     let _span =
         tracing::error_span!("cni", plugin = P::NAME, %command, container, ifname).entered();
     tracing::debug!(cni_version = %network.cni_version, network = network.name.as_deref(), "validated the environment and the network config");
+    if let Some(refusal) = ignored {
+        tracing::warn!(
+            "{command} goes on ignoring what it does not need: {}",
+            refusal.msg
+        );
+    }
 
     let call = Call {
         network: &network,

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use serde_json::Value;
 
 use crate::error::{ErrorCode, ErrorReply};
+use crate::trusted::TRUSTED_DIRS_ENV;
 
 /// What one plugin run printed and how it exited.
 #[derive(Debug, Clone)]
@@ -18,7 +19,9 @@ pub struct PluginRun {
     pub stderr: String,
 }
 
-/// Runs `binary` with exactly `env` (nothing inherited) and `stdin`.
+/// Runs `binary` with exactly `env` (nothing inherited) and `stdin`, as on a node whose runtime
+/// trusts the temp dir (where the tests keep agent sockets and log files) unless `env` sets
+/// [`TRUSTED_DIRS_ENV`] itself.
 pub fn run_plugin(
     binary: impl AsRef<Path>,
     env: &[(&str, &str)],
@@ -26,6 +29,7 @@ pub fn run_plugin(
 ) -> std::io::Result<PluginRun> {
     let mut child = Command::new(binary.as_ref())
         .env_clear()
+        .env(TRUSTED_DIRS_ENV, std::env::temp_dir())
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -1,13 +1,12 @@
 //! The coordinator's keys, at the top level of its plugin config.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use virtnet_cni::agent_api::CoordinatorResponse;
 use virtnet_cni::env::check_interface_name;
-use virtnet_cni::fields::as_absolute_path;
 use virtnet_cni::logging::LogSettings;
+use virtnet_cni::trusted::TrustedPath;
 use virtnet_cni::{CniError, NetworkConfig};
 
 /// 253, 254 and 255 are the kernel's `default`, `main` and `local` tables and 0 is "unspecified",
@@ -19,7 +18,7 @@ const MAX_HOST_RULE_TABLE: u32 = 1 << 31;
 const MIN_MTU: u32 = 576;
 const MAX_MTU: u32 = 65_535;
 /// Where the node agent listens (virtnet-ipam's default too).
-pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/virtnet/agent.sock";
+pub use virtnet_cni::trusted::DEFAULT_AGENT_SOCKET;
 /// The agent answers from its caches; a slow answer only delays the pod, so give up early and
 /// wire what the config says.
 pub const DEFAULT_AGENT_TIMEOUT_MS: u64 = 2_000;
@@ -89,7 +88,7 @@ pub struct CoordinatorConfig {
     /// Set for a KubeVirt virt-launcher pod (by the agent or the NAD).
     pub kubevirt_binding: Option<KubevirtBinding>,
     /// The node agent, asked for the Service CIDRs and the pod's own choices.
-    pub agent_socket: PathBuf,
+    pub agent_socket: TrustedPath,
     pub agent_timeout: Duration,
     pub logging: LogSettings,
 }
@@ -158,13 +157,10 @@ impl CoordinatorConfig {
             })?;
         // The older name for the agent socket is accepted for drop-in migration.
         let socket_key = fields.either("agent_socket", "coordinator_unix_socket_path")?;
-        let agent_socket = fields
-            .get(
-                socket_key,
-                "an absolute path to the agent's unix socket, e.g. \"/var/run/virtnet/agent.sock\"",
-                as_absolute_path,
-            )?
-            .map_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET), Path::to_path_buf);
+        let agent_socket = network
+            .trusted_dirs
+            .read_path(&mut fields, socket_key, DEFAULT_AGENT_SOCKET)?
+            .unwrap_or_else(TrustedPath::default_agent_socket);
         let agent_timeout_ms = fields
             .get(
                 "agent_timeout_ms",
@@ -176,7 +172,7 @@ impl CoordinatorConfig {
                 },
             )?
             .unwrap_or(DEFAULT_AGENT_TIMEOUT_MS);
-        let logging = LogSettings::read(&mut fields)?;
+        let logging = LogSettings::read(&mut fields, &network.trusted_dirs)?;
         fields.finish()?;
         Ok(Self {
             mode,
@@ -245,7 +241,7 @@ mod tests {
                 detect_gateway: false,
                 veth_host_mtu: None,
                 kubevirt_binding: None,
-                agent_socket: PathBuf::from(DEFAULT_AGENT_SOCKET),
+                agent_socket: TrustedPath::default_agent_socket(),
                 agent_timeout: Duration::from_millis(DEFAULT_AGENT_TIMEOUT_MS),
                 logging: LogSettings::default(),
             }
@@ -312,8 +308,8 @@ mod tests {
         assert!(config.detect_ip_conflict && config.detect_gateway);
         assert_eq!(config.veth_host_mtu, Some(9000));
         assert_eq!(
-            config.agent_socket,
-            Path::new("/var/run/virtnet/virtnet.sock")
+            config.agent_socket.as_path(),
+            std::path::Path::new("/var/run/virtnet/virtnet.sock")
         );
         assert_eq!(config.logging.level, LogLevel::Trace);
         Ok(())

@@ -186,7 +186,7 @@ fn agent_answer(
         }
         Err(failure) => {
             tracing::warn!(
-                socket = %config.agent_socket.display(),
+                socket = %config.agent_socket.as_path().display(),
                 "the VirtNet agent did not answer ({failure}); wiring the pod from the \
                  coordinator's config alone"
             );

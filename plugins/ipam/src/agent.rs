@@ -1,7 +1,6 @@
 //! The seam between virtnet-ipam and the node agent.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
@@ -10,13 +9,14 @@ use virtnet_cni::agent_api as api;
 use virtnet_cni::agent_client::{self, TransportError};
 use virtnet_cni::config::GcAttachment;
 use virtnet_cni::env::{Attachment, CniArgs, Detachment};
+use virtnet_cni::trusted::TrustedPath;
 
 use crate::error::IpamPluginError;
 
 /// Where the node agent listens and how long one request may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentEndpoint {
-    pub socket: PathBuf,
+    pub socket: TrustedPath,
     pub timeout: Duration,
 }
 
@@ -185,7 +185,7 @@ impl AgentEndpoint {
     /// is bounded by `timeout`. Callers have validated the config and the environment.
     pub fn send(&self, request: &AgentRequest<'_>) -> Result<CniResult, IpamPluginError> {
         tracing::debug!(
-            socket = %self.socket.display(),
+            socket = %self.socket.as_path().display(),
             timeout_ms = self.timeout.as_millis(),
             "asking the VirtNet agent to {request}"
         );
@@ -209,7 +209,7 @@ impl AgentEndpoint {
     }
 
     fn transport(&self, error: TransportError) -> IpamPluginError {
-        let socket = self.socket.clone();
+        let socket = self.socket.as_path().to_path_buf();
         match error {
             TransportError::Runtime(cause) => IpamPluginError::Runtime(cause),
             TransportError::Unreachable(cause) => {
@@ -226,7 +226,7 @@ impl AgentEndpoint {
 
     fn protocol(&self, details: &dyn fmt::Display) -> IpamPluginError {
         IpamPluginError::AgentProtocol {
-            socket: self.socket.clone(),
+            socket: self.socket.as_path().to_path_buf(),
             details: details.to_string(),
         }
     }

@@ -1,18 +1,18 @@
 //! The `ipam` section of the network config.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use virtnet_cni::fields::{FieldReader, as_absolute_path};
+use virtnet_cni::fields::FieldReader;
 use virtnet_cni::logging::LogSettings;
+use virtnet_cni::trusted::TrustedPath;
 use virtnet_cni::{CniError, NetworkConfig};
 
 use crate::PLUGIN_NAME;
 use crate::agent::AgentEndpoint;
 use crate::error::IpamPluginError;
 
-pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/virtnet/agent.sock";
+pub use virtnet_cni::trusted::DEFAULT_AGENT_SOCKET;
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 /// Two minutes: kubelet's own CNI deadline is longer, but a plugin stuck this long is broken.
 pub const MAX_TIMEOUT_MS: u64 = 120_000;
@@ -41,7 +41,7 @@ impl IpamConfig {
             .ipam
             .as_ref()
             .ok_or(IpamPluginError::MissingIpamSection)?;
-        let mut fields = FieldReader::new("ipam", section);
+        let mut fields = network.section_fields("ipam", section);
 
         let plugin_type = fields.require("type", "\"virtnet-ipam\"", Value::as_str)?;
         if plugin_type != PLUGIN_NAME {
@@ -53,13 +53,10 @@ impl IpamConfig {
         let subnets = read_subnets(&mut fields)?;
 
         let socket_key = fields.either("agent_socket", "ipam_unix_socket_path")?;
-        let socket = fields
-            .get(
-                socket_key,
-                "an absolute path to the agent's unix socket, e.g. \"/var/run/virtnet/agent.sock\"",
-                as_absolute_path,
-            )?
-            .map_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET), Path::to_path_buf);
+        let socket = network
+            .trusted_dirs
+            .read_path(&mut fields, socket_key, DEFAULT_AGENT_SOCKET)?
+            .unwrap_or_else(TrustedPath::default_agent_socket);
         let timeout_ms = fields
             .get(
                 "timeout_ms",
@@ -71,7 +68,7 @@ impl IpamConfig {
                 },
             )?
             .unwrap_or(DEFAULT_TIMEOUT_MS);
-        let logging = LogSettings::read(&mut fields)?;
+        let logging = LogSettings::read(&mut fields, &network.trusted_dirs)?;
         fields.finish()?;
 
         Ok(Self {
@@ -141,6 +138,7 @@ mod tests {
     use virtnet_cni::logging::LogLevel;
 
     use super::*;
+    use std::path::Path;
 
     fn parse(ipam: Value) -> Result<IpamConfig, CniError> {
         let config =
@@ -160,7 +158,7 @@ mod tests {
             IpamConfig {
                 subnets: vec!["subnet".into()],
                 agent: AgentEndpoint {
-                    socket: PathBuf::from(DEFAULT_AGENT_SOCKET),
+                    socket: TrustedPath::default_agent_socket(),
                     timeout: Duration::from_secs(10),
                 },
                 logging: LogSettings::default(),
@@ -181,14 +179,14 @@ mod tests {
         }))?;
         assert_eq!(config.subnets, ["subnet-v4", "subnet.v6"]);
         assert_eq!(
-            config.agent.socket,
-            PathBuf::from("/run/virtnet/virtnet.sock")
+            config.agent.socket.as_path(),
+            Path::new("/run/virtnet/virtnet.sock")
         );
         assert_eq!(config.agent.timeout, Duration::from_secs(120));
         assert_eq!(config.logging.level, LogLevel::Debug);
         assert_eq!(
-            config.logging.file,
-            Some(PathBuf::from("/var/log/virtnet/virtnet-ipam.log"))
+            config.logging.file.as_ref().map(TrustedPath::as_path),
+            Some(Path::new("/var/log/virtnet/virtnet-ipam.log"))
         );
         Ok(())
     }

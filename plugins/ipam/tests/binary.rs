@@ -309,8 +309,76 @@ fn relative_log_file() -> TestResult {
         &add_env(),
         &ipam_with("log_output_file_path", json!("virtnet-ipam.log")),
         ErrorCode::INVALID_NETWORK_CONFIG,
-        &["ipam.log_output_file_path must be an absolute file path"],
+        &["ipam.log_output_file_path must be an absolute path under one of"],
     )
+}
+
+/// A network config is tenant input: it cannot make root write or connect outside the node's
+/// trusted directories.
+#[test]
+fn paths_outside_the_trusted_directories_are_refused() -> TestResult {
+    for (key, path) in [
+        ("log_file", "/etc/cron.d/virtnet"),
+        ("log_file", "/var/log/virtnet/../../../etc/shadow"),
+        ("agent_socket", "/run/containerd/containerd.sock"),
+    ] {
+        let run = run(&add_env(), &ipam_with(key, json!(path)))?;
+        run.expect_error(
+            ErrorCode::INVALID_NETWORK_CONFIG,
+            &[
+                &format!("ipam.{key} must be an absolute path under one of the node's trusted directories /var/run/virtnet, /run/virtnet, /var/log/virtnet"),
+                "VIRTNET_CNI_TRUSTED_DIRS",
+                path,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_symlinked_log_file_is_not_followed() -> TestResult {
+    let directory = tempfile::tempdir()?;
+    let target = directory.path().join("elsewhere");
+    let link = directory.path().join("ipam.log");
+    std::os::unix::fs::symlink(&target, &link)?;
+    let mut config = readme_config();
+    config["ipam"]["log_file"] = json!(link.to_str().ok_or("temp dir is not UTF-8")?);
+    let run = run(&add_env(), &config.to_string())?;
+    run.expect_error(ErrorCode::TRY_AGAIN_LATER, &[UNREACHABLE])?;
+    assert!(!target.exists(), "the symlink's target was created");
+    assert!(
+        run.stderr.contains("cannot open log file") && run.stderr.contains("logging to stderr"),
+        "stderr: {:?}",
+        run.stderr
+    );
+    Ok(())
+}
+
+/// A config written by a newer VirtNet may carry keys this version does not know: ADD refuses
+/// it (a typo must be seen), DEL and GC go on and only warn, so the pod can always be torn down.
+#[test]
+fn del_and_gc_ignore_unknown_keys_that_add_refuses() -> TestResult {
+    let mut config = readme_config();
+    config["cniVersion"] = json!("1.1.0");
+    config["ipam"]["futureSetting"] = json!(true);
+    config["cni.dev/valid-attachments"] = json!([]);
+    let stdin = config.to_string();
+    run(&add_env(), &stdin)?.expect_error(
+        ErrorCode::INVALID_NETWORK_CONFIG,
+        &["ipam has an unknown field \"futureSetting\""],
+    )?;
+    for command in ["DEL", "GC"] {
+        let run = run(&env_for(command), &stdin)?;
+        run.expect_error(ErrorCode::TRY_AGAIN_LATER, &[UNREACHABLE])?;
+        assert!(
+            run.stderr
+                .contains(&format!("{command} goes on ignoring what it does not need"))
+                && run.stderr.contains("futureSetting"),
+            "stderr: {:?}",
+            run.stderr
+        );
+    }
+    Ok(())
 }
 
 #[test]
