@@ -57,7 +57,7 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
     let subnets = ctx.subnets.list().await?;
     if let Err(message) = review_against_older(&subnet, &subnets) {
         warn!(subnet = %name, %message, "Subnet conflicts with an older Subnet: no pools");
-        write_condition(&ctx, &subnet, "Conflict", &message).await?;
+        write_condition(&ctx, &subnet, "Overlaps", &message).await?;
         return Ok(Action::requeue(RESYNC));
     }
     let checked = overlap_with_other_pools(&subnet, &all_pools)
