@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
     group = "k8s.cni.cncf.io",
     version = "v1",
     kind = "NetworkAttachmentDefinition",
+    // The CRD Multus installs spells its plural with dashes.
+    plural = "network-attachment-definitions",
     namespaced,
     derive = "PartialEq",
     derive = "Default"
