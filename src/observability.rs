@@ -61,6 +61,7 @@ pub struct Metrics {
     pools_shown: Mutex<BTreeSet<PoolLabels>>,
     reclaims: Family<ReclaimLabels, Counter>,
     allocation_durations: Family<OutcomeLabels, Histogram>,
+    gc_decisions: Family<OutcomeLabels, Counter>,
     claim_conflicts: Counter,
     claim_retries: Counter,
     pool_exhaustions: Counter,
@@ -83,6 +84,7 @@ impl Default for Metrics {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ])
         });
+        let gc_decisions = Family::<OutcomeLabels, Counter>::default();
         let claim_conflicts = Counter::default();
         let claim_retries = Counter::default();
         let pool_exhaustions = Counter::default();
@@ -119,6 +121,12 @@ impl Default for Metrics {
             allocation_durations.clone(),
         );
         registry.register(
+            "ipam_gc_interfaces",
+            "Agent: interfaces a CNI GC found unlisted, by outcome (released, or kept because \
+             the API still shows the pod running on this node)",
+            gc_decisions.clone(),
+        );
+        registry.register(
             "ipam_claim_conflicts",
             "Agent: IPPool writes refused because the pool changed since it was read",
             claim_conflicts.clone(),
@@ -141,6 +149,7 @@ impl Default for Metrics {
         Self {
             registry,
             allocation_durations,
+            gc_decisions,
             claim_conflicts,
             claim_retries,
             pool_exhaustions,
@@ -247,6 +256,15 @@ impl Metrics {
                 outcome: outcome.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// Counts one interface a CNI GC released (`released`) or refused to release (`kept`).
+    pub fn gc_decided(&self, outcome: &str) {
+        self.gc_decisions
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a pool write refused for a stale resourceVersion.

@@ -216,9 +216,7 @@ async fn release(
     State(agent): State<Arc<Agent>>,
     Json(request): Json<ReleaseRequest>,
 ) -> Result<Json<Empty>, Refusal> {
-    agent
-        .release(&request.container_id, &request.ifname, request.pod.as_ref())
-        .await?;
+    agent.release(&request).await?;
     Ok(Json(Empty {}))
 }
 

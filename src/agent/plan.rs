@@ -12,13 +12,14 @@ use kube::ResourceExt;
 use virtnet_cni::agent_api::{
     AllocateResponse, AllocatedIp, ApiDns, ApiError, ApiRoute, ErrorKind,
 };
+use virtnet_cni::config::GcAttachment;
 
-use crate::crd::{EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
+use crate::crd::{Endpoint, EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
 use crate::ipam::{
     AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpamError, KUBEVIRT_API_GROUP,
     NamespaceDefaultSubnet, OwnerRef, PodFacts, PodIpamAnnotations, PoolState, Selection,
     SelectionRequest, SubnetFacts, allocate_in_pools, find_static_pool, parse_pool_name,
-    select_for_interface,
+    select_for_interface, selection_for_interface,
 };
 use crate::store::parse::{
     ParseError, allocated_addresses, pool_allocations, pool_ranges, subnet_facts,
@@ -226,6 +227,8 @@ pub struct AllocationInput<'a> {
     /// out its pools (see [`crate::ipam::node_rotation`]).
     pub nodes: &'a NodeLabels,
     pub interface: &'a str,
+    /// The CNI network the runtime is adding the interface to (its config's `name`).
+    pub network: Option<&'a str>,
     /// The sandbox the runtime is adding: named in the records this ADD writes.
     pub container_id: &'a str,
     pub cni_default_subnets: &'a [String],
@@ -248,11 +251,13 @@ pub struct Claim {
     pub already_held: bool,
 }
 
-/// The decision for one interface: the holder, and one claim per family.
+/// The decision for one interface: the holder, one claim per family, and the
+/// NetworkAttachmentDefinition (`namespace/name`) the pod selected for the interface, if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AllocationPlan {
     pub holder: AllocationHolder,
     pub claims: Vec<Claim>,
+    pub attachment: Option<String>,
 }
 
 /// Decides the addresses of one interface: selection by the engine, then the address the
@@ -263,6 +268,11 @@ pub fn plan_allocation(
 ) -> Result<AllocationPlan, PlanFailure> {
     let holder = holder_of(input);
     let annotations = PodIpamAnnotations::parse(input.pod.annotations())?;
+    let network_selection = selection_for_interface(
+        input.pod.annotations(),
+        &input.pod.namespace().unwrap_or_default(),
+        input.interface,
+    )?;
     let empty = BTreeMap::new();
     let namespace_annotations = input.namespace.map_or(&empty, |ns| ns.annotations());
     let namespace_default = NamespaceDefaultSubnet::parse(namespace_annotations)?;
@@ -272,6 +282,9 @@ pub fn plan_allocation(
     let selection = select_for_interface(&SelectionRequest {
         interface: input.interface,
         pod: &annotations,
+        requested_ips: network_selection
+            .as_ref()
+            .map_or(&[], |selection| selection.ips.as_slice()),
         namespace_default: namespace_default.as_ref(),
         namespace_labels: input.namespace.map_or(&empty, |ns| ns.labels()),
         node_labels: input.nodes.get(input.node).unwrap_or(&empty),
@@ -296,7 +309,11 @@ pub fn plan_allocation(
         .flatten()
         .map(|selection| claim(input, pools, &subnets, &holder, &selection))
         .collect::<Result<_, _>>()?;
-    Ok(AllocationPlan { holder, claims })
+    Ok(AllocationPlan {
+        holder,
+        claims,
+        attachment: network_selection.map(|selection| selection.attachment()),
+    })
 }
 
 /// The Subnets whose spec parses, and why each other one does not.
@@ -500,18 +517,14 @@ pub fn node_exhaustion(
 }
 
 /// The record a pool keeps for a claimed address, naming the sandbox that holds it.
-pub fn allocation_record(
-    holder: &AllocationHolder,
-    pod_uid: &str,
-    node: &str,
-    container_id: &str,
-) -> IpAllocation {
+pub fn allocation_record(holder: &AllocationHolder, input: &AllocationInput<'_>) -> IpAllocation {
     IpAllocation {
         endpoint: endpoint_ref(&holder.key),
         interface: holder.interface.clone(),
-        pod_uid: pod_uid.to_owned(),
-        node: node.to_owned(),
-        container_id: Some(container_id.to_owned()),
+        pod_uid: input.pod.uid().unwrap_or_default(),
+        node: input.node.to_owned(),
+        container_id: Some(input.container_id.to_owned()),
+        network: input.network.map(str::to_owned),
     }
 }
 
@@ -528,6 +541,60 @@ pub fn record_of_sandbox(
             .container_id
             .as_deref()
             .is_none_or(|recorded| recorded == container_id)
+}
+
+/// Whether a call for CNI network `requested` may act on an interface recorded for `recorded`:
+/// yes unless both are known and differ (records and plugins that predate network names match
+/// any network, as before).
+pub fn same_network(recorded: Option<&str>, requested: Option<&str>) -> bool {
+    match (recorded, requested) {
+        (Some(recorded), Some(requested)) => recorded == requested,
+        _ => true,
+    }
+}
+
+/// The interfaces a CNI GC of `network` on `node` finds unlisted: per-pod (non-sticky)
+/// Endpoints of this node, their interfaces recorded for `network` (never another network's,
+/// nor one whose network is not recorded) that `valid` does not name.
+pub fn gc_candidates<'e>(
+    endpoints: impl IntoIterator<Item = &'e Endpoint>,
+    node: &str,
+    network: &str,
+    valid: &[GcAttachment],
+) -> Vec<(&'e Endpoint, String)> {
+    endpoints
+        .into_iter()
+        .filter(|endpoint| endpoint.spec.node == node && !endpoint.spec.sticky)
+        .flat_map(|endpoint| {
+            endpoint
+                .spec
+                .interfaces
+                .iter()
+                .filter(|entry| entry.network.as_deref() == Some(network))
+                .filter(|entry| {
+                    !valid.iter().any(|attachment| {
+                        attachment.container_id == endpoint.spec.container_id
+                            && attachment.ifname == entry.interface
+                    })
+                })
+                .map(move |entry| (endpoint, entry.interface.clone()))
+        })
+        .collect()
+}
+
+/// Whether `pod` (as the API server has it now) is the pod `endpoint` records, still on `node`
+/// and not finished: its sandbox may be alive even when the runtime's list misses it, so a GC
+/// must not free its addresses.
+pub fn still_runs_here(pod: Option<&Pod>, endpoint: &EndpointSpec, node: &str) -> bool {
+    pod.is_some_and(|pod| {
+        pod.uid().as_deref() == Some(endpoint.pod_uid.as_str())
+            && pod.spec.as_ref().and_then(|spec| spec.node_name.as_deref()) == Some(node)
+            && !pod
+                .status
+                .as_ref()
+                .and_then(|status| status.phase.as_deref())
+                .is_some_and(|phase| phase == "Succeeded" || phase == "Failed")
+    })
 }
 
 /// What one request of a group commit comes to.
@@ -584,12 +651,7 @@ pub fn plan_batch(inputs: &[AllocationInput<'_>], mut pools: Vec<IpPool>) -> Bat
                 continue;
             }
         };
-        let record = allocation_record(
-            &plan.holder,
-            &input.pod.uid().unwrap_or_default(),
-            input.node,
-            input.container_id,
-        );
+        let record = allocation_record(&plan.holder, input);
         for claim in &plan.claims {
             if let Some(pool) = pools.iter_mut().find(|pool| pool.name_any() == claim.pool) {
                 pool.status
@@ -620,10 +682,17 @@ pub fn plan_batch(inputs: &[AllocationInput<'_>], mut pools: Vec<IpPool>) -> Bat
     }
 }
 
-/// The Endpoint interface entry recording `claims`.
-pub fn endpoint_interface(interface: &str, claims: &[Claim]) -> EndpointInterface {
+/// The Endpoint interface entry recording `plan`'s claims for `interface` of CNI network
+/// `network`.
+pub fn endpoint_interface(
+    interface: &str,
+    network: Option<&str>,
+    plan: &AllocationPlan,
+) -> EndpointInterface {
     let mut entry = EndpointInterface {
         interface: interface.to_owned(),
+        network: network.map(str::to_owned),
+        network_attachment: plan.attachment.clone(),
         ipv4_pool: None,
         ipv4: None,
         ipv4_gateway: None,
@@ -632,7 +701,7 @@ pub fn endpoint_interface(interface: &str, claims: &[Claim]) -> EndpointInterfac
         ipv6_gateway: None,
         vlan: None,
     };
-    for claim in claims {
+    for claim in &plan.claims {
         let address = IpNet::new(claim.address, claim.cidr.prefix_len())
             .map(|net| net.to_string())
             .ok();
@@ -798,6 +867,7 @@ mod tests {
             node: "node-1",
             nodes,
             interface: "eth0",
+            network: Some("macvlan"),
             container_id: "container-1",
             cni_default_subnets: defaults,
             subnets,
@@ -1020,7 +1090,9 @@ mod tests {
             },
             interface: "eth0".into(),
         };
-        let record = allocation_record(&holder, "uid-1", "node-1", "container-1");
+        let pod = pod("web-1", "uid-1", None, json!({}));
+        let nodes = NodeLabels::new();
+        let record = allocation_record(&holder, &input(&pod, &[], &nodes, &[]));
         let address: IpAddr = "10.6.153.200".parse().map_err(|_| PlanFailure::NoPools {
             subnet: String::new(),
         })?;
@@ -1035,7 +1107,7 @@ mod tests {
                 "metadata": {"resourceVersion": "42"},
                 "status": {"allocations": {"10.6.153.200": {
                     "endpoint": "default/web-1", "interface": "eth0", "podUID": "uid-1",
-                    "node": "node-1", "containerID": "container-1",
+                    "node": "node-1", "containerID": "container-1", "network": "macvlan",
                 }}},
             }))
         );
@@ -1080,13 +1152,13 @@ mod tests {
         let plan = plan(&pod, &subnets, &example_pools())?;
         let net1 = EndpointInterface {
             interface: "net1".into(),
-            ..endpoint_interface("net1", &plan.claims)
+            ..endpoint_interface("net1", Some("macvlan"), &plan)
         };
         let existing = endpoint_spec(None, &plan.holder, net1, &pod_facts(&pod), "node-1", "c1");
         let spec = endpoint_spec(
             Some(&existing),
             &plan.holder,
-            endpoint_interface("eth0", &plan.claims),
+            endpoint_interface("eth0", Some("macvlan"), &plan),
             &pod_facts(&pod),
             "node-1",
             "c1",
@@ -1348,5 +1420,118 @@ mod tests {
         assert_eq!(unknown.event_reason(), Some("IPAMRequestRejected"));
         let transient = PlanFailure::NoPools { subnet: "s".into() };
         assert_eq!(transient.event_reason(), None);
+    }
+
+    fn recorded_endpoint(name: &str, node: &str, interfaces: Value) -> Endpoint {
+        serde_json::from_value(json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "Endpoint",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"interfaces": interfaces, "ownerKind": "Pod", "ownerName": name,
+                     "node": node, "podUID": format!("uid-{name}"),
+                     "containerID": format!("c-{name}")},
+        }))
+        .expect("valid Endpoint")
+    }
+
+    #[test]
+    fn a_gc_only_sees_its_own_network_on_its_own_node() {
+        let nic = |interface: &str, network: Option<&str>| json!({"interface": interface, "ipv4": "10.6.0.9/16", "network": network});
+        let endpoints = [
+            recorded_endpoint(
+                "a",
+                "node-1",
+                json!([nic("eth0", Some("macvlan")), nic("net1", Some("storage"))]),
+            ),
+            recorded_endpoint("b", "node-1", json!([nic("eth0", Some("macvlan"))])),
+            recorded_endpoint("older", "node-1", json!([nic("eth0", None)])),
+            recorded_endpoint("elsewhere", "node-2", json!([nic("eth0", Some("macvlan"))])),
+        ];
+        let valid = [GcAttachment {
+            container_id: "c-a".into(),
+            ifname: "eth0".into(),
+        }];
+        let found = |network| -> Vec<(String, String)> {
+            gc_candidates(&endpoints, "node-1", network, &valid)
+                .into_iter()
+                .map(|(endpoint, ifname)| (endpoint.name_any(), ifname))
+                .collect()
+        };
+        assert_eq!(found("macvlan"), [("b".to_owned(), "eth0".to_owned())]);
+        assert_eq!(found("storage"), [("a".to_owned(), "net1".to_owned())]);
+        assert_eq!(found("othernet"), Vec::<(String, String)>::new());
+    }
+
+    #[test]
+    fn a_gc_keeps_a_pod_that_still_runs_on_the_node() {
+        let endpoint = recorded_endpoint(
+            "web",
+            "node-1",
+            json!([{"interface": "eth0", "ipv4": "10.6.0.9/16"}]),
+        );
+        let pod_on = |node: &str, uid: &str, phase: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web", "namespace": "default", "uid": uid},
+                "spec": {"nodeName": node, "containers": []},
+                "status": {"phase": phase},
+            }))
+            .expect("valid Pod")
+        };
+        assert!(still_runs_here(
+            Some(&pod_on("node-1", "uid-web", "Running")),
+            &endpoint.spec,
+            "node-1"
+        ));
+        assert!(still_runs_here(
+            Some(&pod_on("node-1", "uid-web", "Pending")),
+            &endpoint.spec,
+            "node-1"
+        ));
+        for gone in [
+            pod_on("node-2", "uid-web", "Running"),
+            pod_on("node-1", "uid-new", "Running"),
+            pod_on("node-1", "uid-web", "Succeeded"),
+        ] {
+            assert!(
+                !still_runs_here(Some(&gone), &endpoint.spec, "node-1"),
+                "{gone:?}"
+            );
+        }
+        assert!(!still_runs_here(None, &endpoint.spec, "node-1"));
+    }
+
+    #[test]
+    fn del_and_check_act_only_on_their_network() {
+        assert!(same_network(Some("macvlan"), Some("macvlan")));
+        assert!(!same_network(Some("macvlan"), Some("storage")));
+        // Records and plugins from before network names: as before, any.
+        assert!(same_network(None, Some("storage")));
+        assert!(same_network(Some("macvlan"), None));
+    }
+
+    #[test]
+    fn the_endpoint_records_the_network_and_the_attachment_the_pod_selected()
+    -> Result<(), PlanFailure> {
+        let pod = pod(
+            "web-1",
+            "uid-1",
+            None,
+            json!({"k8s.v1.cni.cncf.io/networks": "infra/underlay@net1"}),
+        );
+        let nodes = NodeLabels::new();
+        let subnets = [subnet(json!({}))];
+        let defaults = ["subnet".to_owned()];
+        let request = AllocationInput {
+            interface: "net1",
+            ..input(&pod, &subnets, &nodes, &defaults)
+        };
+        let plan = plan_allocation(&request, &example_pools())?;
+        let entry = endpoint_interface("net1", Some("underlay"), &plan);
+        assert_eq!(entry.network.as_deref(), Some("underlay"));
+        assert_eq!(entry.network_attachment.as_deref(), Some("infra/underlay"));
+        assert_eq!(
+            allocation_record(&plan.holder, &request).network.as_deref(),
+            Some("macvlan")
+        );
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use virtnet_cni::agent_api::{
     AllocateRequest, AllocateResponse, ApiError, CheckRequest, ErrorKind, GcRequest, PodRef,
+    ReleaseRequest,
 };
 
 use super::Error;
@@ -29,6 +31,7 @@ use crate::observability::Metrics;
 use crate::store::endpoints::{EndpointStore, Written};
 use crate::store::parse::interface_addresses;
 use crate::store::pools::{ClaimOutcome, PoolStore};
+use crate::store::workloads::WorkloadStore;
 use crate::store::{self, MAX_ATTEMPTS, Retry, StoreError, backoff};
 
 /// How the agent commits claims.
@@ -46,6 +49,8 @@ pub struct Agent {
     client: Client,
     pool_store: PoolStore,
     endpoint_store: EndpointStore,
+    /// Fresh reads of pods before a GC frees their addresses.
+    workloads: WorkloadStore,
     node: String,
     retention: FixedIpRetention,
     subnets: Store<Subnet>,
@@ -157,6 +162,7 @@ impl Agent {
             endpoints: store::cache::spawn(Api::all(client.clone()), config()),
             pool_store: PoolStore::new(client.clone()),
             endpoint_store: EndpointStore::new(client.clone()),
+            workloads: WorkloadStore::new(client.clone()),
             claiming: tokio::sync::Mutex::new(()),
             remembered: std::sync::Mutex::default(),
             jobs,
@@ -444,6 +450,7 @@ impl Agent {
                     node: &self.node,
                     nodes: &nodes,
                     interface: &member.job.request.ifname,
+                    network: member.job.request.network.as_deref(),
                     container_id: &member.job.request.container_id,
                     cni_default_subnets: &member.job.request.default_subnets,
                     subnets: &subnets,
@@ -562,21 +569,37 @@ impl Agent {
     /// Puts a Warning Event on the pod for a refusal its owner can act on; published in the
     /// background so the batch is not held up.
     fn report_refusal(&self, pod: &Pod, failure: &PlanFailure) {
-        let Some(reason) = failure.event_reason() else {
-            return;
-        };
+        if let Some(reason) = failure.event_reason() {
+            self.report(
+                pod.object_ref(&()),
+                EventType::Warning,
+                "AllocateAddress",
+                reason,
+                failure.to_string(),
+            );
+        }
+    }
+
+    /// Publishes an Event on `regarding` in the background, so no request waits for it.
+    fn report(
+        &self,
+        regarding: ObjectReference,
+        type_: EventType,
+        action: &str,
+        reason: &str,
+        note: String,
+    ) {
         let event = Event {
-            type_: EventType::Warning,
+            type_,
             reason: reason.to_owned(),
-            note: Some(failure.to_string().chars().take(1000).collect()),
-            action: "AllocateAddress".to_owned(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.to_owned(),
             secondary: None,
         };
-        let reference = pod.object_ref(&());
         let recorder = self.recorder.clone();
         tokio::spawn(async move {
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                warn!(%error, "could not publish an Event on the pod");
+            if let Err(error) = recorder.publish(&event, &regarding).await {
+                warn!(%error, "could not publish an Event");
             }
         });
     }
@@ -622,7 +645,7 @@ impl Agent {
         let facts = pod_facts(pod);
         let namespace = plan.holder.key.namespace();
         let name = plan.holder.key.endpoint_name();
-        let interface = plan::endpoint_interface(&request.ifname, &plan.claims);
+        let interface = plan::endpoint_interface(&request.ifname, request.network.as_deref(), plan);
         let mut retry = Retry::default();
         loop {
             // A new pod's Endpoint does not exist yet: when the cache agrees, create it without
@@ -747,12 +770,9 @@ impl Agent {
     /// DEL: releases this interface's addresses unless they are sticky (the controller owns
     /// those) or the Endpoint now belongs to another container. Nothing to release is success;
     /// a replayed DEL, or one for a sandbox the agent never saw, changes nothing.
-    pub async fn release(
-        &self,
-        container_id: &str,
-        ifname: &str,
-        pod: Option<&PodRef>,
-    ) -> Result<(), ApiError> {
+    pub async fn release(&self, request: &ReleaseRequest) -> Result<(), ApiError> {
+        let (container_id, ifname) = (request.container_id.as_str(), request.ifname.as_str());
+        let pod = request.pod.as_ref();
         let mut endpoint = self.endpoint_for(container_id, pod).await?;
         let mut retry = Retry::default();
         loop {
@@ -762,6 +782,20 @@ impl Agent {
                 return Ok(());
             };
             if current.spec.sticky || current.spec.container_id != container_id {
+                return Ok(());
+            }
+            let recorded = current
+                .spec
+                .interfaces
+                .iter()
+                .find(|entry| entry.interface == ifname)
+                .and_then(|entry| entry.network.clone());
+            if !plan::same_network(recorded.as_deref(), request.network.as_deref()) {
+                warn!(
+                    endpoint = %current.name_any(), %ifname, recorded = ?recorded,
+                    requested = ?request.network,
+                    "DEL for another network than the interface was added to: nothing released"
+                );
                 return Ok(());
             }
             let (namespace, name) = (current.namespace().unwrap_or_default(), current.name_any());
@@ -857,11 +891,10 @@ impl Agent {
             .await?;
         let recorded = endpoint.as_ref().is_some_and(|endpoint| {
             endpoint.spec.container_id == request.container_id
-                && endpoint
-                    .spec
-                    .interfaces
-                    .iter()
-                    .any(|entry| entry.interface == request.ifname)
+                && endpoint.spec.interfaces.iter().any(|entry| {
+                    entry.interface == request.ifname
+                        && plan::same_network(entry.network.as_deref(), request.network.as_deref())
+                })
         });
         if recorded {
             Ok(())
@@ -869,52 +902,89 @@ impl Agent {
             Err(ApiError::new(
                 ErrorKind::NotAllocated,
                 format!(
-                    "no Endpoint records interface {} of container {}; delete the pod so it is \
-                     re-created with an address",
-                    request.ifname, request.container_id
+                    "no Endpoint records interface {} of container {} for network {}; delete \
+                     the pod so it is re-created with an address",
+                    request.ifname,
+                    request.container_id,
+                    request.network.as_deref().unwrap_or("(unnamed)")
                 ),
             ))
         }
     }
 
-    /// GC: releases the non-sticky allocations on this node whose attachment the runtime no
-    /// longer lists.
+    /// GC: releases this network's non-sticky allocations on this node whose attachment the
+    /// runtime no longer lists, except those of a pod the API server still shows running on
+    /// this node (its sandbox may be alive; the runtime's list is not the only truth). Every
+    /// address released or kept is logged, counted and reported in an Event.
     pub async fn gc(&self, request: &GcRequest) -> Result<(), ApiError> {
-        let valid: BTreeMap<&str, Vec<&str>> =
-            request
-                .valid_attachments
-                .iter()
-                .fold(BTreeMap::new(), |mut valid, attachment| {
-                    valid
-                        .entry(attachment.container_id.as_str())
-                        .or_default()
-                        .push(attachment.ifname.as_str());
-                    valid
-                });
-        let stale: Vec<(Endpoint, String)> = self
-            .endpoints
-            .state()
-            .iter()
-            .filter(|endpoint| endpoint.spec.node == self.node && !endpoint.spec.sticky)
-            .flat_map(|endpoint| {
-                let listed = valid.get(endpoint.spec.container_id.as_str());
-                endpoint
-                    .spec
-                    .interfaces
-                    .iter()
-                    .filter(move |entry| {
-                        !listed.is_some_and(|names| names.contains(&entry.interface.as_str()))
-                    })
-                    .map(|entry| (Endpoint::clone(endpoint), entry.interface.clone()))
-            })
-            .collect();
+        let Some(network) = request.network.as_deref() else {
+            warn!("GC without a network name: nothing released (name the network in its config)");
+            return Ok(());
+        };
+        let endpoints = self.endpoints.state();
+        let stale: Vec<(Endpoint, String)> = plan::gc_candidates(
+            endpoints.iter().map(Arc::as_ref),
+            &self.node,
+            network,
+            &request.valid_attachments,
+        )
+        .into_iter()
+        .map(|(endpoint, ifname)| (endpoint.clone(), ifname))
+        .collect();
         for (endpoint, ifname) in stale {
-            info!(endpoint = %endpoint.name_any(), %ifname, "GC: the runtime no longer lists this attachment");
+            let (namespace, name) = (
+                endpoint.namespace().unwrap_or_default(),
+                endpoint.name_any(),
+            );
+            let pod = self
+                .workloads
+                .pod(&namespace, &name)
+                .await
+                .map_err(refusal)?;
+            if plan::still_runs_here(pod.as_ref(), &endpoint.spec, &self.node) {
+                warn!(endpoint = %format!("{namespace}/{name}"), %ifname, %network,
+                      "GC: the runtime does not list this attachment but the pod still runs \
+                       on this node: its addresses are kept");
+                self.metrics.gc_decided("kept");
+                if let Some(pod) = &pod {
+                    self.report(
+                        pod.object_ref(&()),
+                        EventType::Warning,
+                        "GarbageCollect",
+                        "GarbageCollectionRefused",
+                        format!(
+                            "CNI GC of network {network} did not list interface {ifname} of \
+                             container {}, but the pod still runs on node {}: its addresses \
+                             are kept",
+                            endpoint.spec.container_id, self.node
+                        ),
+                    );
+                }
+                continue;
+            }
+            info!(endpoint = %format!("{namespace}/{name}"), %ifname, %network,
+                  "GC: the runtime no longer lists this attachment: releasing its addresses");
             let container_id = endpoint.spec.container_id.clone();
+            let reference = endpoint.object_ref(&());
             // Changed: the cache was behind (a newer sandbox holds it now); the next GC
             // decides on the new version.
-            self.release_interface(endpoint, &ifname, &container_id)
-                .await?;
+            if self
+                .release_interface(endpoint, &ifname, &container_id)
+                .await?
+                == Written::Done
+            {
+                self.metrics.gc_decided("released");
+                self.report(
+                    reference,
+                    EventType::Normal,
+                    "GarbageCollect",
+                    "GarbageCollected",
+                    format!(
+                        "CNI GC of network {network} released interface {ifname} of container \
+                         {container_id}: the runtime no longer lists it"
+                    ),
+                );
+            }
         }
         Ok(())
     }

@@ -312,6 +312,7 @@ mod tests {
                     pod_uid: "uid".into(),
                     node: "node1".into(),
                     container_id: None,
+                    network: None,
                 },
             );
     }

@@ -138,6 +138,19 @@ pub struct EndpointInterface {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = rules::vlan_id())]
     pub vlan: Option<u16>,
+
+    /// The CNI network the interface was attached through: the conflist's or the NAD config's
+    /// `name`. GC and CHECK of one network only look at its own interfaces. Absent in records
+    /// written before networks were recorded (GC then leaves the interface to the controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub network: Option<String>,
+
+    /// The NetworkAttachmentDefinition (`namespace/name`) of the pod's network-selection element
+    /// for this interface, when the pod's Multus annotations name one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 317))]
+    pub network_attachment: Option<String>,
 }
 
 /// Observed state of an Endpoint, written by the controller.

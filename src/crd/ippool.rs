@@ -9,13 +9,14 @@
 //! writer rewrites (or races on) a blob of every record.
 //!
 //! The cost is that the whole object is stored and re-encoded on every claim, and must fit etcd's
-//! request limit (1.5 MiB by default). An allocation takes about 230 bytes of status (150 before
-//! records named their sandbox: a 64-digit container ID) plus about 80 bytes of `managedFields`
-//! (the apiserver records every map key a patch set): measured against kube-apiserver 1.34 at 229
-//! bytes per allocation without the container ID, and modelled by the tests below. So a pool
-//! holds at most about 5 000 allocations, and claims slow down as it fills (0.5 s per GET+PATCH at
-//! 3 000 allocations on a busy 2-core machine): the controller should choose `replicas` so that
-//! each shard stays at a few thousand addresses.
+//! request limit (1.5 MiB by default). An allocation takes about 260 bytes of status (records
+//! name their sandbox, a 64-digit container ID, and their CNI network) plus about 120 bytes of
+//! `managedFields` (the apiserver records every map key a patch set): measured against
+//! kube-apiserver 1.34 at 229 bytes per allocation before the container ID and network were
+//! kept, and modelled by the tests below. So a pool holds at most about 4 000 allocations, and
+//! claims slow down as it fills (0.5 s per GET+PATCH at 3 000 allocations on a busy 2-core
+//! machine): the controller should choose `replicas` so that each shard stays at a few thousand
+//! addresses.
 
 use std::collections::BTreeMap;
 
@@ -142,6 +143,10 @@ pub struct IpAllocation {
         skip_serializing_if = "Option::is_none"
     )]
     pub container_id: Option<String>,
+    /// The CNI network (conflist or NAD config `name`) the address was claimed through. Absent
+    /// in records written before networks were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 #[cfg(test)]
@@ -223,6 +228,7 @@ mod tests {
             node: "worker-01".into(),
             // A containerd sandbox ID: 64 hex digits.
             container_id: Some(format!("{pod_number:064x}")),
+            network: Some("macvlan-underlay".into()),
         }
     }
 
@@ -248,7 +254,7 @@ mod tests {
         // What the apiserver adds to metadata.managedFields for keys set by merge patches.
         let managed_fields = json!({"f:status": {"f:allocations": addresses
             .iter()
-            .map(|address| (format!("f:{address}"), json!({".": {}, "f:endpoint": {}, "f:interface": {}, "f:node": {}, "f:podUID": {}})))
+            .map(|address| (format!("f:{address}"), json!({".": {}, "f:containerID": {}, "f:endpoint": {}, "f:interface": {}, "f:network": {}, "f:node": {}, "f:podUID": {}})))
             .collect::<serde_json::Map<_, _>>()}});
         let status_bytes = serde_json::to_vec(&full_status)
             .expect("status serializes")
@@ -279,9 +285,9 @@ mod tests {
             per_allocation(status_bytes),
         );
         assert!(
-            (210..=250).contains(&per_allocation(status_bytes))
-                && (280..=340).contains(&stored_per_allocation),
-            "the IPPool docs quote about 230 bytes of status and 310 bytes stored per allocation"
+            (240..=280).contains(&per_allocation(status_bytes))
+                && (340..=410).contains(&stored_per_allocation),
+            "the IPPool docs quote about 260 bytes of status and 380 bytes stored per allocation"
         );
         assert!(
             status_bytes > ETCD_DEFAULT_MAX_REQUEST_BYTES,

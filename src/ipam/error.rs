@@ -204,6 +204,19 @@ pub enum IpamError {
         origin: SelectionSource,
     },
 
+    /// A requested address outside every Subnet of the network the interface is attached to.
+    #[error(
+        "static address {address} from {origin} is outside this network's Subnets ({subnets}): request an address inside one of them, or attach the interface to the network whose Subnet holds it"
+    )]
+    StaticAddressOutsideNetwork {
+        /// The address.
+        address: IpAddr,
+        /// The network's Subnets (the CNI config's defaults).
+        subnets: String,
+        /// Who asked for it.
+        origin: SelectionSource,
+    },
+
     /// A static address the Subnet does not offer.
     #[error(
         "static address {address} cannot be allocated in subnet {cidr}: {reason}; choose an address the Subnet offers"

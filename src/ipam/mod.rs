@@ -18,6 +18,7 @@
 mod annotations;
 mod error;
 mod key;
+mod network_selection;
 mod pick;
 mod pool;
 mod range;
@@ -38,6 +39,10 @@ pub use error::IpamError;
 pub use key::{
     AllocationKey, FixedIpRetention, KUBEVIRT_API_GROUP, KUBEVIRT_LAUNCHER_LABEL,
     KUBEVIRT_LAUNCHER_VALUE, KUBEVIRT_VM_NAME_LABEL, OwnerRef, PodFacts,
+};
+pub use network_selection::{
+    DEFAULT_INTERFACE, DEFAULT_NETWORK_ANNOTATION, NETWORKS_ANNOTATION, NetworkSelection,
+    selection_for_interface,
 };
 pub use pick::{node_rotation, order_pools_for_node, pick_free_address, stable_hash};
 pub use pool::{

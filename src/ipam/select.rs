@@ -8,6 +8,7 @@ use super::annotations::{
     DEFAULT_SUBNET_ANNOTATION, NamespaceDefaultSubnet, PodIpamAnnotations, lookup_entry,
 };
 use super::error::IpamError;
+use super::network_selection::NETWORKS_ANNOTATION;
 use super::range::IpFamily;
 use super::selector::LabelSelector;
 use super::split::parse_pool_name;
@@ -62,6 +63,9 @@ impl SubnetFacts {
 pub enum SelectionSource {
     /// A pod annotation (one of the `ipam.virtnet.io/…` constants).
     PodAnnotation(&'static str),
+    /// The `ips` of the pod's network-selection element for the interface
+    /// (`k8s.v1.cni.cncf.io/networks`, the CNI `ips` capability).
+    NetworkSelectionIps,
     /// The namespace annotation `ipam.virtnet.io/default-subnet`.
     NamespaceDefault,
     /// The CNI config's default Subnet(s).
@@ -74,6 +78,10 @@ impl fmt::Display for SelectionSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::PodAnnotation(annotation) => write!(f, "pod annotation {annotation}"),
+            Self::NetworkSelectionIps => write!(
+                f,
+                "the ips of the pod's {NETWORKS_ANNOTATION} element for this interface"
+            ),
             Self::NamespaceDefault => {
                 write!(f, "namespace annotation {DEFAULT_SUBNET_ANNOTATION}")
             }
@@ -129,6 +137,8 @@ pub struct SelectionRequest<'a> {
     pub interface: &'a str,
     /// The pod's parsed IPAM annotations.
     pub pod: &'a PodIpamAnnotations,
+    /// Static addresses the pod's network-selection element asks for (its `ips`).
+    pub requested_ips: &'a [IpAddr],
     /// The namespace's parsed default Subnet annotation.
     pub namespace_default: Option<&'a NamespaceDefaultSubnet>,
     /// The namespace's labels (for Subnet namespace selectors).
@@ -151,9 +161,12 @@ pub struct SelectionRequest<'a> {
 /// 1. a static address (`ipam.virtnet.io/static-ips`, or `address` in `ipam.virtnet.io/subnet`);
 /// 2. the pod's pool annotation (`ipam.virtnet.io/ippools`), then its Subnet annotation
 ///    (`ipam.virtnet.io/subnets`, or else `ipam.virtnet.io/subnet`) for the interface;
-/// 3. the namespace annotation `ipam.virtnet.io/default-subnet`;
-/// 4. the CNI config's default Subnet(s);
-/// 5. the cluster default Subnets (`default: true`).
+/// 3. the `ips` of the pod's Multus network-selection element for the interface: a static
+///    address, which must lie in one of the CNI config's default Subnets when it names any (the
+///    network's Subnets), else in any Subnet the pod may use;
+/// 4. the namespace annotation `ipam.virtnet.io/default-subnet`;
+/// 5. the CNI config's default Subnet(s);
+/// 6. the cluster default Subnets (`default: true`).
 ///
 /// So a dual-stack pod whose annotation names only an IPv4 Subnet still gets IPv6 from the
 /// next source that names an IPv6 one. A Subnet whose namespace or node selector rejects the pod
@@ -227,6 +240,20 @@ fn select_family(
         return request.only(name, family, source).map(Some);
     }
 
+    if let Some(address) = request
+        .requested_ips
+        .iter()
+        .find(|address| IpFamily::of(**address) == family)
+    {
+        let source = SelectionSource::NetworkSelectionIps;
+        let subnet = request.network_subnet_containing(*address, source)?;
+        return Ok(Some(Selection::StaticAddress {
+            address: *address,
+            subnet: subnet.name.clone(),
+            source,
+        }));
+    }
+
     if let Some(name) = request.namespace_default_name(family, skip_missing_defaults)? {
         return request
             .only(name, family, SelectionSource::NamespaceDefault)
@@ -248,6 +275,10 @@ impl<'a> SelectionRequest<'a> {
         lookup_entry(&self.pod.static_addresses, interface, family).is_some()
             || lookup_entry(&self.pod.pools, interface, family).is_some()
             || lookup_entry(&self.pod.subnets, interface, family).is_some()
+            || self
+                .requested_ips
+                .iter()
+                .any(|address| IpFamily::of(*address) == family)
     }
 
     /// Whether the namespace annotation names a default Subnet that exists (the per-family form
@@ -348,6 +379,30 @@ impl<'a> SelectionRequest<'a> {
             })
             .ok_or(IpamError::StaticAddressInNoSubnet {
                 address,
+                origin: source,
+            })
+    }
+
+    /// The Subnet of the network (the CNI config's defaults, when it names any) holding a
+    /// requested address.
+    fn network_subnet_containing(
+        &self,
+        address: IpAddr,
+        source: SelectionSource,
+    ) -> Result<&'a SubnetFacts, IpamError> {
+        let subnet = self.subnet_containing(address, source)?;
+        if self.cni_default_subnets.is_empty() || self.cni_default_subnets.contains(&subnet.name) {
+            return Ok(subnet);
+        }
+        self.cni_default_subnets
+            .iter()
+            .filter_map(|name| self.subnets.iter().find(|subnet| &subnet.name == name))
+            .find(|subnet| {
+                subnet.addresses.cidr().contains(&address) && self.rejection(subnet).is_none()
+            })
+            .ok_or_else(|| IpamError::StaticAddressOutsideNetwork {
+                address,
+                subnets: self.cni_default_subnets.join(", "),
                 origin: source,
             })
     }
@@ -475,6 +530,7 @@ mod tests {
         namespace_labels: BTreeMap<String, String>,
         node_labels: BTreeMap<String, String>,
         cni_defaults: Vec<String>,
+        requested_ips: Vec<IpAddr>,
         subnets: Vec<SubnetFacts>,
     }
 
@@ -497,6 +553,7 @@ mod tests {
                 namespace_labels: map(&[("team", "a")]),
                 node_labels: map(&[("rack", "r2")]),
                 cni_defaults: vec![],
+                requested_ips: vec![],
                 subnets: vec![
                     subnet("cluster-v4", "10.0.0.0/24", true),
                     subnet("cluster-v6", "fd00::/120", true),
@@ -514,6 +571,7 @@ mod tests {
             select_for_interface(&SelectionRequest {
                 interface,
                 pod: &pod,
+                requested_ips: &self.requested_ips,
                 namespace_default: namespace_default.as_ref(),
                 namespace_labels: &self.namespace_labels,
                 node_labels: &self.node_labels,
@@ -528,6 +586,47 @@ mod tests {
             subnets: names.iter().map(|n| n.to_string()).collect(),
             source,
         })
+    }
+
+    #[test]
+    fn the_network_selection_ips_come_after_the_pod_annotations_and_stay_in_the_network() {
+        let mut fixture = Fixture::new();
+        fixture.requested_ips = vec!["10.3.0.7".parse().expect("address")];
+        // Before the namespace default and the CNI config's defaults.
+        fixture.namespace_annotations = map(&[(DEFAULT_SUBNET_ANNOTATION, "cluster-v4")]);
+        let selection = fixture.select("net1").expect("the requested address");
+        assert_eq!(
+            selection.ipv4,
+            Some(Selection::StaticAddress {
+                address: "10.3.0.7".parse().expect("address"),
+                subnet: "other-v4".into(),
+                source: SelectionSource::NetworkSelectionIps,
+            })
+        );
+        // A pod annotation for the interface wins.
+        fixture.pod_annotations = map(&[(SUBNET_ANNOTATION, r#"{"ipv4": "cluster-v4"}"#)]);
+        let selection = fixture.select("net1").expect("the annotation");
+        assert_eq!(
+            selection.ipv4,
+            subnets(
+                &["cluster-v4"],
+                SelectionSource::PodAnnotation(SUBNET_ANNOTATION)
+            )
+        );
+        // Outside the network's Subnets (the CNI config's defaults): refused, saying which.
+        fixture.pod_annotations = BTreeMap::new();
+        fixture.cni_defaults = vec!["cluster-v4".into()];
+        let error = fixture.select("net1").expect_err("outside the network");
+        assert!(
+            matches!(error, IpamError::StaticAddressOutsideNetwork { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("(cluster-v4)"), "{error}");
+        fixture.requested_ips = vec!["192.0.2.1".parse().expect("address")];
+        assert!(matches!(
+            fixture.select("net1"),
+            Err(IpamError::StaticAddressInNoSubnet { .. })
+        ));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //!   the new sandbox, and no address twice;
 //! - replays: ADD replayed for the same sandbox answers the same address, DEL replayed and DEL of
 //!   a sandbox the agent never saw change nothing, CHECK after DEL fails;
+//! - GC and CHECK are per network: a GC for one network never frees another network's
+//!   addresses, and never those of a pod the API server still shows running on the node;
 //! - a stale cache never hands out an address twice: with one agent's view of the apiserver
 //!   held 3 s behind (a delaying proxy), an address its pod held is released through the API and
 //!   claimed by another node's agent; the first pod's new sandbox must not get it too.
@@ -24,7 +26,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 use virtnet_cni::agent_api::{
-    ALLOCATE_PATH, AllocateRequest, AllocateResponse, CHECK_PATH, CheckRequest, PodRef,
+    ALLOCATE_PATH, AllocateRequest, AllocateResponse, CHECK_PATH, CheckRequest, GC_PATH, PodRef,
     RELEASE_PATH, ReleaseRequest,
 };
 use virtnet_cni::trusted::TrustedDirs;
@@ -42,6 +44,8 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// One agent request; the racing pairs all go at once on a 2-core machine.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const FOREIGN_FINALIZER: &str = "backup.example.com/protect";
+/// The network name of the nodes' default conflist: what the runtime's calls carry.
+const NETWORK: &str = "macvlan";
 
 pub fn store_guards_keep_foreign_finalizers_and_racing_sandboxes_apart(
     suite: &Suite,
@@ -54,6 +58,7 @@ pub fn store_guards_keep_foreign_finalizers_and_racing_sandboxes_apart(
         foreign_finalizer_is_kept(cluster).await?;
         racing_sandboxes(cluster).await?;
         replays(cluster).await?;
+        per_network_gc(cluster).await?;
         stale_cache(cluster).await
     })
 }
@@ -217,17 +222,23 @@ async fn call(
     Ok((status, answer))
 }
 
-fn add_request(pod: &PodRef, container: &str) -> anyhow::Result<Value> {
-    add_request_in(pod, container, "subnet")
+fn add_request_in(pod: &PodRef, container: &str, subnet: &str) -> anyhow::Result<Value> {
+    add_request_for(pod, container, subnet, NETWORK)
 }
 
-fn add_request_in(pod: &PodRef, container: &str, subnet: &str) -> anyhow::Result<Value> {
+fn add_request_for(
+    pod: &PodRef,
+    container: &str,
+    subnet: &str,
+    network: &str,
+) -> anyhow::Result<Value> {
     Ok(serde_json::to_value(AllocateRequest {
         container_id: container.to_owned(),
         ifname: "eth0".to_owned(),
         netns: format!("/var/run/netns/{container}"),
         pod: pod.clone(),
         default_subnets: vec![subnet.to_owned()],
+        network: Some(network.to_owned()),
     })?)
 }
 
@@ -236,13 +247,33 @@ fn del_request(pod: &PodRef, container: &str) -> anyhow::Result<Value> {
         container_id: container.to_owned(),
         ifname: "eth0".to_owned(),
         pod: Some(pod.clone()),
+        network: Some(NETWORK.to_owned()),
+    })?)
+}
+
+fn check_request(pod: &PodRef, container: &str, network: &str) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(CheckRequest {
+        container_id: container.to_owned(),
+        ifname: "eth0".to_owned(),
+        pod: Some(pod.clone()),
+        network: Some(network.to_owned()),
     })?)
 }
 
 /// ADD, retried as the runtime retries it while the agent says "try again".
 async fn add(socket: &Path, pod: &PodRef, container: &str) -> anyhow::Result<String> {
+    add_to(socket, pod, container, NETWORK).await
+}
+
+async fn add_to(
+    socket: &Path,
+    pod: &PodRef,
+    container: &str,
+    network: &str,
+) -> anyhow::Result<String> {
     for _ in 0..20 {
-        let (status, answer) = call(socket, ALLOCATE_PATH, add_request(pod, container)?).await?;
+        let request = add_request_for(pod, container, "subnet", network)?;
+        let (status, answer) = call(socket, ALLOCATE_PATH, request).await?;
         if status.is_success() {
             let response: AllocateResponse = serde_json::from_value(answer)?;
             let address = response.ips.first().context("an address")?.address.addr();
@@ -358,16 +389,101 @@ async fn replays(cluster: &Cluster) -> anyhow::Result<()> {
         records_of(&pool_records(cluster)?, &pod.name).is_empty(),
         "DEL released the address, and the replayed DEL was harmless"
     );
-    let check = serde_json::to_value(CheckRequest {
-        container_id: "one".to_owned(),
-        ifname: "eth0".to_owned(),
-        pod: Some(pod.clone()),
-    })?;
-    let (status, answer) = call(&socket, CHECK_PATH, check).await?;
+    let (status, answer) = call(&socket, CHECK_PATH, check_request(&pod, "one", NETWORK)?).await?;
     ensure!(
         status == StatusCode::NOT_FOUND,
         "CHECK after DEL fails as not allocated: {status} {answer}"
     );
+    Ok(())
+}
+
+const GC_NAMESPACE: &str = "e2e-gc";
+
+/// A GC is for one network: "othernet" with nothing listed frees nobody else's addresses;
+/// "netb" frees only netb's; the nodes' own network frees nothing of a pod the API server still
+/// shows running on this node (and says so in an Event). CHECK answers per network.
+async fn per_network_gc(cluster: &Cluster) -> anyhow::Result<()> {
+    create_namespace(cluster, GC_NAMESPACE).await?;
+    let socket = agent_socket(cluster)?;
+    let node = cluster.node_names().into_iter().next().context("a node")?;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), GC_NAMESPACE);
+    let live: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "live", "labels": {"app": "live"}},
+        "spec": {"nodeName": node,
+                 "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+    }))?;
+    pods.create(&PostParams::default(), &live).await?;
+    wait_for_ready_pods(cluster, GC_NAMESPACE, "app=live", 1).await?;
+    let [on_a, on_b] =
+        <[PodRef; 2]>::try_from(unscheduled_pods_in(cluster, GC_NAMESPACE, "gc", 2).await?)
+            .map_err(|_| anyhow::anyhow!("two pods"))?;
+    add_to(&socket, &on_a, "sandbox-a", "neta").await?;
+    add_to(&socket, &on_b, "sandbox-b", "netb").await?;
+    let held = || -> anyhow::Result<BTreeSet<String>> {
+        let endpoints: BTreeSet<String> = pool_records(cluster)?
+            .into_iter()
+            .filter_map(|(_, record)| record["endpoint"].as_str().map(str::to_owned))
+            .filter(|endpoint| endpoint.starts_with(&format!("{GC_NAMESPACE}/")))
+            .collect();
+        Ok(endpoints)
+    };
+    let all: BTreeSet<String> = ["live", "gc-0", "gc-1"]
+        .map(|name| format!("{GC_NAMESPACE}/{name}"))
+        .into();
+    ensure!(held()? == all, "every pod holds an address: {:?}", held()?);
+
+    let gc = |network: &str| json!({"validAttachments": [], "network": network});
+    for network in ["othernet", "netb", NETWORK] {
+        let (status, answer) = call(&socket, GC_PATH, gc(network)).await?;
+        ensure!(status.is_success(), "GC {network}: {status} {answer}");
+        if network == "othernet" {
+            ensure!(held()? == all, "GC of othernet freed {:?}", &all - &held()?);
+        }
+    }
+    let left: BTreeSet<String> = ["live", "gc-0"]
+        .map(|name| format!("{GC_NAMESPACE}/{name}"))
+        .into();
+    ensure!(
+        held()? == left,
+        "GC of netb frees only gc-1, GC of {NETWORK} keeps the running pod: held {:?}",
+        held()?
+    );
+    cluster
+        .wait_for(
+            "the GarbageCollectionRefused Event",
+            SETTLE_TIMEOUT,
+            || async {
+                let events = kubectl_json(
+                    cluster,
+                    &[
+                        "get",
+                        "events",
+                        "-n",
+                        GC_NAMESPACE,
+                        "--field-selector",
+                        "reason=GarbageCollectionRefused,involvedObject.name=live",
+                    ],
+                )
+                .map_err(|error| error.to_string())?;
+                match events["items"].as_array().map(Vec::len) {
+                    Some(1..) => Ok(()),
+                    _ => Err(format!("no Event yet: {events}")),
+                }
+            },
+        )
+        .await?;
+    for (network, expected) in [("neta", StatusCode::OK), ("netb", StatusCode::NOT_FOUND)] {
+        let (status, answer) = call(
+            &socket,
+            CHECK_PATH,
+            check_request(&on_a, "sandbox-a", network)?,
+        )
+        .await?;
+        ensure!(
+            status == expected,
+            "CHECK of gc-0 for {network}: {status} {answer}"
+        );
+    }
     Ok(())
 }
 
@@ -456,11 +572,7 @@ async fn stale_cache(cluster: &mut Cluster) -> anyhow::Result<()> {
     let first = agent_socket_of(cluster, 0)?;
     let second = agent_socket_of(cluster, 1)?;
     // Serving again (its caches synced through the proxy) once CHECK of the holder succeeds.
-    let check = serde_json::to_value(CheckRequest {
-        container_id: sandbox.clone(),
-        ifname: "eth0".to_owned(),
-        pod: Some(holder_ref.clone()),
-    })?;
+    let check = check_request(&holder_ref, &sandbox, NETWORK)?;
     cluster
         .wait_for("the delayed agent to serve", SETTLE_TIMEOUT, || async {
             match call(&first, CHECK_PATH, check.clone()).await {

@@ -56,6 +56,11 @@ pub struct AllocateRequest {
     pub pod: PodRef,
     /// The Subnets from the CNI config (`default_subnet` / `default_subnets`).
     pub default_subnets: Vec<String>,
+    /// The CNI network the call is for: the conflist's (or NAD config's) `name`. Records keep
+    /// it so that GC and CHECK of one network never touch another's; absent from plugins that
+    /// predate it, and when a plugin is run by hand without a name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// One allocated address.
@@ -113,6 +118,9 @@ pub struct ReleaseRequest {
     pub ifname: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
+    /// The CNI network, as in [`AllocateRequest::network`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// CHECK: the agent still records an allocation for this interface of this container.
@@ -124,13 +132,20 @@ pub struct CheckRequest {
     pub ifname: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
+    /// The CNI network, as in [`AllocateRequest::network`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
-/// GC (CNI 1.1): release every allocation on this node except these attachments.
+/// GC (CNI 1.1): release every allocation of this network on this node except these
+/// attachments.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GcRequest {
     pub valid_attachments: Vec<GcAttachment>,
+    /// The CNI network, as in [`AllocateRequest::network`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// virtnet-coordinator's ADD: what it needs beyond its own config, for this interface of this
@@ -279,6 +294,7 @@ mod tests {
                 uid: None,
             },
             default_subnets: vec!["subnet".into()],
+            network: Some("macvlan".into()),
         };
         let wire = serde_json::to_value(&request)?;
         assert_eq!(
@@ -286,10 +302,19 @@ mod tests {
             json!({
                 "containerID": "abc", "ifname": "eth0", "netns": "/var/run/netns/cni-1",
                 "pod": {"namespace": "default", "name": "web-0"},
-                "defaultSubnets": ["subnet"],
+                "defaultSubnets": ["subnet"], "network": "macvlan",
             })
         );
         assert_eq!(serde_json::from_value::<AllocateRequest>(wire)?, request);
+        // A plugin that predates network names is still understood.
+        let older = json!({
+            "containerID": "abc", "ifname": "eth0", "netns": "/var/run/netns/cni-1",
+            "pod": {"namespace": "default", "name": "web-0"}, "defaultSubnets": ["subnet"],
+        });
+        assert_eq!(
+            serde_json::from_value::<AllocateRequest>(older)?.network,
+            None
+        );
         Ok(())
     }
 

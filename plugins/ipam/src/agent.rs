@@ -55,16 +55,24 @@ impl<'a> PodIdentity<'a> {
 pub enum AgentRequest<'a> {
     /// ADD: one address from each Subnet, for this interface of this pod.
     Allocate {
+        network: Option<&'a str>,
         attachment: &'a Attachment,
         pod: PodIdentity<'a>,
         subnets: &'a [String],
     },
     /// DEL: give back whatever this interface holds (nothing held is success).
-    Release { detachment: &'a Detachment },
+    Release {
+        network: Option<&'a str>,
+        detachment: &'a Detachment,
+    },
     /// CHECK: confirm the agent still records this interface's allocation.
-    Check { attachment: &'a Attachment },
-    /// GC: release allocations of attachments the runtime no longer lists.
+    Check {
+        network: Option<&'a str>,
+        attachment: &'a Attachment,
+    },
+    /// GC: release this network's allocations of attachments the runtime no longer lists.
     GarbageCollect {
+        network: Option<&'a str>,
         valid_attachments: &'a [GcAttachment],
     },
     /// STATUS: can the agent serve ADD right now?
@@ -78,6 +86,7 @@ impl fmt::Display for AgentRequest<'_> {
                 attachment,
                 pod,
                 subnets,
+                ..
             } => write!(
                 f,
                 "allocate from {} for {}/{} (uid {}) interface {} of container {}",
@@ -88,19 +97,23 @@ impl fmt::Display for AgentRequest<'_> {
                 attachment.ifname,
                 attachment.container_id,
             ),
-            Self::Release { detachment } => write!(
+            Self::Release { detachment, .. } => write!(
                 f,
                 "release interface {} of container {}",
                 detachment.ifname, detachment.container_id
             ),
-            Self::Check { attachment } => write!(
+            Self::Check { attachment, .. } => write!(
                 f,
                 "check interface {} of container {}",
                 attachment.ifname, attachment.container_id
             ),
-            Self::GarbageCollect { valid_attachments } => write!(
+            Self::GarbageCollect {
+                network,
+                valid_attachments,
+            } => write!(
                 f,
-                "release every allocation except {} valid attachment(s)",
+                "release every allocation of network {} except {} valid attachment(s)",
+                network.unwrap_or("(unnamed)"),
                 valid_attachments.len()
             ),
             Self::Status => f.write_str("report whether it can allocate"),
@@ -114,6 +127,7 @@ impl AgentRequest<'_> {
         let post = |path, body: Result<Vec<u8>, _>| body.map(|body| (Method::POST, path, body));
         match *self {
             Self::Allocate {
+                network,
                 attachment,
                 pod,
                 subnets,
@@ -125,9 +139,13 @@ impl AgentRequest<'_> {
                     netns: attachment.netns.to_string_lossy().into_owned(),
                     pod: pod.to_api(),
                     default_subnets: subnets.to_vec(),
+                    network: network.map(str::to_owned),
                 }),
             ),
-            Self::Release { detachment } => post(
+            Self::Release {
+                network,
+                detachment,
+            } => post(
                 api::RELEASE_PATH,
                 serde_json::to_vec(&api::ReleaseRequest {
                     container_id: detachment.container_id.clone(),
@@ -135,9 +153,13 @@ impl AgentRequest<'_> {
                     pod: PodIdentity::from_args(&detachment.args)
                         .ok()
                         .map(PodIdentity::to_api),
+                    network: network.map(str::to_owned),
                 }),
             ),
-            Self::Check { attachment } => post(
+            Self::Check {
+                network,
+                attachment,
+            } => post(
                 api::CHECK_PATH,
                 serde_json::to_vec(&api::CheckRequest {
                     container_id: attachment.container_id.clone(),
@@ -145,12 +167,17 @@ impl AgentRequest<'_> {
                     pod: PodIdentity::from_args(&attachment.args)
                         .ok()
                         .map(PodIdentity::to_api),
+                    network: network.map(str::to_owned),
                 }),
             ),
-            Self::GarbageCollect { valid_attachments } => post(
+            Self::GarbageCollect {
+                network,
+                valid_attachments,
+            } => post(
                 api::GC_PATH,
                 serde_json::to_vec(&api::GcRequest {
                     valid_attachments: valid_attachments.to_vec(),
+                    network: network.map(str::to_owned),
                 }),
             ),
             Self::Status => Ok((Method::GET, api::STATUS_PATH, Vec::new())),

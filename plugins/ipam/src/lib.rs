@@ -50,6 +50,7 @@ impl Plugin for IpamPlugin {
     ) -> Result<CniResult, CniError> {
         let pod = PodIdentity::from_args(&attachment.args)?;
         let request = AgentRequest::Allocate {
+            network: call.network.name.as_deref(),
             attachment,
             pod,
             subnets: &call.config.subnets,
@@ -58,16 +59,18 @@ impl Plugin for IpamPlugin {
     }
 
     fn del(&self, call: &Call<'_, IpamConfig>, detachment: &Detachment) -> Result<(), CniError> {
-        call.config
-            .agent
-            .send(&AgentRequest::Release { detachment })?;
+        call.config.agent.send(&AgentRequest::Release {
+            network: call.network.name.as_deref(),
+            detachment,
+        })?;
         Ok(())
     }
 
     fn check(&self, call: &Call<'_, IpamConfig>, attachment: &Attachment) -> Result<(), CniError> {
-        call.config
-            .agent
-            .send(&AgentRequest::Check { attachment })?;
+        call.config.agent.send(&AgentRequest::Check {
+            network: call.network.name.as_deref(),
+            attachment,
+        })?;
         Ok(())
     }
 
@@ -77,9 +80,10 @@ impl Plugin for IpamPlugin {
             .valid_attachments
             .as_deref()
             .unwrap_or_default();
-        call.config
-            .agent
-            .send(&AgentRequest::GarbageCollect { valid_attachments })?;
+        call.config.agent.send(&AgentRequest::GarbageCollect {
+            network: call.network.name.as_deref(),
+            valid_attachments,
+        })?;
         Ok(())
     }
 
