@@ -7,14 +7,17 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::ResourceExt;
 use virtnet_cni::agent_api::{
     AllocateResponse, AllocatedIp, ApiDns, ApiError, ApiRoute, ErrorKind,
 };
 use virtnet_cni::config::GcAttachment;
 
-use crate::crd::{Endpoint, EndpointInterface, EndpointSpec, IpAllocation, IpPool, Subnet};
+use crate::crd::{
+    Endpoint, EndpointInterface, EndpointSpec, IPAM_CLAIM_KIND, IpAllocation, IpPool, IpamClaim,
+    IpamClaimOwnerPod, IpamClaimStatus, NetworkAttachmentDefinition, Subnet,
+};
 use crate::ipam::{
     AllocationHolder, AllocationKey, FixedIpRetention, IpFamily, IpamError, KUBEVIRT_API_GROUP,
     NamespaceDefaultSubnet, OwnerRef, PodFacts, PodIpamAnnotations, PoolState, Selection,
@@ -52,6 +55,11 @@ pub enum PlanFailure {
          (kubectl get ippools)"
     )]
     UnknownPool { pool: String },
+    #[error(
+        "IPAMClaim {claim} records {address:?} in status.ips, which is not an address: fix or \
+         clear the claim's status"
+    )]
+    MalformedClaim { claim: String, address: String },
     #[error(transparent)]
     Ipam(#[from] IpamError),
 }
@@ -63,6 +71,7 @@ impl PlanFailure {
                 ErrorKind::NotReady
             }
             Self::Unparsable(_) => ErrorKind::Internal,
+            Self::MalformedClaim { .. } => ErrorKind::InvalidRequest,
             Self::UnknownPool { .. } | Self::Ipam(IpamError::UnknownSubnet { .. }) => {
                 ErrorKind::SubnetNotFound
             }
@@ -155,7 +164,9 @@ pub fn record_is_held_by(record: &IpAllocation, holder: &AllocationHolder) -> bo
         && record.interface == holder.interface
         && match &holder.key {
             AllocationKey::Pod { uid, .. } => &record.pod_uid == uid,
-            AllocationKey::StatefulSetPod { .. } | AllocationKey::VirtualMachine { .. } => true,
+            AllocationKey::StatefulSetPod { .. }
+            | AllocationKey::VirtualMachine { .. }
+            | AllocationKey::IpamClaim { .. } => true,
         }
 }
 
@@ -229,6 +240,9 @@ pub struct AllocationInput<'a> {
     pub interface: &'a str,
     /// The CNI network the runtime is adding the interface to (its config's `name`).
     pub network: Option<&'a str>,
+    /// The IPAMClaim the interface's address belongs to, when the pod references one on a
+    /// network that allows persistent addresses.
+    pub persistent_claim: Option<&'a PersistentClaim>,
     /// The sandbox the runtime is adding: named in the records this ADD writes.
     pub container_id: &'a str,
     pub cni_default_subnets: &'a [String],
@@ -282,9 +296,12 @@ pub fn plan_allocation(
     let selection = select_for_interface(&SelectionRequest {
         interface: input.interface,
         pod: &annotations,
-        requested_ips: network_selection
-            .as_ref()
-            .map_or(&[], |selection| selection.ips.as_slice()),
+        // The claim's recorded addresses, else what the element asks for.
+        requested_ips: match (input.persistent_claim, &network_selection) {
+            (Some(claim), _) if !claim.ips.is_empty() => &claim.ips,
+            (_, Some(selection)) => &selection.ips,
+            _ => &[],
+        },
         namespace_default: namespace_default.as_ref(),
         namespace_labels: input.namespace.map_or(&empty, |ns| ns.labels()),
         node_labels: input.nodes.get(input.node).unwrap_or(&empty),
@@ -331,10 +348,127 @@ fn usable_subnets(subnets: &[Subnet]) -> (Vec<SubnetFacts>, Vec<(String, ParseEr
 
 /// Who `input`'s addresses are for.
 fn holder_of(input: &AllocationInput<'_>) -> AllocationHolder {
+    holder_for(
+        input.pod,
+        input.interface,
+        input.persistent_claim,
+        input.retention,
+    )
+}
+
+/// Who the addresses of `interface` of `pod` are for: the IPAMClaim when there is one, else the
+/// pod's key.
+pub fn holder_for(
+    pod: &Pod,
+    interface: &str,
+    claim: Option<&PersistentClaim>,
+    retention: FixedIpRetention,
+) -> AllocationHolder {
+    let key = match claim {
+        Some(claim) => AllocationKey::IpamClaim {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: claim.name.clone(),
+        },
+        None => AllocationKey::for_pod(&pod_facts(pod), retention),
+    };
     AllocationHolder {
-        key: AllocationKey::for_pod(&pod_facts(input.pod), input.retention),
-        interface: input.interface.to_owned(),
+        key,
+        interface: interface.to_owned(),
     }
+}
+
+/// An IPAMClaim an interface's address belongs to (in the pod's namespace), and the addresses
+/// its status already records (reused: the claim's address survives its Endpoint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistentClaim {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+}
+
+impl PersistentClaim {
+    /// The claim as read: its status addresses parsed (a malformed one is an error naming it).
+    pub fn from_claim(claim: &IpamClaim) -> Result<Self, PlanFailure> {
+        let name = claim.name_any();
+        let ips = claim
+            .status
+            .iter()
+            .flat_map(|status| &status.ips)
+            .map(|written| {
+                written
+                    .parse::<IpNet>()
+                    .map(|net| net.addr())
+                    .or_else(|_| written.parse::<IpAddr>())
+                    .map_err(|_| PlanFailure::MalformedClaim {
+                        claim: name.clone(),
+                        address: written.clone(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { name, ips })
+    }
+}
+
+/// Whether a NetworkAttachmentDefinition's config lets its interfaces keep addresses in
+/// IPAMClaims (`"allowPersistentIPs": true` at the top level, where KubeVirt reads it too).
+pub fn allows_persistent_ips(nad: &NetworkAttachmentDefinition) -> bool {
+    nad.spec
+        .config
+        .as_deref()
+        .and_then(|config| serde_json::from_str::<serde_json::Value>(config).ok())
+        .is_some_and(|config| config["allowPersistentIPs"] == serde_json::Value::Bool(true))
+}
+
+/// The claim's status after an ADD: its addresses (with prefix), the pod that got them, and
+/// `IPsAllocated` (`SuccessfulAllocation`); or, for a refusal, `IPsAllocated` False with the
+/// API's reason (`IPAddressConflict`, `SubnetExhausted`) and the addresses left as they were.
+pub fn claim_status(
+    claim: &IpamClaim,
+    pod: &str,
+    outcome: Result<&[Claim], &ApiError>,
+    now: Time,
+) -> IpamClaimStatus {
+    let mut status = claim.status.clone().unwrap_or_default();
+    let (state, reason, message) = match outcome {
+        Ok(claims) => {
+            status.ips = claims
+                .iter()
+                .map(|claim| {
+                    IpNet::new(claim.address, claim.cidr.prefix_len())
+                        .unwrap_or(claim.cidr)
+                        .to_string()
+                })
+                .collect();
+            status.owner_pod = Some(IpamClaimOwnerPod {
+                name: pod.to_owned(),
+            });
+            (
+                "True",
+                "SuccessfulAllocation",
+                format!("allocated to pod {pod}"),
+            )
+        }
+        Err(error) => {
+            let reason = match error.kind {
+                ErrorKind::PoolExhausted => "SubnetExhausted",
+                ErrorKind::IpConflict => "IPAddressConflict",
+                _ => "AllocationFailed",
+            };
+            ("False", reason, error.message.clone())
+        }
+    };
+    let condition = Condition {
+        type_: "IPsAllocated".to_owned(),
+        status: state.to_owned(),
+        reason: reason.to_owned(),
+        message: message.chars().take(1000).collect(),
+        last_transition_time: now,
+        observed_generation: claim.metadata.generation,
+    };
+    status
+        .conditions
+        .retain(|known| known.type_ != condition.type_);
+    status.conditions.push(condition);
+    status
 }
 
 fn claim(
@@ -754,6 +888,7 @@ pub fn endpoint_spec(
                 .map_or_else(|| name.clone(), |owner| owner.name.clone()),
         ),
         AllocationKey::VirtualMachine { name, .. } => ("VirtualMachine".to_owned(), name.clone()),
+        AllocationKey::IpamClaim { name, .. } => (IPAM_CLAIM_KIND.to_owned(), name.clone()),
     };
     EndpointSpec {
         interfaces,
@@ -868,6 +1003,7 @@ mod tests {
             nodes,
             interface: "eth0",
             network: Some("macvlan"),
+            persistent_claim: None,
             container_id: "container-1",
             cni_default_subnets: defaults,
             subnets,
@@ -1533,5 +1669,135 @@ mod tests {
             Some("macvlan")
         );
         Ok(())
+    }
+
+    fn ipam_claim(status: Value) -> IpamClaim {
+        serde_json::from_value(json!({
+            "apiVersion": "k8s.cni.cncf.io/v1alpha1", "kind": "IPAMClaim",
+            "metadata": {"name": "vm1.underlay", "namespace": "default", "resourceVersion": "7",
+                         "generation": 1},
+            "spec": {"network": "underlay"},
+            "status": status,
+        }))
+        .expect("valid IPAMClaim")
+    }
+
+    #[test]
+    fn a_claimed_interface_belongs_to_the_claim_and_reuses_its_address() -> Result<(), PlanFailure>
+    {
+        let launcher = pod(
+            "virt-launcher-vm1-abcde",
+            "uid-a",
+            None,
+            json!({"k8s.v1.cni.cncf.io/networks":
+                   r#"[{"name": "underlay", "interface": "net1", "ipam-claim-reference": "vm1.underlay"}]"#}),
+        );
+        let recorded =
+            PersistentClaim::from_claim(&ipam_claim(json!({"ips": ["10.6.153.177/16"]})))?;
+        assert_eq!(
+            recorded.ips,
+            ["10.6.153.177".parse::<IpAddr>().expect("address")]
+        );
+        let nodes = NodeLabels::new();
+        let subnets = [subnet(json!({}))];
+        let defaults = ["subnet".to_owned()];
+        let request = AllocationInput {
+            interface: "net1",
+            persistent_claim: Some(&recorded),
+            ..input(&launcher, &subnets, &nodes, &defaults)
+        };
+        let plan = plan_allocation(&request, &example_pools())?;
+        assert_eq!(
+            plan.holder.key,
+            AllocationKey::IpamClaim {
+                namespace: "default".into(),
+                name: "vm1.underlay".into()
+            }
+        );
+        assert_eq!(plan.claims[0].address.to_string(), "10.6.153.177");
+        let spec = endpoint_spec(
+            None,
+            &plan.holder,
+            endpoint_interface("net1", Some("underlay"), &plan),
+            &pod_facts(&launcher),
+            "node-1",
+            "c1",
+        );
+        assert!(spec.sticky);
+        assert_eq!(
+            (spec.owner_kind.as_str(), spec.owner_name.as_str()),
+            (IPAM_CLAIM_KIND, "vm1.underlay")
+        );
+        let broken = ipam_claim(json!({"ips": ["10.6.153.300/16"]}));
+        assert!(matches!(
+            PersistentClaim::from_claim(&broken),
+            Err(PlanFailure::MalformedClaim { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn the_claim_status_records_the_address_or_why_not() -> Result<(), PlanFailure> {
+        let pod = pod("web-1", "uid-1", None, json!({}));
+        let plan = plan(&pod, &[subnet(json!({}))], &example_pools())?;
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let claim = ipam_claim(json!({}));
+        let status = claim_status(
+            &claim,
+            "virt-launcher-vm1-abcde",
+            Ok(&plan.claims),
+            now.clone(),
+        );
+        assert_eq!(status.ips, [format!("{}/16", plan.claims[0].address)]);
+        assert_eq!(
+            status.owner_pod.map(|owner| owner.name).as_deref(),
+            Some("virt-launcher-vm1-abcde")
+        );
+        assert_eq!(
+            (
+                status.conditions[0].type_.as_str(),
+                status.conditions[0].status.as_str(),
+                status.conditions[0].reason.as_str()
+            ),
+            ("IPsAllocated", "True", "SuccessfulAllocation")
+        );
+        let full = ApiError::new(ErrorKind::PoolExhausted, "every pool is full");
+        let held = ipam_claim(json!({"ips": ["10.6.153.177/16"]}));
+        let status = claim_status(&held, "p", Err(&full), now);
+        assert_eq!(
+            status.ips,
+            ["10.6.153.177/16"],
+            "a refusal keeps the recorded address"
+        );
+        assert_eq!(
+            (
+                status.conditions.len(),
+                status.conditions[0].status.as_str(),
+                status.conditions[0].reason.as_str()
+            ),
+            (1, "False", "SubnetExhausted")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn only_a_nad_that_allows_it_keeps_addresses_in_claims() {
+        let nad = |config: Option<&str>| NetworkAttachmentDefinition {
+            metadata: Default::default(),
+            spec: crate::crd::NetworkAttachmentDefinitionSpec {
+                config: config.map(str::to_owned),
+            },
+        };
+        assert!(allows_persistent_ips(&nad(Some(
+            r#"{"name": "u", "allowPersistentIPs": true, "plugins": []}"#
+        ))));
+        for config in [
+            Some(r#"{"name": "u", "plugins": []}"#),
+            Some(r#"{"allowPersistentIPs": "yes"}"#),
+            Some("not json"),
+            None,
+        ] {
+            assert!(!allows_persistent_ips(&nad(config)), "{config:?}");
+        }
     }
 }

@@ -8,7 +8,8 @@ use std::time::Instant;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -23,11 +24,13 @@ use virtnet_cni::agent_api::{
 
 use super::Error;
 use super::plan::{
-    self, AllocationInput, AllocationPlan, BatchOutcome, BatchWrite, Claim, PlanFailure, pod_facts,
+    self, AllocationInput, AllocationPlan, BatchOutcome, BatchWrite, Claim, PersistentClaim,
+    PlanFailure, pod_facts,
 };
-use crate::crd::{Endpoint, EndpointSpec, FINALIZER_ENDPOINT, IpPool, Subnet};
-use crate::ipam::{AllocationHolder, AllocationKey, FixedIpRetention};
+use crate::crd::{Endpoint, EndpointSpec, FINALIZER_ENDPOINT, IpPool, IpamClaim, Subnet};
+use crate::ipam::{AllocationHolder, AllocationKey, FixedIpRetention, selection_for_interface};
 use crate::observability::Metrics;
+use crate::store::claims::ClaimStore;
 use crate::store::endpoints::{EndpointStore, Written};
 use crate::store::parse::interface_addresses;
 use crate::store::pools::{ClaimOutcome, PoolStore};
@@ -51,6 +54,8 @@ pub struct Agent {
     endpoint_store: EndpointStore,
     /// Fresh reads of pods before a GC frees their addresses.
     workloads: WorkloadStore,
+    /// NADs and IPAMClaims of persistent addresses.
+    claims: ClaimStore,
     node: String,
     retention: FixedIpRetention,
     subnets: Store<Subnet>,
@@ -75,6 +80,8 @@ pub struct Agent {
 struct ClaimJob {
     request: AllocateRequest,
     pod: Pod,
+    /// The IPAMClaim the interface's address belongs to (as read, and as the plan sees it).
+    claim: Option<(IpamClaim, PersistentClaim)>,
     reply: oneshot::Sender<Result<Claimed, ApiError>>,
 }
 
@@ -163,6 +170,7 @@ impl Agent {
             pool_store: PoolStore::new(client.clone()),
             endpoint_store: EndpointStore::new(client.clone()),
             workloads: WorkloadStore::new(client.clone()),
+            claims: ClaimStore::new(client.clone()),
             claiming: tokio::sync::Mutex::new(()),
             remembered: std::sync::Mutex::default(),
             jobs,
@@ -318,14 +326,26 @@ impl Agent {
         let pod = self
             .with_confirmed_owner(self.pod(&request.pod).await?)
             .await?;
+        let claim = self.persistent_claim(&pod, request).await?;
+        let claim_read = claim.as_ref().map(|(read, _)| read.clone());
         let (reply, answer) = oneshot::channel();
         let job = ClaimJob {
             request: request.clone(),
             pod: pod.clone(),
+            claim,
             reply,
         };
         self.jobs.send(job).map_err(|_| shutting_down())?;
-        let claimed = answer.await.map_err(|_| shutting_down())??;
+        let claimed = answer.await.map_err(|_| shutting_down());
+        let claimed = match claimed {
+            Ok(Ok(claimed)) => claimed,
+            Ok(Err(error)) | Err(error) => {
+                if let Some(read) = &claim_read {
+                    self.report_to_claim(read, &pod, Err(&error)).await;
+                }
+                return Err(error);
+            }
+        };
         if let Err(error) = self.record_endpoint(&claimed.plan, &pod, request).await {
             self.undo(
                 &claimed.claimed,
@@ -334,6 +354,10 @@ impl Agent {
             )
             .await;
             return Err(error);
+        }
+        if let Some(read) = &claim_read {
+            self.report_to_claim(read, &pod, Ok(&claimed.plan.claims))
+                .await;
         }
         info!(
             pod = %format!("{}/{}", request.pod.namespace, request.pod.name),
@@ -348,6 +372,100 @@ impl Agent {
             &claimed.plan.claims,
             &self.subnet_snapshot(),
         ))
+    }
+
+    /// The IPAMClaim `request`'s interface keeps its address in: named by the pod's
+    /// network-selection element for the interface (`ipam-claim-reference`), on a NAD whose
+    /// config allows persistent addresses. A claim that does not exist yet is "try again":
+    /// KubeVirt's ipam-extensions creates it with the VM.
+    async fn persistent_claim(
+        &self,
+        pod: &Pod,
+        request: &AllocateRequest,
+    ) -> Result<Option<(IpamClaim, PersistentClaim)>, ApiError> {
+        let namespace = pod.namespace().unwrap_or_default();
+        let selection = selection_for_interface(pod.annotations(), &namespace, &request.ifname)
+            .map_err(|error| ApiError::from(PlanFailure::from(error)))?;
+        let Some((selection, claim_name)) = selection
+            .and_then(|selection| selection.ipam_claim.clone().map(|claim| (selection, claim)))
+        else {
+            return Ok(None);
+        };
+        let nad = self
+            .claims
+            .nad(&selection.namespace, &selection.name)
+            .await
+            .map_err(refusal)?;
+        if !nad.as_ref().is_some_and(plan::allows_persistent_ips) {
+            info!(
+                pod = %format!("{namespace}/{}", pod.name_any()),
+                interface = %request.ifname,
+                network = %selection.attachment(),
+                "the pod names IPAMClaim {claim_name}, but the network does not allow \
+                 persistent addresses (allowPersistentIPs): the address is the pod's own"
+            );
+            return Ok(None);
+        }
+        let Some(claim) = self
+            .claims
+            .claim(&namespace, &claim_name)
+            .await
+            .map_err(refusal)?
+        else {
+            return Err(ApiError::new(
+                ErrorKind::NotReady,
+                format!(
+                    "IPAMClaim {namespace}/{claim_name}, named by the pod's network selection \
+                     for interface {}, does not exist yet (KubeVirt's ipam-extensions creates \
+                     it with the VM); the runtime retries the ADD",
+                    request.ifname
+                ),
+            ));
+        };
+        let persistent = PersistentClaim::from_claim(&claim).map_err(ApiError::from)?;
+        Ok(Some((claim, persistent)))
+    }
+
+    /// Records an ADD's outcome in the claim's status (addresses, owner pod, `IPsAllocated`).
+    /// Best effort: the Endpoint and the pool records hold the address whatever happens here,
+    /// and the next ADD writes the status again.
+    async fn report_to_claim(
+        &self,
+        read: &IpamClaim,
+        pod: &Pod,
+        outcome: Result<&[Claim], &ApiError>,
+    ) {
+        let mut claim = read.clone();
+        let mut retry = Retry::default();
+        loop {
+            let status =
+                plan::claim_status(&claim, &pod.name_any(), outcome, Time(Timestamp::now()));
+            match self.claims.write_status(&claim, &status).await {
+                Ok(Written::Done) => return,
+                Ok(Written::Changed) if retry.after_conflict().await => {
+                    match self
+                        .claims
+                        .claim(&claim.namespace().unwrap_or_default(), &claim.name_any())
+                        .await
+                    {
+                        Ok(Some(fresh)) => claim = fresh,
+                        Ok(None) => return,
+                        Err(error) => {
+                            warn!(%error, "could not re-read the IPAMClaim to record its address");
+                            return;
+                        }
+                    }
+                }
+                Ok(Written::Changed) => {
+                    warn!(claim = %claim.name_any(), "the IPAMClaim kept changing: its status is written by the next ADD");
+                    return;
+                }
+                Err(error) => {
+                    warn!(%error, "could not record the address in the IPAMClaim's status");
+                    return;
+                }
+            }
+        }
     }
 
     fn subnet_snapshot(&self) -> Vec<Subnet> {
@@ -403,10 +521,12 @@ impl Agent {
         let mut members: Vec<Member> = batch
             .into_iter()
             .map(|job| Member {
-                holder: AllocationHolder {
-                    key: AllocationKey::for_pod(&pod_facts(&job.pod), self.retention),
-                    interface: job.request.ifname.clone(),
-                },
+                holder: plan::holder_for(
+                    &job.pod,
+                    &job.request.ifname,
+                    job.claim.as_ref().map(|(_, claim)| claim),
+                    self.retention,
+                ),
                 job,
                 claimed: Vec::new(),
                 conflicts: 0,
@@ -451,6 +571,7 @@ impl Agent {
                     nodes: &nodes,
                     interface: &member.job.request.ifname,
                     network: member.job.request.network.as_deref(),
+                    persistent_claim: member.job.claim.as_ref().map(|(_, claim)| claim),
                     container_id: &member.job.request.container_id,
                     cni_default_subnets: &member.job.request.default_subnets,
                     subnets: &subnets,

@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::Duration,
 };
 
@@ -23,7 +23,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
     runtime::{
         events::EventType,
@@ -37,13 +37,13 @@ use tracing::{info, warn};
 use super::{
     Context, Error,
     lifecycle::{
-        AllocationRef, Decision, NodeView, OWNER_STATEFULSET, OWNER_VIRTUAL_MACHINE, Observed,
-        OwnerView, PodState, PodView, Reason, Settings, StatefulSetView, VirtualMachineView,
-        absent_pod, decide, plan_orphans, recheck_after, sticky_owner,
+        AllocationRef, Decision, IpamClaimView, NodeView, OWNER_STATEFULSET, OWNER_VIRTUAL_MACHINE,
+        Observed, OwnerView, PodState, PodView, Reason, Settings, StatefulSetView,
+        VirtualMachineView, absent_pod, decide, plan_orphans, recheck_after, sticky_owner,
     },
 };
 use crate::{
-    crd::Endpoint,
+    crd::{Endpoint, EndpointSpec, IPAM_CLAIM_KIND, IpamClaim},
     ipam::{KUBEVIRT_API_GROUP, KUBEVIRT_VM_NAME_LABEL},
     store::{
         self,
@@ -74,8 +74,10 @@ struct Caches {
     pods: Store<Pod>,
     nodes: Store<Node>,
     statefulsets: Store<StatefulSet>,
-    /// `None` when the KubeVirt CRDs are not installed.
-    vms: Option<(Store<DynamicObject>, ApiResource)>,
+    /// Empty until the KubeVirt CRDs are served.
+    vms: OwnerCache,
+    /// Empty until the IPAMClaim CRD is served.
+    claims: OwnerCache,
     /// UIDs of pods whose deletion the pod watch delivered, and when: such a pod's absence is
     /// not the cache lagging behind a new pod (see [`PodView::Deleted`]).
     deleted_pods: DeletedPods,
@@ -85,6 +87,13 @@ struct Caches {
 }
 
 type DeletedPods = Arc<Mutex<BTreeMap<String, Timestamp>>>;
+
+/// The cache of a sticky owner kind defined outside VirtNet, set once the kind is served.
+type OwnerCache = Arc<OnceLock<(Store<DynamicObject>, ApiResource)>>;
+
+/// How often the controller looks again for an owner kind that is not served yet (KubeVirt or
+/// the IPAMClaim CRD installed after VirtNet).
+const OWNER_KIND_RETRY: Duration = Duration::from_secs(20);
 
 /// Runs the Endpoint reconciler until `stopped` resolves.
 pub async fn run(ctx: Arc<Context>, stopped: impl Future<Output = ()>) {
@@ -96,8 +105,8 @@ pub async fn run(ctx: Arc<Context>, stopped: impl Future<Output = ()>) {
         caches.pods.wait_until_ready().await.ok();
         caches.nodes.wait_until_ready().await.ok();
         caches.statefulsets.wait_until_ready().await.ok();
-        if let Some((vms, _)) = &caches.vms {
-            vms.wait_until_ready().await.ok();
+        for (owners, _) in caches.vms.get().into_iter().chain(caches.claims.get()) {
+            owners.wait_until_ready().await.ok();
         }
     };
     tokio::pin!(stopped);
@@ -199,44 +208,81 @@ async fn start_caches(
             }
         },
     );
-    let vm_resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(KUBEVIRT_API_GROUP, "v1", OWNER_VIRTUAL_MACHINE),
-        "virtualmachines",
-    );
-    let vm_api = Api::<DynamicObject>::all_with(client.clone(), &vm_resource);
-    let vms = match vm_api.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Some((
-            cache(
-                tasks,
-                sender,
-                vm_api,
-                Writer::new(vm_resource.clone()),
-                |vm, _| {
-                    let namespace = vm.namespace().unwrap_or_default();
-                    vec![ObjectRef::new(&vm.name_any()).within(&namespace)]
-                },
-            ),
-            vm_resource,
-        )),
-        Err(error) => {
-            info!(
-                %error,
-                "cannot list kubevirt.io VirtualMachines: VM addresses are kept until the \
-                 controller can (without KubeVirt this is expected; with it, check the \
-                 controller's RBAC for virtualmachines and restart it)"
-            );
-            None
-        }
-    };
+    let vms = owner_cache(
+        tasks,
+        sender,
+        client,
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(KUBEVIRT_API_GROUP, "v1", OWNER_VIRTUAL_MACHINE),
+            "virtualmachines",
+        ),
+        "without KubeVirt this is expected",
+    )
+    .await;
+    let claims = owner_cache(
+        tasks,
+        sender,
+        client,
+        ApiResource::erase::<IpamClaim>(&()),
+        "without the IPAMClaim CRD (chart value ipamClaims.installCRD) this is expected",
+    )
+    .await;
     Caches {
         endpoints,
         pods,
         nodes,
         statefulsets,
         vms,
+        claims,
         deleted_pods,
         pods_listed_after,
     }
+}
+
+/// A cache of a sticky owner kind defined outside VirtNet (KubeVirt VMs, IPAMClaims), whose
+/// Endpoints are named after the owner. While the kind is not served the cache stays empty (the
+/// owners' addresses are kept) and the kind is looked for again every [`OWNER_KIND_RETRY`], so
+/// installing KubeVirt or the claim CRD after VirtNet needs no restart.
+async fn owner_cache(
+    tasks: &mut JoinSet<()>,
+    sender: &mpsc::Sender<Trigger>,
+    client: &Client,
+    resource: ApiResource,
+    expected_when: &'static str,
+) -> OwnerCache {
+    let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    let cell = OwnerCache::default();
+    let affected = |owner: DynamicObject, _| {
+        let namespace = owner.namespace().unwrap_or_default();
+        vec![ObjectRef::new(&owner.name_any()).within(&namespace)]
+    };
+    if api.list(&ListParams::default().limit(1)).await.is_ok() {
+        let store = cache(tasks, sender, api, Writer::new(resource.clone()), affected);
+        cell.set((store, resource)).ok();
+        return cell;
+    }
+    info!(
+        "{} is not served: those addresses are kept until it is ({expected_when}; otherwise \
+         check the controller's RBAC for {}); looking again every {}s",
+        resource.kind,
+        resource.plural,
+        OWNER_KIND_RETRY.as_secs()
+    );
+    let (sender, found) = (sender.clone(), cell.clone());
+    tasks.spawn(async move {
+        while api.list(&ListParams::default().limit(1)).await.is_err() {
+            tokio::time::sleep(OWNER_KIND_RETRY).await;
+        }
+        info!("{} is served now: watching it", resource.kind);
+        let (store, events) = store::cache::reflect(
+            api,
+            watcher::Config::default().any_semantic(),
+            Writer::new(resource.clone()),
+        );
+        found.set((store, resource)).ok();
+        forward(events, sender, affected).await;
+    });
+    cell
 }
 
 /// Starts a reflector of `api` into a new store; each applied or deleted object queues the
@@ -403,7 +449,7 @@ impl Worker {
     /// launcher pod is found by UID; any other by the Endpoint's name.
     fn cached_pod(&self, endpoint: &Endpoint) -> Option<Arc<Pod>> {
         let spec = &endpoint.spec;
-        if spec.sticky && spec.owner_kind == OWNER_VIRTUAL_MACHINE {
+        if named_after_owner(spec) {
             self.caches
                 .pods
                 .find(|pod| pod.metadata.uid.as_deref() == Some(spec.pod_uid.as_str()))
@@ -425,7 +471,7 @@ impl Worker {
         // the cache does not know stays judged by the cache's evidence.
         let name = match self.cached_pod(endpoint) {
             Some(pod) => Some(pod.name_any()),
-            None if spec.sticky && spec.owner_kind == OWNER_VIRTUAL_MACHINE => None,
+            None if named_after_owner(spec) => None,
             None => Some(endpoint.name_any()),
         };
         let pod = match &name {
@@ -455,9 +501,14 @@ impl Worker {
                     .get(&ObjectRef::new(&spec.owner_name).within(&namespace))
                     .map(|statefulset| statefulset_view(&statefulset)),
             ),
-            Some(_) => {
-                OwnerView::VirtualMachine(self.virtual_machine(&namespace, &spec.owner_name))
-            }
+            Some(IPAM_CLAIM_KIND) => OwnerView::IpamClaim(
+                owner_deleting(&self.caches.claims, &namespace, &spec.owner_name)
+                    .map(|deleting| IpamClaimView { deleting }),
+            ),
+            Some(_) => OwnerView::VirtualMachine(
+                owner_deleting(&self.caches.vms, &namespace, &spec.owner_name)
+                    .map(|deleting| VirtualMachineView { deleting }),
+            ),
             None => OwnerView::NotSticky,
         };
         let now = Timestamp::now();
@@ -481,18 +532,6 @@ impl Worker {
             endpoint_created,
             now,
         }
-    }
-
-    /// The VM, or (when KubeVirt is not served) a VM presumed to exist: never release a VM's
-    /// address on the strength of a cache that cannot see VMs.
-    fn virtual_machine(&self, namespace: &str, name: &str) -> Option<VirtualMachineView> {
-        let Some((vms, resource)) = &self.caches.vms else {
-            return Some(VirtualMachineView { deleting: false });
-        };
-        vms.get(&ObjectRef::new_with(name, resource.clone()).within(namespace))
-            .map(|vm| VirtualMachineView {
-                deleting: vm.metadata.deletion_timestamp.is_some(),
-            })
     }
 
     /// Returns the Endpoint's addresses to their pools, then lets the Endpoint go.
@@ -717,6 +756,24 @@ fn statefulset_view(statefulset: &StatefulSet) -> StatefulSetView {
             .and_then(|ordinals| ordinals.start)
             .unwrap_or(0),
     }
+}
+
+/// Whether the Endpoint is named after its sticky owner (a VM, an IPAMClaim) rather than its pod,
+/// whose current one is then known only by UID.
+fn named_after_owner(spec: &EndpointSpec) -> bool {
+    spec.sticky && (spec.owner_kind == OWNER_VIRTUAL_MACHINE || spec.owner_kind == IPAM_CLAIM_KIND)
+}
+
+/// Whether the owner `namespace/name` is being deleted, `None` when it is gone; when its kind is
+/// not served, an owner presumed to exist: never release a VM's or a claim's address on the
+/// strength of a cache that cannot see them.
+fn owner_deleting(owners: &OwnerCache, namespace: &str, name: &str) -> Option<bool> {
+    let Some((owners, resource)) = owners.get() else {
+        return Some(false);
+    };
+    owners
+        .get(&ObjectRef::new_with(name, resource.clone()).within(namespace))
+        .map(|owner| owner.metadata.deletion_timestamp.is_some())
 }
 
 #[cfg(test)]

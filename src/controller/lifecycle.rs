@@ -38,6 +38,8 @@
 //! | sticky StatefulSet, retention on           | gone or deleting (incl. orphan cascade)        | dead        | Release `StatefulSetDeleted`       |
 //! | sticky VirtualMachine, retention on        | exists, not deleting (pod/VMI deleted, restart, migration) | any | Keep                   |
 //! | sticky VirtualMachine, retention on        | gone or deleting                               | dead        | Release `VirtualMachineDeleted`    |
+//! | IPAMClaim (always sticky)                  | exists, not deleting (pods come and go, migration) | any     | Keep                               |
+//! | IPAMClaim                                  | gone or deleting                               | dead        | Release `IPAMClaimDeleted`         |
 //! | sticky, owner no longer keeps it           | —                                              | alive       | Keep (until the pod dies)          |
 //! | not sticky, or its retention switched off  | —                                              | dead        | Release (the pod verdict's reason) |
 //! | not sticky, or its retention switched off  | —                                              | alive       | Keep                               |
@@ -54,7 +56,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use crate::crd::EndpointSpec;
+use crate::crd::{EndpointSpec, IPAM_CLAIM_KIND};
 
 /// The owner kinds (as the agent records them in `spec.ownerKind`) whose addresses are sticky.
 pub const OWNER_STATEFULSET: &str = "StatefulSet";
@@ -88,6 +90,7 @@ pub enum Reason {
     StatefulSetScaledDown,
     StatefulSetDeleted,
     VirtualMachineDeleted,
+    IpamClaimDeleted,
     OrphanAllocation,
 }
 
@@ -104,6 +107,7 @@ impl Reason {
             Self::StatefulSetScaledDown => "StatefulSetScaledDown",
             Self::StatefulSetDeleted => "StatefulSetDeleted",
             Self::VirtualMachineDeleted => "VirtualMachineDeleted",
+            Self::IpamClaimDeleted => "IPAMClaimDeleted",
             Self::OrphanAllocation => "OrphanAllocation",
         }
     }
@@ -154,6 +158,7 @@ pub enum OwnerView {
     NotSticky,
     StatefulSet(Option<StatefulSetView>),
     VirtualMachine(Option<VirtualMachineView>),
+    IpamClaim(Option<IpamClaimView>),
 }
 
 /// A StatefulSet's deletion state and ordinal range.
@@ -168,6 +173,12 @@ pub struct StatefulSetView {
 /// A VirtualMachine's deletion state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VirtualMachineView {
+    pub deleting: bool,
+}
+
+/// An IPAMClaim's deletion state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpamClaimView {
     pub deleting: bool,
 }
 
@@ -190,6 +201,8 @@ pub fn sticky_owner(spec: &EndpointSpec, settings: &Settings) -> Option<&'static
     match spec.owner_kind.as_str() {
         OWNER_STATEFULSET if settings.fixed_ip_statefulset => Some(OWNER_STATEFULSET),
         OWNER_VIRTUAL_MACHINE if settings.fixed_ip_kubevirt => Some(OWNER_VIRTUAL_MACHINE),
+        // A claim's address is the claim's: no retention switch turns that off.
+        IPAM_CLAIM_KIND => Some(IPAM_CLAIM_KIND),
         _ => None,
     }
 }
@@ -207,6 +220,8 @@ pub fn decide(
         OwnerView::StatefulSet(statefulset) => statefulset_verdict(name, spec, statefulset),
         OwnerView::VirtualMachine(Some(vm)) if !vm.deleting => None,
         OwnerView::VirtualMachine(_) => Some(Reason::VirtualMachineDeleted),
+        OwnerView::IpamClaim(Some(claim)) if !claim.deleting => None,
+        OwnerView::IpamClaim(_) => Some(Reason::IpamClaimDeleted),
     };
     match (owner_gone, pod_dead) {
         (Some(reason), Some(_)) => Decision::Release(reason),
@@ -643,6 +658,38 @@ mod tests {
                 Decision::Release(Reason::VirtualMachineDeleted)
             );
             assert_eq!(vm(running(), owner), Decision::Keep);
+        }
+    }
+
+    #[test]
+    fn an_ipam_claim_keeps_its_address_until_it_is_deleted_and_its_pod_is_dead() {
+        let claimed = |pod: PodView, owner: Option<IpamClaimView>, settings: &Settings| {
+            decide(
+                "vm1.underlay",
+                &spec(IPAM_CLAIM_KIND, "vm1.underlay", true),
+                &observed(pod, OwnerView::IpamClaim(owner)),
+                settings,
+            )
+        };
+        let exists = Some(IpamClaimView { deleting: false });
+        let no_retention = Settings {
+            fixed_ip_kubevirt: false,
+            ..settings()
+        };
+        // The retention switches are about VMs and StatefulSets: a claim is a claim.
+        assert_eq!(
+            sticky_owner(&spec(IPAM_CLAIM_KIND, "c", true), &no_retention),
+            Some(IPAM_CLAIM_KIND)
+        );
+        for pod in [PodView::Gone, running()] {
+            assert_eq!(claimed(pod, exists, &no_retention), Decision::Keep);
+        }
+        for owner in [None, Some(IpamClaimView { deleting: true })] {
+            assert_eq!(
+                claimed(PodView::Gone, owner, &settings()),
+                Decision::Release(Reason::IpamClaimDeleted)
+            );
+            assert_eq!(claimed(running(), owner, &settings()), Decision::Keep);
         }
     }
 

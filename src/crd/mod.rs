@@ -7,12 +7,16 @@
 //! - [`Network`] (namespaced, `vnet`): a secondary network, rendered into a
 //!   [`NetworkAttachmentDefinition`] (that kind is Multus's, `k8s.cni.cncf.io/v1`).
 //!
+//! Read and written but defined elsewhere: [`IpamClaim`] (`k8s.cni.cncf.io/v1alpha1`), a VM
+//! interface's persistent address.
+//!
 //! The types carry their validation as CEL rules, so the CRDs generated from them (`virtnet
 //! crdgen`, committed under `chart/crds/`) make the apiserver reject bad objects.
 //!
 //! Also here: the label and finalizer names that the controller and agent share.
 
 mod endpoint;
+mod ipamclaim;
 mod ippool;
 mod nad;
 mod network;
@@ -22,6 +26,9 @@ mod subnet;
 use kube::CustomResourceExt;
 
 pub use endpoint::{Endpoint, EndpointInterface, EndpointSpec, EndpointStatus};
+pub use ipamclaim::{
+    IPAM_CLAIM_KIND, IpamClaim, IpamClaimOwnerPod, IpamClaimSpec, IpamClaimStatus,
+};
 pub use ippool::{IpAllocation, IpPool, IpPoolSpec, IpPoolStatus};
 pub use nad::{NetworkAttachmentDefinition, NetworkAttachmentDefinitionSpec};
 pub use network::{

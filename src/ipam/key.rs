@@ -70,6 +70,14 @@ pub enum AllocationKey {
         /// The VM's name.
         name: String,
     },
+    /// An IPAMClaim (`k8s.cni.cncf.io`) of one interface: the address belongs to the claim,
+    /// whichever pods use it (both pods of a live migration at once), until it is deleted.
+    IpamClaim {
+        /// The claim's namespace (the pod's).
+        namespace: String,
+        /// The claim's name, e.g. `vm1.underlay`.
+        name: String,
+    },
 }
 
 /// Which workloads keep their addresses when their pods are replaced (the chart's
@@ -130,26 +138,29 @@ impl AllocationKey {
         match self {
             Self::Pod { namespace, .. }
             | Self::StatefulSetPod { namespace, .. }
-            | Self::VirtualMachine { namespace, .. } => namespace,
+            | Self::VirtualMachine { namespace, .. }
+            | Self::IpamClaim { namespace, .. } => namespace,
         }
     }
 
     /// The name of the Endpoint recording this allocation: the pod name for ordinary and
-    /// StatefulSet pods, the VM name for KubeVirt.
+    /// StatefulSet pods, the VM name for KubeVirt, the claim name for an IPAMClaim.
     pub fn endpoint_name(&self) -> &str {
         match self {
             Self::Pod { name, .. }
             | Self::StatefulSetPod { name, .. }
-            | Self::VirtualMachine { name, .. } => name,
+            | Self::VirtualMachine { name, .. }
+            | Self::IpamClaim { name, .. } => name,
         }
     }
 
-    /// The kind of holder, for records and messages: `Pod`, `StatefulSet` or `VirtualMachine`.
+    /// The kind of holder, for records and messages: `Pod`, `StatefulSet`, `VirtualMachine` or `IPAMClaim`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Pod { .. } => "Pod",
             Self::StatefulSetPod { .. } => "StatefulSet",
             Self::VirtualMachine { .. } => "VirtualMachine",
+            Self::IpamClaim { .. } => "IPAMClaim",
         }
     }
 }
@@ -161,9 +172,9 @@ impl fmt::Display for AllocationKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Pod { uid, .. } => f.write_str(uid),
-            Self::StatefulSetPod { namespace, name } | Self::VirtualMachine { namespace, name } => {
-                write!(f, "{namespace}/{name}")
-            }
+            Self::StatefulSetPod { namespace, name }
+            | Self::VirtualMachine { namespace, name }
+            | Self::IpamClaim { namespace, name } => write!(f, "{namespace}/{name}"),
         }
     }
 }

@@ -7,6 +7,7 @@
 //!   controller's pool spec and counter writes.
 //! - [`endpoints`]: record an Endpoint, let it go (removing only VirtNet's finalizer).
 //! - [`subnets`]: the Subnet status the controller reports.
+//! - [`claims`]: the NAD and IPAMClaim of a persistent address, and the claim's status.
 //! - [`workloads`]: fresh reads of pods and nodes, confirming cache evidence before a release.
 //! - [`parse`]: CRD → engine conversion: after it, addresses are typed, and a malformed one is
 //!   an error naming its object.
@@ -17,6 +18,7 @@
 //! every write, where it is made and with which guard.
 
 pub mod cache;
+pub mod claims;
 pub mod endpoints;
 pub mod parse;
 pub mod pools;

@@ -387,6 +387,7 @@ async fn a_crash_between_claim_and_endpoint_is_recovered_by_the_next_add() {
         nodes: &nodes,
         interface: "eth0",
         network: None,
+        persistent_claim: None,
         container_id: "c2",
         cni_default_subnets: &defaults,
         subnets: &subnets,

@@ -8,6 +8,12 @@
 //!   a sandbox the agent never saw change nothing, CHECK after DEL fails;
 //! - GC and CHECK are per network: a GC for one network never frees another network's
 //!   addresses, and never those of a pod the API server still shows running on the node;
+//! - a Multus network-selection element's `ips` is a static request (honoured; taken or outside
+//!   the Subnets: a CNI error that says so);
+//! - an interface whose element names an IPAMClaim, on a NAD that allows persistent addresses,
+//!   gets the claim's address, written to the claim's status; a second pod of the claim on
+//!   another node (a live migration's target) holds it at the same time; the source's DEL keeps
+//!   it; deleting the claim (once its pods are gone) frees it;
 //! - a stale cache never hands out an address twice: with one agent's view of the apiserver
 //!   held 3 s behind (a delaying proxy), an address its pod held is released through the API and
 //!   claimed by another node's agent; the first pod's new sandbox must not get it too.
@@ -34,13 +40,17 @@ use virtnet_e2e::cluster::{Cluster, VirtnetOptions};
 
 use crate::ipam::{apply_example_subnet, kubectl_json, pool_records};
 use crate::support::{
-    Suite, create_namespace, own_virtnet_cluster, run_on_own_cluster, wait_for_ready_pods,
+    Suite, create_namespace, install_crd, own_virtnet_cluster, run_on_own_cluster,
+    wait_for_ready_pods,
 };
 
 const NAMESPACE: &str = "e2e-store";
 /// Pods whose sandboxes race (each pair is one DEL and one ADD at once).
 const RACING_PODS: usize = 40;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The controller releases a deleted claim's address once its pods are gone: at the latest
+/// when the orphan grace of the claim's Endpoint ends, or at the next sweep.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(150);
 /// One agent request; the racing pairs all go at once on a 2-core machine.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const FOREIGN_FINALIZER: &str = "backup.example.com/protect";
@@ -59,6 +69,8 @@ pub fn store_guards_keep_foreign_finalizers_and_racing_sandboxes_apart(
         racing_sandboxes(cluster).await?;
         replays(cluster).await?;
         per_network_gc(cluster).await?;
+        static_ips_from_the_network_selection(cluster).await?;
+        ipam_claims(cluster).await?;
         stale_cache(cluster).await
     })
 }
@@ -484,6 +496,232 @@ async fn per_network_gc(cluster: &Cluster) -> anyhow::Result<()> {
             "CHECK of gc-0 for {network}: {status} {answer}"
         );
     }
+    Ok(())
+}
+
+const SELECTION_NAMESPACE: &str = "e2e-selection";
+/// An address of the example Subnet no other scenario asks for.
+const REQUESTED: &str = "10.6.153.250";
+
+/// Pods (no kubelet runs them) whose Multus network-selection annotation is `networks`.
+async fn selecting_pods(
+    cluster: &Cluster,
+    names: &[&str],
+    networks: &Value,
+) -> anyhow::Result<Vec<PodRef>> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), SELECTION_NAMESPACE);
+    let mut refs = Vec::new();
+    for name in names {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name,
+                         "annotations": {"k8s.v1.cni.cncf.io/networks": networks.to_string()}},
+            "spec": {"schedulerName": "nobody",
+                     "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+        }))?;
+        let created = pods.create(&PostParams::default(), &pod).await?;
+        refs.push(PodRef {
+            namespace: SELECTION_NAMESPACE.to_owned(),
+            name: (*name).to_owned(),
+            uid: created.metadata.uid,
+        });
+    }
+    Ok(refs)
+}
+
+/// ADD of net1 of `pod` on network `network`, as Multus would run virtnet-ipam for it; the
+/// answered address or the agent's refusal.
+async fn add_net1(
+    socket: &Path,
+    pod: &PodRef,
+    container: &str,
+    network: &str,
+) -> anyhow::Result<Result<String, (StatusCode, Value)>> {
+    let request = serde_json::to_value(AllocateRequest {
+        container_id: container.to_owned(),
+        ifname: "net1".to_owned(),
+        netns: format!("/var/run/netns/{container}"),
+        pod: pod.clone(),
+        default_subnets: vec!["subnet".to_owned()],
+        network: Some(network.to_owned()),
+    })?;
+    for _ in 0..20 {
+        let (status, answer) = call(socket, ALLOCATE_PATH, request.clone()).await?;
+        if status.is_success() {
+            let response: AllocateResponse = serde_json::from_value(answer)?;
+            let address = response.ips.first().context("an address")?.address.addr();
+            return Ok(Ok(address.to_string()));
+        }
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            return Ok(Err((status, answer)));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("ADD {}/{container} kept being refused", pod.name)
+}
+
+/// The `ips` of the element for net1: honoured; asked again by another pod: taken; outside the
+/// network's Subnets: refused.
+async fn static_ips_from_the_network_selection(cluster: &Cluster) -> anyhow::Result<()> {
+    create_namespace(cluster, SELECTION_NAMESPACE).await?;
+    let socket = agent_socket(cluster)?;
+    let asking = |address: &str| json!([{"name": "underlay", "interface": "net1", "ips": [format!("{address}/16")]}]);
+    let first = selecting_pods(cluster, &["static-a"], &asking(REQUESTED)).await?;
+    let given = add_net1(&socket, &first[0], "static-a", "underlay").await?;
+    ensure!(
+        given.as_deref().ok() == Some(REQUESTED),
+        "the element's ips are honoured: {given:?}"
+    );
+    let second = selecting_pods(cluster, &["static-b"], &asking(REQUESTED)).await?;
+    let Err((status, answer)) = add_net1(&socket, &second[0], "static-b", "underlay").await? else {
+        bail!("{REQUESTED} was given twice");
+    };
+    ensure!(
+        status == StatusCode::CONFLICT && answer.to_string().contains(REQUESTED),
+        "a taken address is refused as a conflict naming it: {status} {answer}"
+    );
+    let outside = selecting_pods(cluster, &["static-c"], &asking("10.9.0.1")).await?;
+    let Err((status, answer)) = add_net1(&socket, &outside[0], "static-c", "underlay").await?
+    else {
+        bail!("an address in no Subnet was given");
+    };
+    ensure!(
+        !status.is_success() && answer.to_string().contains("10.9.0.1"),
+        "an address outside the Subnets is refused, naming it: {status} {answer}"
+    );
+    Ok(())
+}
+
+const CLAIM: &str = "vm1.underlay";
+
+/// An IPAMClaim's address through a pod's life, a migration and the claim's deletion.
+async fn ipam_claims(cluster: &Cluster) -> anyhow::Result<()> {
+    install_crd(
+        cluster,
+        "k8s.cni.cncf.io",
+        "v1",
+        "NetworkAttachmentDefinition",
+        "network-attachment-definitions",
+    )
+    .await?;
+    // The IPAMClaim CRD as the chart installs it (ipamClaims.installCRD).
+    let chart = VirtnetOptions::from_workspace().repo.join("chart");
+    let rendered = cluster.helm(&[
+        "template",
+        "virtnet",
+        &chart.to_string_lossy(),
+        "--set",
+        "ipamClaims.installCRD=true",
+        "-s",
+        "templates/ipamclaims-crd.yaml",
+    ])?;
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), rendered)?;
+    cluster.kubectl(&["apply", "-f", &file.path().to_string_lossy()])?;
+    cluster.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/ipamclaims.k8s.cni.cncf.io",
+    ])?;
+    let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+         "metadata": {"name": "underlay", "namespace": SELECTION_NAMESPACE},
+         "spec": {"config": json!({"cniVersion": "1.0.0", "name": "underlay",
+                                   "allowPersistentIPs": true, "plugins": []}).to_string()}},
+        {"apiVersion": "k8s.cni.cncf.io/v1alpha1", "kind": "IPAMClaim",
+         "metadata": {"name": CLAIM, "namespace": SELECTION_NAMESPACE},
+         "spec": {"network": "underlay"}},
+    ]});
+    std::fs::write(file.path(), objects.to_string())?;
+    cluster.kubectl(&["apply", "-f", &file.path().to_string_lossy()])?;
+
+    let claiming =
+        json!([{"name": "underlay", "interface": "net1", "ipam-claim-reference": CLAIM}]);
+    let pods = selecting_pods(
+        cluster,
+        &["virt-launcher-vm1-source", "virt-launcher-vm1-target"],
+        &claiming,
+    )
+    .await?;
+    let (source, target) = (&pods[0], &pods[1]);
+    let first = add_net1(&agent_socket_of(cluster, 0)?, source, "source", "underlay")
+        .await?
+        .map_err(|(status, answer)| anyhow::anyhow!("ADD of the source: {status} {answer}"))?;
+    let claim_status = || -> anyhow::Result<Value> {
+        Ok(kubectl_json(
+            cluster,
+            &["get", "ipamclaims", "-n", SELECTION_NAMESPACE, CLAIM],
+        )?["status"]
+            .clone())
+    };
+    cluster
+        .wait_for(
+            "the claim to record the address",
+            SETTLE_TIMEOUT,
+            || async {
+                let status = claim_status().map_err(|error| error.to_string())?;
+                let recorded = status["ips"][0].as_str().unwrap_or_default().to_owned();
+                if recorded.starts_with(&format!("{first}/"))
+                    && status["ownerPod"]["name"] == source.name.as_str()
+                    && status["conditions"][0]["reason"] == "SuccessfulAllocation"
+                {
+                    Ok(())
+                } else {
+                    Err(format!("status {status}"))
+                }
+            },
+        )
+        .await?;
+    // The migration's target, on another node, while the source still runs: the same address.
+    let second = add_net1(&agent_socket_of(cluster, 1)?, target, "target", "underlay")
+        .await?
+        .map_err(|(status, answer)| anyhow::anyhow!("ADD of the target: {status} {answer}"))?;
+    ensure!(
+        second == first,
+        "the target got {second}, the claim holds {first}"
+    );
+    ensure!(
+        claim_status()?["ownerPod"]["name"] == target.name.as_str(),
+        "the claim's owner moves to the target: {}",
+        claim_status()?
+    );
+    // The source's DEL keeps the claim's address.
+    let release = serde_json::to_value(ReleaseRequest {
+        container_id: "source".to_owned(),
+        ifname: "net1".to_owned(),
+        pod: Some(source.clone()),
+        network: Some("underlay".to_owned()),
+    })?;
+    let (status, answer) = call(&agent_socket_of(cluster, 0)?, RELEASE_PATH, release).await?;
+    ensure!(status.is_success(), "DEL of the source: {status} {answer}");
+    let claimed_endpoint = format!("{SELECTION_NAMESPACE}/{CLAIM}");
+    let holders = |records: Vec<(String, Value)>| -> Vec<String> {
+        records
+            .into_iter()
+            .filter(|(address, _)| *address == first)
+            .map(|(_, record)| record["endpoint"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    ensure!(
+        holders(pool_records(cluster)?) == vec![claimed_endpoint.clone()],
+        "after the source's DEL the claim still holds {first}"
+    );
+    // Pods gone, then the claim: the address goes back.
+    let api: Api<Pod> = Api::namespaced(cluster.client(), SELECTION_NAMESPACE);
+    for pod in &pods {
+        api.delete(&pod.name, &DeleteParams::default()).await?;
+    }
+    cluster.kubectl(&["delete", "ipamclaims", "-n", SELECTION_NAMESPACE, CLAIM])?;
+    cluster
+        .wait_for("the claim's address released", RELEASE_TIMEOUT, || async {
+            let held = holders(pool_records(cluster).map_err(|error| error.to_string())?);
+            if held.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{first} held by {held:?}"))
+            }
+        })
+        .await?;
     Ok(())
 }
 

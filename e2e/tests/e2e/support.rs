@@ -67,15 +67,27 @@ pub async fn install_kubevirt_crd(
     kind: &str,
     plural: &str,
 ) -> anyhow::Result<()> {
-    let name = format!("{plural}.kubevirt.io");
+    install_crd(cluster, "kubevirt.io", "v1", kind, plural).await
+}
+
+/// Installs the CRD of `kind` (`plural.group`, served at `version`) with a minimal schema that
+/// keeps every field, for kinds of other projects whose own CRDs the harness does not install.
+pub async fn install_crd(
+    cluster: &Cluster,
+    group: &str,
+    version: &str,
+    kind: &str,
+    plural: &str,
+) -> anyhow::Result<()> {
+    let name = format!("{plural}.{group}");
     let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
         "metadata": { "name": name },
         "spec": {
-            "group": "kubevirt.io",
+            "group": group,
             "scope": "Namespaced",
             "names": { "kind": kind, "plural": plural, "singular": kind.to_lowercase() },
             "versions": [{
-                "name": "v1", "served": true, "storage": true,
+                "name": version, "served": true, "storage": true,
                 "schema": { "openAPIV3Schema": {
                     "type": "object", "x-kubernetes-preserve-unknown-fields": true,
                 } },
