@@ -109,6 +109,10 @@ impl Coordination {
         };
         Ok(CoordinatorResponse {
             service_cidrs,
+            allocated: Some(
+                self.agent
+                    .addresses_of(&pod.uid().unwrap_or_default(), &request.ifname),
+            ),
             ..pod_wiring(&pod, &request.ifname, vmi.as_ref())?
         })
     }
@@ -197,6 +201,7 @@ pub fn pod_wiring(
         default_route_nic,
         kubevirt_binding: vmi_spec.and_then(|spec| vmi_binding(spec, ifname)),
         migration_target: pod.annotations().contains_key(MIGRATION_JOB_ANNOTATION),
+        allocated: None,
     })
 }
 

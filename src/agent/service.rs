@@ -67,6 +67,9 @@ pub struct Agent {
     endpoints: Store<Endpoint>,
     /// Held while deciding and claiming (see [`Agent::commit`]) and releasing.
     claiming: tokio::sync::Mutex<()>,
+    /// What this agent allocated to each (pod uid, interface), for virtnet-coordinator, which
+    /// asks right after the ADD (before the Endpoint watch may have delivered it).
+    allocated: std::sync::Mutex<HashMap<(String, String), Vec<IpAddr>>>,
     /// Pools as this agent last wrote or re-read them, until the cache moves on.
     remembered: std::sync::Mutex<HashMap<String, plan::Remembered>>,
     /// ADDs waiting for [`Agent::run_commits`].
@@ -173,6 +176,7 @@ impl Agent {
             claims: ClaimStore::new(client.clone()),
             claiming: tokio::sync::Mutex::new(()),
             remembered: std::sync::Mutex::default(),
+            allocated: std::sync::Mutex::default(),
             jobs,
             batch_limit: settings.batch_limit.max(1),
             metrics: settings.metrics,
@@ -359,6 +363,15 @@ impl Agent {
             self.report_to_claim(read, &pod, Ok(&claimed.plan.claims))
                 .await;
         }
+        self.allocated_to().insert(
+            (pod.uid().unwrap_or_default(), request.ifname.clone()),
+            claimed
+                .plan
+                .claims
+                .iter()
+                .map(|claim| claim.address)
+                .collect(),
+        );
         info!(
             pod = %format!("{}/{}", request.pod.namespace, request.pod.name),
             interface = %request.ifname,
@@ -466,6 +479,40 @@ impl Agent {
                 }
             }
         }
+    }
+
+    fn allocated_to(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Vec<IpAddr>>> {
+        self.allocated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The addresses VirtNet allocated to interface `ifname` of the pod with `pod_uid`: what this
+    /// agent answered its ADD, else what an Endpoint records for it (after an agent restart).
+    pub(super) fn addresses_of(&self, pod_uid: &str, ifname: &str) -> Vec<IpAddr> {
+        if let Some(known) = self
+            .allocated_to()
+            .get(&(pod_uid.to_owned(), ifname.to_owned()))
+        {
+            return known.clone();
+        }
+        self.endpoints
+            .state()
+            .iter()
+            .filter(|endpoint| endpoint.spec.pod_uid == pod_uid)
+            .flat_map(|endpoint| {
+                endpoint
+                    .spec
+                    .interfaces
+                    .iter()
+                    .filter(|entry| entry.interface == ifname)
+                    // A malformed record confirms nothing (the coordinator then refuses).
+                    .filter_map(|entry| interface_addresses(endpoint, entry).ok())
+                    .flatten()
+                    .map(|recorded| recorded.address)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     fn subnet_snapshot(&self) -> Vec<Subnet> {
@@ -968,6 +1015,7 @@ impl Agent {
         let addresses =
             interface_addresses(&endpoint, entry).map_err(|error| refusal(error.into()))?;
         let namespace = endpoint.namespace().unwrap_or_default();
+        let holder_pod_uid = endpoint.spec.pod_uid.clone();
         let holder = AllocationHolder {
             key: AllocationKey::Pod {
                 namespace,
@@ -996,6 +1044,8 @@ impl Agent {
         if written.map_err(refusal)? == Written::Changed {
             return Ok(Written::Changed);
         }
+        self.allocated_to()
+            .remove(&(holder_pod_uid.clone(), ifname.to_owned()));
         // Not racing this node's own claims keeps conflicts to other nodes' writes.
         let _claiming = self.claiming.lock().await;
         for recorded in addresses {

@@ -266,14 +266,19 @@ async fn run_reconcilers(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     let pools: Api<IpPool> = Api::all(ctx.client.clone());
     let mut stop_endpoints = stop.clone();
     let mut stop_networks = stop.clone();
+    let mut stop_validation = stop.clone();
     let render_networks = network::nad_crd_installed(&ctx).await;
     let network_ctx = ctx.clone();
     let networks = async move {
         if render_networks {
-            network::run(network_ctx, async move {
-                let _ = stop_networks.wait_for(|stop| *stop).await;
-            })
-            .await;
+            tokio::join!(
+                network::run(network_ctx.clone(), async move {
+                    let _ = stop_networks.wait_for(|stop| *stop).await;
+                }),
+                network::validate(network_ctx, async move {
+                    let _ = stop_validation.wait_for(|stop| *stop).await;
+                })
+            );
         }
     };
     let stopped = async move {

@@ -90,6 +90,92 @@ pub fn render_config(network: &Network) -> Value {
     config.into()
 }
 
+/// The CNI versions VirtNet's plugins speak.
+const SUPPORTED_CNI_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// What is wrong with a NetworkAttachmentDefinition's config that uses virtnet-ipam or
+/// virtnet-coordinator, each problem saying what to fix; empty for a NAD of other plugins (never
+/// judged) and for a sound one. `subnet_exists` says whether a Subnet of that name exists.
+pub fn nad_problems(config: Option<&str>, subnet_exists: impl Fn(&str) -> bool) -> Vec<String> {
+    let Some(text) = config else {
+        return Vec::new();
+    };
+    let uses_virtnet = text.contains(IPAM_PLUGIN) || text.contains(COORDINATOR_PLUGIN);
+    if !uses_virtnet {
+        return Vec::new();
+    }
+    let config: Value = match serde_json::from_str(text) {
+        Ok(config) => config,
+        Err(error) => {
+            return vec![format!(
+                "spec.config is not valid JSON ({error}): fix it; pods on this network stay in \
+                 ContainerCreating until then"
+            )];
+        }
+    };
+    let mut problems = Vec::new();
+    let version = config["cniVersion"].as_str().unwrap_or_default();
+    if !SUPPORTED_CNI_VERSIONS.contains(&version) {
+        problems.push(format!(
+            "cniVersion {version:?} is not one VirtNet's plugins speak: use one of {}",
+            SUPPORTED_CNI_VERSIONS.join(", ")
+        ));
+    }
+    // A conflist, or a single plugin's config.
+    let plugins: Vec<&Value> = match config["plugins"].as_array() {
+        Some(plugins) => plugins.iter().collect(),
+        None => vec![&config],
+    };
+    let plugin_type = |plugin: &Value| plugin["type"].as_str().unwrap_or_default().to_owned();
+    if let Some(position) = plugins
+        .iter()
+        .position(|plugin| plugin_type(plugin) == COORDINATOR_PLUGIN)
+        && position + 1 != plugins.len()
+    {
+        problems.push(format!(
+            "{COORDINATOR_PLUGIN} is plugin {} of {}: it must be the last plugin of the chain \
+             (it wires what the plugins before it made)",
+            position + 1,
+            plugins.len()
+        ));
+    }
+    for plugin in &plugins {
+        let ipam = &plugin["ipam"];
+        if ipam["type"] != IPAM_PLUGIN {
+            continue;
+        }
+        let named = ipam["default_subnet"].as_str().into_iter().chain(
+            ipam["default_subnets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str),
+        );
+        for subnet in named {
+            if !subnet_exists(subnet) {
+                problems.push(format!(
+                    "{IPAM_PLUGIN} names Subnet {subnet:?}, which does not exist: create it \
+                     (kubectl get subnets) or fix the name"
+                ));
+            }
+        }
+    }
+    let main = plugins
+        .first()
+        .map(|plugin| plugin_type(plugin))
+        .unwrap_or_default();
+    let bridge_binding = plugins.iter().any(|plugin| {
+        plugin_type(plugin) == COORDINATOR_PLUGIN && plugin["kubevirtBinding"] == "bridge"
+    });
+    if bridge_binding && (main == "macvlan" || main == "ipvlan") {
+        problems.push(format!(
+            "kubevirtBinding \"bridge\" cannot work on {main}: the bridge binding moves the pod \
+             interface's MAC into the VM, which {main} cannot carry; use passt"
+        ));
+    }
+    problems
+}
+
 /// What to do about the NetworkAttachmentDefinition of a Network.
 #[derive(Debug, PartialEq)]
 pub enum NadPlan {
@@ -332,5 +418,39 @@ mod tests {
         let mut network = minimal();
         network.metadata.uid = None;
         assert_eq!(plan_nad(&network, None), Err(NoUid("underlay".into())));
+    }
+
+    #[test]
+    fn broken_virtnet_nads_are_told_what_to_fix_and_others_are_never_judged() {
+        let known = |name: &str| name == "subnet";
+        let sound = r#"{"cniVersion": "1.0.0", "name": "u", "plugins": [
+            {"type": "macvlan", "master": "ens192", "ipam": {"type": "virtnet-ipam", "default_subnet": "subnet"}},
+            {"type": "virtnet-coordinator"}]}"#;
+        assert_eq!(nad_problems(Some(sound), known), Vec::<String>::new());
+        let other = r#"{"cniVersion": "9.9", "type": "bridge", "ipam": {"type": "host-local"}}"#;
+        assert_eq!(nad_problems(Some(other), known), Vec::<String>::new());
+        assert_eq!(nad_problems(None, known), Vec::<String>::new());
+        let cases = [
+            (r#"{"type": "virtnet-coordinator",}"#.to_owned(), "not valid JSON"),
+            (sound.replace("1.0.0", "0.2.0"), "cniVersion \"0.2.0\""),
+            (sound.replace("\"subnet\"}", "\"nosuch\"}"), "Subnet \"nosuch\""),
+            (
+                r#"{"cniVersion": "1.0.0", "name": "u", "plugins": [{"type": "virtnet-coordinator"},
+                   {"type": "macvlan", "ipam": {"type": "virtnet-ipam", "default_subnets": ["subnet"]}}]}"#
+                    .to_owned(),
+                "must be the last plugin",
+            ),
+            (
+                sound.replace(r#"{"type": "virtnet-coordinator"}"#, r#"{"type": "virtnet-coordinator", "kubevirtBinding": "bridge"}"#),
+                "use passt",
+            ),
+        ];
+        for (config, expected) in cases {
+            let problems = nad_problems(Some(&config), known);
+            assert!(
+                problems.len() == 1 && problems[0].contains(expected),
+                "{config}: {problems:?}"
+            );
+        }
     }
 }

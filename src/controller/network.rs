@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use super::{
     Context, Error,
-    nads::{NadPlan, plan_nad},
+    nads::{NadPlan, nad_problems, plan_nad},
 };
 use crate::crd::{Network, NetworkAttachmentDefinition, NetworkStatus, Subnet};
 
@@ -71,6 +71,65 @@ pub async fn run(ctx: Arc<Context>, stopped: impl Future<Output = ()> + Send + S
         )
         .for_each(|_| async {})
         .await;
+}
+
+/// Checks every NetworkAttachmentDefinition that uses VirtNet's plugins (rendered or written by
+/// hand) whenever it changes, and puts a Warning Event `InvalidConfig` on one whose config
+/// cannot work, saying what to fix. NADs of other plugins are never touched.
+pub async fn validate(
+    ctx: Arc<Context>,
+    stopped: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let nads: Api<NetworkAttachmentDefinition> = Api::all(ctx.client.clone());
+    Controller::new(nads, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(stopped)
+        .run(
+            |nad, ctx: Arc<Context>| async move {
+                let timer = ctx.metrics.reconcile_started("nad-validation");
+                let result = check_nad(&nad, &ctx).await;
+                timer.finish(result.as_ref().err().map(Error::metric_label));
+                result
+            },
+            |nad, error, _ctx| {
+                warn!(nad = %nad.name_any(), %error, "NAD check failed");
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+async fn check_nad(nad: &NetworkAttachmentDefinition, ctx: &Context) -> Result<Action, Error> {
+    let config = nad.spec.config.as_deref();
+    let names: Vec<String> = if config.is_some_and(|text| text.contains("virtnet-ipam")) {
+        Api::<Subnet>::all(ctx.client.clone())
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(ResourceExt::name_any)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let problems = nad_problems(config, |subnet| names.iter().any(|name| name == subnet));
+    if !problems.is_empty() {
+        warn!(nad = %format!("{}/{}", nad.namespace().unwrap_or_default(), nad.name_any()), ?problems, "NetworkAttachmentDefinition cannot work");
+        ctx.publish(
+            nad,
+            EventType::Warning,
+            "InvalidConfig",
+            &problems.join("; "),
+        )
+        .await;
+    }
+    // Subnets created later clear an unknown-Subnet problem: look again after a while.
+    Ok(if problems.is_empty() {
+        Action::await_change()
+    } else {
+        Action::requeue(RESYNC)
+    })
 }
 
 async fn reconcile(network: Arc<Network>, ctx: Arc<Context>) -> Result<Action, Error> {

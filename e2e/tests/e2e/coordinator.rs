@@ -10,7 +10,10 @@
 //!   keeps its default route on the underlay NIC; one with the bridge binding is refused with
 //!   a message saying why, and leaves no host veth behind;
 //! - with `detectIPConflict` on, a pod asking for an address another underlay host holds is
-//!   refused, naming the address and the holder's MAC, before anything changes on the node.
+//!   refused, naming the address and the holder's MAC, before anything changes on the node;
+//! - a chain whose IPAM is not virtnet-ipam (the reference `static` plugin, giving a pod another
+//!   pod's address) is refused by the coordinator: the node gets no route pulling that address's
+//!   traffic into the impostor, and the real holder still answers its node.
 //!
 //! One cluster of its own runs every scenario in sequence.
 use std::{
@@ -112,7 +115,8 @@ async fn scenarios(cluster: &Cluster, subnet: &str) -> anyhow::Result<()> {
     node_reaches_pod(&nodes[1], &backends[0])?;
     pod_reaches_service(cluster, &client, cluster_ip, &backends).await?;
     virt_launchers(cluster, &pods, &nodes).await?;
-    address_in_use_is_refused(cluster, &pods, &nodes[1]).await
+    address_in_use_is_refused(cluster, &pods, &nodes[1]).await?;
+    foreign_address_gets_no_node_route(cluster, &pods, &nodes[2], &backends[1]).await
 }
 
 /// A bare pod bound to `node` (no scheduler: the test decides who is where), declaring `port`.
@@ -476,6 +480,86 @@ async fn address_in_use_is_refused(
          {veths_after:?}"
     );
     Ok(())
+}
+
+/// `node`'s chain with the `static` IPAM plugin handing out the address of `victim`, a pod on
+/// that node (a tenant's NAD could say the same): the impostor pod is refused by the
+/// coordinator, no host veth or route for the address appears on `node`, and `victim` still
+/// answers its node.
+async fn foreign_address_gets_no_node_route(
+    cluster: &Cluster,
+    pods: &Api<Pod>,
+    node: &str,
+    victim: &Pod,
+) -> anyhow::Result<()> {
+    let stolen = pod_ip(victim)?;
+    let conflist_path = cluster
+        .layout()
+        .node_dirs(node)
+        .cni_conf
+        .join(VIRTNET_CONFLIST);
+    let original = std::fs::read_to_string(&conflist_path)?;
+    let mut conflist: Value = serde_json::from_str(&original)?;
+    conflist["plugins"][0]["ipam"] = json!({
+        "type": "static",
+        "addresses": [{"address": format!("{stolen}/16"), "gateway": GATEWAY_V4.to_string()}],
+    });
+    std::fs::write(&conflist_path, conflist.to_string())?;
+    let veths_before = host_veths(node)?;
+    // The victim's own host veth on this node.
+    let route_before = route_to(node, stolen)?;
+    let impostor: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "impostor"},
+        "spec": {"nodeName": node,
+                 "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+    }))?;
+    pods.create(&PostParams::default(), &impostor).await?;
+    let refused = cluster
+        .wait_for("pod impostor refused", POD_READY_TIMEOUT, || async {
+            let pod = pods
+                .get("impostor")
+                .await
+                .map_err(|error| error.to_string())?;
+            sandbox_failure(&pod).ok_or_else(|| format!("status {:?}", pod.status))
+        })
+        .await;
+    std::fs::write(&conflist_path, original)?;
+    let message = refused?;
+    ensure!(
+        message.contains(&format!(
+            "{stolen} of pod interface eth0 was not allocated to this pod"
+        )),
+        "the impostor failed with {message:?}, not with the coordinator's refusal"
+    );
+    let veths_after = host_veths(node)?;
+    ensure!(
+        veths_after == veths_before,
+        "the refused pod left host veths on {node}: before {veths_before:?}, after {veths_after:?}"
+    );
+    let route_after = route_to(node, stolen)?;
+    ensure!(
+        route_after == route_before,
+        "{node} routed {stolen} by {route_before:?} before the impostor and by {route_after:?} after"
+    );
+    // The victim runs on the same node: the node still reaches it, not the impostor.
+    node_reaches_pod(node, victim)
+}
+
+/// How `node` routes `address` (`ip route get`, the device part).
+fn route_to(node: &str, address: IpAddr) -> anyhow::Result<String> {
+    let route = virtnet_e2e::command::run_stdout(std::process::Command::new("ip").args([
+        "-n",
+        node,
+        "route",
+        "get",
+        &address.to_string(),
+    ]))?;
+    Ok(route
+        .split_whitespace()
+        .skip_while(|word| *word != "dev")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 /// The message of a pod's failed sandbox, as the kubelet reports it.

@@ -177,6 +177,12 @@ pub struct CoordinatorResponse {
     /// source pod for a moment.
     #[serde(default)]
     pub migration_target: bool,
+    /// The addresses VirtNet allocated to this interface of this pod (none: VirtNet allocated
+    /// it nothing). virtnet-coordinator routes the node's traffic only to these: an address
+    /// another IPAM put in prevResult may be someone else's. Absent when the pod is unknown or
+    /// the agent predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<Vec<IpAddr>>,
 }
 
 /// The body of a success that carries nothing (DEL, CHECK, GC, STATUS).
@@ -332,6 +338,7 @@ mod tests {
             default_route_nic: None,
             kubevirt_binding: Some("passt".into()),
             migration_target: false,
+            allocated: None,
         };
         let wire = serde_json::to_value(&response)?;
         assert_eq!(

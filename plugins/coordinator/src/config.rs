@@ -1,5 +1,6 @@
 //! The coordinator's keys, at the top level of its plugin config.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -87,6 +88,9 @@ pub struct CoordinatorConfig {
     pub veth_host_mtu: Option<u32>,
     /// Set for a KubeVirt virt-launcher pod (by the agent or the NAD).
     pub kubevirt_binding: Option<KubevirtBinding>,
+    /// The addresses the agent says VirtNet allocated to this interface (`None`: not asked, or
+    /// an agent that does not say); node routes go only to these.
+    pub allocated: Option<Vec<IpAddr>>,
     /// The node agent, asked for the Service CIDRs and the pod's own choices.
     pub agent_socket: TrustedPath,
     pub agent_timeout: Duration,
@@ -182,6 +186,7 @@ impl CoordinatorConfig {
             detect_gateway,
             veth_host_mtu,
             kubevirt_binding,
+            allocated: None,
             agent_socket,
             agent_timeout: Duration::from_millis(agent_timeout_ms),
             logging,
@@ -208,6 +213,7 @@ impl CoordinatorConfig {
         if let Some(binding) = answer.kubevirt_binding {
             config.kubevirt_binding = Some(KubevirtBinding::from_kubevirt(&binding));
         }
+        config.allocated = answer.allocated;
         config
     }
 }
@@ -241,6 +247,7 @@ mod tests {
                 detect_gateway: false,
                 veth_host_mtu: None,
                 kubevirt_binding: None,
+                allocated: None,
                 agent_socket: TrustedPath::default_agent_socket(),
                 agent_timeout: Duration::from_millis(DEFAULT_AGENT_TIMEOUT_MS),
                 logging: LogSettings::default(),
@@ -257,6 +264,7 @@ mod tests {
             default_route_nic: Some("net1".into()),
             kubevirt_binding: Some("masquerade".into()),
             migration_target: false,
+            allocated: Some(vec!["10.6.153.101".parse()?]),
         };
         let bare = parse(json!({}))?;
         assert!(bare.needs_agent(false) && bare.needs_agent(true));
@@ -264,6 +272,7 @@ mod tests {
         assert_eq!(merged.service_cidrs, answer.service_cidrs);
         assert_eq!(merged.pod_default_route_nic.as_deref(), Some("net1"));
         assert_eq!(merged.kubevirt_binding, Some(KubevirtBinding::Other));
+        assert_eq!(merged.allocated, answer.allocated);
 
         let set = parse(json!({
             "serviceCIDRs": ["10.100.0.0/16"],

@@ -76,6 +76,20 @@ pub enum CoordinatorError {
         ifname: String,
     },
 
+    #[error(
+        "address {ip} of pod interface {ifname} was not allocated to this pod by VirtNet (the \
+         agent knows only {allocated}), so virtnet-coordinator will not route the node's \
+         traffic for it to this pod: it may be another workload's. Give the interface its \
+         address through virtnet-ipam (a static one with the ipam.virtnet.io/static-ips \
+         annotation or the network selection's ips), or leave virtnet-coordinator out of this \
+         network's chain"
+    )]
+    NotAllocatedByVirtnet {
+        ip: std::net::IpAddr,
+        ifname: String,
+        allocated: String,
+    },
+
     #[error(transparent)]
     Probe(#[from] crate::probe::ProbeError),
 
@@ -92,7 +106,8 @@ impl CoordinatorError {
             | Self::NoIpsOnInterface(_)
             | Self::KubevirtBridge
             | Self::PodVethNameTaken
-            | Self::UnnumberedInterface(_) => ErrorCode::INVALID_NETWORK_CONFIG,
+            | Self::UnnumberedInterface(_)
+            | Self::NotAllocatedByVirtnet { .. } => ErrorCode::INVALID_NETWORK_CONFIG,
             Self::IpConflict { .. } => ErrorCode::IP_CONFLICT,
             Self::GatewayUnreachable { .. } => ErrorCode::TRY_AGAIN_LATER,
             Self::HostVethExists(_) | Self::Probe(_) | Self::Netlink(_) => ErrorCode::IO_FAILURE,

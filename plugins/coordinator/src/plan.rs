@@ -338,6 +338,25 @@ fn plan_veth(
     pod_ips: &[IpNet],
     node: &NodeSnapshot,
 ) -> Result<Vec<Op>, CoordinatorError> {
+    // Node routes pull the node's traffic for an address into this pod: only for addresses
+    // VirtNet allocated to it, never one another IPAM in the chain may have copied.
+    if let Some(allocated) = &config.allocated
+        && let Some(foreign) = pod_ips.iter().find(|ip| !allocated.contains(&ip.addr()))
+    {
+        return Err(CoordinatorError::NotAllocatedByVirtnet {
+            ip: foreign.addr(),
+            ifname: target.ifname.to_owned(),
+            allocated: if allocated.is_empty() {
+                "none".to_owned()
+            } else {
+                allocated
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        });
+    }
     let host = host_veth_name(target);
     if node.links.contains(&host) {
         return Err(CoordinatorError::HostVethExists(host));
@@ -620,6 +639,42 @@ mod tests {
             assert_eq!(mac[0] & 0b11, 0b10, "locally administered unicast");
         }
         assert_eq!(veth_macs(TARGET), (host_mac, pod_mac));
+    }
+
+    #[test]
+    fn node_routes_go_only_to_addresses_virtnet_allocated_to_the_pod() -> TestResult {
+        let confirmed = |allocated: &[&str]| -> Result<CoordinatorConfig, Box<dyn Error>> {
+            let mut config = config(json!({}))?;
+            config.allocated = Some(
+                allocated
+                    .iter()
+                    .map(|ip| ip.parse())
+                    .collect::<Result<_, _>>()?,
+            );
+            Ok(config)
+        };
+        // v4_prev gives the pod 10.6.153.101.
+        assert!(
+            plan_add(
+                &confirmed(&["10.6.153.101"])?,
+                TARGET,
+                &v4_prev()?,
+                &node()?
+            )
+            .is_ok()
+        );
+        for allocated in [&["10.6.153.200"][..], &[]] {
+            let error = plan_add(&confirmed(allocated)?, TARGET, &v4_prev()?, &node()?)
+                .expect_err("a foreign address gets no node route");
+            assert!(
+                matches!(&error, CoordinatorError::NotAllocatedByVirtnet { ip, .. } if ip.to_string() == "10.6.153.101"),
+                "{error}"
+            );
+            assert_eq!(error.code(), virtnet_cni::ErrorCode::INVALID_NETWORK_CONFIG);
+        }
+        // No answer from the agent about the pod (no pod in CNI_ARGS): as before.
+        assert!(plan_add(&config(json!({}))?, TARGET, &v4_prev()?, &node()?).is_ok());
+        Ok(())
     }
 
     #[test]
