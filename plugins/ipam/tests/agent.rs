@@ -182,7 +182,7 @@ fn add_prints_the_agents_addresses_in_every_version() -> TestResult {
         body,
         json!({
             "containerID": "0123456789abcdef", "ifname": "eth0",
-            "netns": "/var/run/netns/cni-1234",
+            "netns": "/var/run/netns/cni-1234", "network": "macvlan",
             "pod": {"namespace": "default", "name": "web-0", "uid": "3f1c"},
             "defaultSubnets": ["subnet"],
         })
@@ -206,15 +206,24 @@ fn del_check_gc_and_status_reach_their_endpoints() -> TestResult {
         vec![
             (
                 RELEASE_PATH.to_owned(),
-                json!({"containerID": "0123456789abcdef", "ifname": "eth0", "pod": pod}),
+                json!({
+                    "containerID": "0123456789abcdef", "ifname": "eth0", "network": "macvlan",
+                    "pod": pod,
+                }),
             ),
             (
                 CHECK_PATH.to_owned(),
-                json!({"containerID": "0123456789abcdef", "ifname": "eth0", "pod": pod}),
+                json!({
+                    "containerID": "0123456789abcdef", "ifname": "eth0", "network": "macvlan",
+                    "pod": pod,
+                }),
             ),
             (
                 GC_PATH.to_owned(),
-                json!({"validAttachments": [{"containerID": "0123456789abcdef", "ifname": "eth0"}]}),
+                json!({
+                    "network": "macvlan",
+                    "validAttachments": [{"containerID": "0123456789abcdef", "ifname": "eth0"}],
+                }),
             ),
         ]
     );
