@@ -1249,7 +1249,7 @@ mod tests {
         );
         let held = pool(0, &["10.6.153.200"], json!({"10.6.153.200": record}));
         let release_patch = |holder: &AllocationHolder, container: &str| {
-            release_patch(&held, address, |record| {
+            release_patch(&held, &[address], |_, record| {
                 record_of_sandbox(record, holder, container)
             })
             .ok()

@@ -74,6 +74,8 @@ pub struct Agent {
     remembered: std::sync::Mutex<HashMap<String, plan::Remembered>>,
     /// ADDs waiting for [`Agent::run_commits`].
     jobs: mpsc::UnboundedSender<ClaimJob>,
+    /// DELs' pool records waiting for [`Agent::run_releases`].
+    releases: mpsc::UnboundedSender<ReleaseJob>,
     batch_limit: usize,
     metrics: Arc<Metrics>,
     recorder: Recorder,
@@ -86,6 +88,15 @@ struct ClaimJob {
     /// The IPAMClaim the interface's address belongs to (as read, and as the plan sees it).
     claim: Option<(IpamClaim, PersistentClaim)>,
     reply: oneshot::Sender<Result<Claimed, ApiError>>,
+}
+
+/// A DEL's addresses, to be given back once its Endpoint no longer records them.
+struct ReleaseJob {
+    holder: AllocationHolder,
+    container_id: String,
+    /// (pool, address) of every address the interface held.
+    addresses: Vec<(String, IpAddr)>,
+    reply: oneshot::Sender<Result<(), ApiError>>,
 }
 
 /// A request of a batch while it is being committed.
@@ -148,6 +159,20 @@ fn internal(what: &str, error: &kube::Error) -> ApiError {
     )
 }
 
+/// The next batch of queued jobs: waits for one, then takes those already waiting, up to
+/// `limit`. `None` once the agent is shutting down.
+async fn next_batch<T>(jobs: &mut mpsc::UnboundedReceiver<T>, limit: usize) -> Option<Vec<T>> {
+    let first = jobs.recv().await?;
+    let mut batch = vec![first];
+    while batch.len() < limit {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 impl Agent {
     /// Checks the CRDs are installed, starts the caches, waits until they have synced and starts
     /// the commit task.
@@ -159,6 +184,7 @@ impl Agent {
         crate::crd::ensure_installed(&client).await?;
         let config = watcher::Config::default;
         let (jobs, queued) = mpsc::unbounded_channel();
+        let (releases, queued_releases) = mpsc::unbounded_channel();
         let agent = Self {
             subnets: store::cache::spawn(Api::all(client.clone()), config()),
             pools: store::cache::spawn(Api::all(client.clone()), config()),
@@ -178,6 +204,7 @@ impl Agent {
             remembered: std::sync::Mutex::default(),
             allocated: std::sync::Mutex::default(),
             jobs,
+            releases,
             batch_limit: settings.batch_limit.max(1),
             metrics: settings.metrics,
             recorder: Recorder::new(
@@ -206,6 +233,7 @@ impl Agent {
         info!("caches synced");
         let agent = Arc::new(agent);
         tokio::spawn(Arc::clone(&agent).run_commits(queued));
+        tokio::spawn(Arc::clone(&agent).run_releases(queued_releases));
         Ok(agent)
     }
 
@@ -542,16 +570,67 @@ impl Agent {
     /// Takes the queued ADDs, up to `batch_limit` at a time, and commits each batch together.
     /// Runs as its own task, so a plugin that gives up cannot cut a batch short.
     async fn run_commits(self: Arc<Self>, mut jobs: mpsc::UnboundedReceiver<ClaimJob>) {
-        while let Some(first) = jobs.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < self.batch_limit {
-                match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) = next_batch(&mut jobs, self.batch_limit).await {
             self.metrics.batch_committed(batch.len());
             self.commit(batch).await;
+        }
+    }
+
+    /// Takes the queued DELs, up to `batch_limit` at a time, and gives their addresses back
+    /// with one write per pool. Runs as its own task, so a DEL whose plugin gave up (its
+    /// timeout) still finishes: its Endpoint is already gone, and nothing else would release.
+    async fn run_releases(self: Arc<Self>, mut jobs: mpsc::UnboundedReceiver<ReleaseJob>) {
+        while let Some(batch) = next_batch(&mut jobs, self.batch_limit).await {
+            self.release_batch(batch).await;
+        }
+    }
+
+    /// Releases every address of `batch`: per pool, one fresh read and one guarded write
+    /// removing the records that still name their job's holder and sandbox (in parallel
+    /// across pools). A job is answered with the first failure among its pools.
+    async fn release_batch(&self, batch: Vec<ReleaseJob>) {
+        // Not racing this node's own claims keeps conflicts to other nodes' writes.
+        let _claiming = self.claiming.lock().await;
+        let mut by_pool: BTreeMap<&str, Vec<(IpAddr, usize)>> = BTreeMap::new();
+        for (index, job) in batch.iter().enumerate() {
+            for (pool, address) in &job.addresses {
+                by_pool.entry(pool).or_default().push((*address, index));
+            }
+        }
+        let jobs = &batch;
+        let results = futures::future::join_all(by_pool.iter().map(|(pool, wanted)| async move {
+            let addresses: Vec<IpAddr> = wanted.iter().map(|(address, _)| *address).collect();
+            let released = self
+                .pool_store
+                .release(pool, &addresses, |address, record| {
+                    wanted
+                        .iter()
+                        .filter(|(wanted, _)| *wanted == address)
+                        .any(|(_, index)| {
+                            let job = &jobs[*index];
+                            plan::record_of_sandbox(record, &job.holder, &job.container_id)
+                        })
+                })
+                .await;
+            (wanted, released)
+        }))
+        .await;
+        let mut failures: BTreeMap<usize, ApiError> = BTreeMap::new();
+        for (wanted, released) in results {
+            match released {
+                Ok(Some(written)) => self.remember(written),
+                Ok(None) => {}
+                Err(error) => {
+                    let error = refusal(error);
+                    for (_, index) in wanted {
+                        failures.entry(*index).or_insert_with(|| error.clone());
+                    }
+                }
+            }
+        }
+        for (index, job) in batch.into_iter().enumerate() {
+            // The plugin may have given up waiting; the addresses are released all the same.
+            let _ = job.reply.send(failures.remove(&index).map_or(Ok(()), Err));
         }
     }
 
@@ -787,14 +866,18 @@ impl Agent {
 
     /// Gives back addresses this request claimed, after a later step failed.
     async fn undo(&self, claimed: &[Claim], holder: &AllocationHolder, container_id: &str) {
+        let mut by_pool: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
         for claim in claimed {
+            by_pool.entry(&claim.pool).or_default().push(claim.address);
+        }
+        for (pool, addresses) in by_pool {
             if let Err(error) = self
-                .release_address(&claim.pool, claim.address, holder, container_id)
+                .release_addresses(pool, &addresses, holder, container_id)
                 .await
             {
                 warn!(
-                    %error, pool = %claim.pool, address = %claim.address,
-                    "could not release an address after a failed ADD; the controller's garbage \
+                    %error, %pool, addresses = ?addresses,
+                    "could not release addresses after a failed ADD; the controller's garbage \
                      collection will"
                 );
             }
@@ -888,19 +971,19 @@ impl Agent {
         }
     }
 
-    /// Removes `address` from `pool` if it is still `holder`'s for sandbox `container_id`
-    /// (fresh read, guarded write, conflicts retried). Giving up is an error (the runtime
-    /// retries DEL): reporting success would leak the address.
-    async fn release_address(
+    /// Removes `addresses` from `pool` where they are still `holder`'s for sandbox
+    /// `container_id` (fresh read, guarded write, conflicts retried). Giving up is an error:
+    /// reporting success would leak the addresses.
+    async fn release_addresses(
         &self,
         pool: &str,
-        address: IpAddr,
+        addresses: &[IpAddr],
         holder: &AllocationHolder,
         container_id: &str,
     ) -> Result<(), ApiError> {
         let released = self
             .pool_store
-            .release(pool, address, |record| {
+            .release(pool, addresses, |_, record| {
                 plan::record_of_sandbox(record, holder, container_id)
             })
             .await
@@ -1046,12 +1129,18 @@ impl Agent {
         }
         self.allocated_to()
             .remove(&(holder_pod_uid.clone(), ifname.to_owned()));
-        // Not racing this node's own claims keeps conflicts to other nodes' writes.
-        let _claiming = self.claiming.lock().await;
-        for recorded in addresses {
-            self.release_address(&recorded.pool, recorded.address, &holder, container_id)
-                .await?;
-        }
+        let (reply, answer) = oneshot::channel();
+        let job = ReleaseJob {
+            holder,
+            container_id: container_id.to_owned(),
+            addresses: addresses
+                .into_iter()
+                .map(|recorded| (recorded.pool, recorded.address))
+                .collect(),
+            reply,
+        };
+        self.releases.send(job).map_err(|_| shutting_down())?;
+        answer.await.map_err(|_| shutting_down())??;
         Ok(Written::Done)
     }
 

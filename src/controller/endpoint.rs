@@ -577,7 +577,7 @@ impl Worker {
         let released = self
             .ctx
             .pools
-            .release(&allocation.pool, allocation.address, |record| {
+            .release(&allocation.pool, &[allocation.address], |_, record| {
                 held_by(
                     record,
                     &allocation.endpoint,
@@ -801,7 +801,7 @@ mod tests {
         .expect("pool deserializes");
         let release = |pool: &IpPool, address: &str, pod_uid: Option<&str>| {
             let address = address.parse().expect("test addresses parse");
-            release_patch(pool, address, |record| {
+            release_patch(pool, &[address], |_, record| {
                 held_by(record, "default/p", pod_uid)
             })
             .expect("the pool has a resourceVersion")

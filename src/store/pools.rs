@@ -82,27 +82,36 @@ pub struct PoolCounters {
     pub total: i64,
 }
 
-/// The merge patch removing `address` from `pool`, if the pool's record of it satisfies
-/// `held` (`None`: nothing to remove), guarded by the pool's resourceVersion; the counters
-/// follow.
+/// The merge patch removing those of `addresses` whose record in `pool` satisfies `held`
+/// (`None`: nothing to remove), guarded by the pool's resourceVersion; the counters follow.
+/// One patch for many addresses is what lets a burst of DELs cost one write per pool.
 pub fn release_patch(
     pool: &IpPool,
-    address: IpAddr,
-    held: impl Fn(&IpAllocation) -> bool,
+    addresses: &[IpAddr],
+    held: impl Fn(IpAddr, &IpAllocation) -> bool,
 ) -> Result<Option<Value>, StoreError> {
     let Some(status) = pool.status.as_ref() else {
         return Ok(None);
     };
-    let key = address.to_string();
-    match status.allocations.get(&key) {
-        Some(record) if held(record) => {}
-        _ => return Ok(None),
+    let removed: serde_json::Map<String, Value> = addresses
+        .iter()
+        .map(|address| (*address, address.to_string()))
+        .filter(|(address, key)| {
+            status
+                .allocations
+                .get(key)
+                .is_some_and(|record| held(*address, record))
+        })
+        .map(|(_, key)| (key, Value::Null))
+        .collect();
+    if removed.is_empty() {
+        return Ok(None);
     }
-    let allocated = i64::try_from(status.allocations.len() - 1).unwrap_or(i64::MAX);
+    let allocated = i64::try_from(status.allocations.len() - removed.len()).unwrap_or(i64::MAX);
     Ok(Some(json!({
         "metadata": {"resourceVersion": guard(pool)?},
         "status": {
-            "allocations": {key: null},
+            "allocations": removed,
             "allocatedIPCount": allocated,
             "unallocatedIPCount": (status.total_ip_count - allocated).max(0),
         },
@@ -166,22 +175,26 @@ impl PoolStore {
         }
     }
 
-    /// Removes `address` from `pool` if its record satisfies `held`, reading the pool afresh
-    /// before each attempt (conflicts retried under [`Retry`]). `Some(pool)`: released (the
-    /// pool as written); `None`: nothing to release (no such pool, or the record is someone
-    /// else's). Giving up is an error: reporting success would leak the address.
+    /// Removes those of `addresses` whose record satisfies `held` from `pool` with one write,
+    /// reading the pool afresh before each attempt (conflicts retried under [`Retry`]).
+    /// `Some(pool)`: released (the pool as written); `None`: nothing to release (no such pool,
+    /// or every record is someone else's). Giving up is an error: reporting success would leak.
     pub async fn release(
         &self,
         pool: &str,
-        address: IpAddr,
-        held: impl Fn(&IpAllocation) -> bool,
+        addresses: &[IpAddr],
+        held: impl Fn(IpAddr, &IpAllocation) -> bool,
     ) -> Result<Option<IpPool>, StoreError> {
         let mut retry = Retry::default();
+        let what = || {
+            let listed: Vec<String> = addresses.iter().map(IpAddr::to_string).collect();
+            format!("releasing {}", listed.join(", "))
+        };
         loop {
             let Some(current) = self.get(pool).await? else {
                 return Ok(None);
             };
-            let Some(patch) = release_patch(&current, address, &held)? else {
+            let Some(patch) = release_patch(&current, addresses, &held)? else {
                 return Ok(None);
             };
             match self
@@ -195,14 +208,14 @@ impl PoolStore {
                         return Err(StoreError::Contended {
                             kind: "IPPool",
                             name: pool.to_owned(),
-                            action: format!("releasing {address}"),
+                            action: what(),
                         });
                     }
                 }
                 Err(error) if is_not_found(&error) => return Ok(None),
                 Err(error) => {
                     return Err(StoreError::api(
-                        format!("releasing {address} in IPPool {pool}"),
+                        format!("{} in IPPool {pool}", what()),
                         error,
                     ));
                 }

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -265,9 +266,11 @@ async fn a_conflicting_release_is_retried_on_a_fresh_read() {
             pool_json("3", json!({})),
         );
     let released = PoolStore::new(script.client())
-        .release("pool-0", "10.0.0.5".parse().expect("address"), |record| {
-            record.endpoint == "default/p"
-        })
+        .release(
+            "pool-0",
+            &["10.0.0.5".parse().expect("address")],
+            |_, record| record.endpoint == "default/p",
+        )
         .await;
     assert!(released.expect("the release succeeds").is_some());
     script.finish();
@@ -283,11 +286,49 @@ async fn a_record_of_another_holder_is_not_released() {
         pool_json("1", json!({"10.0.0.5": record("c2")})),
     );
     let released = PoolStore::new(script.client())
-        .release("pool-0", "10.0.0.5".parse().expect("address"), |record| {
+        .release(
+            "pool-0",
+            &["10.0.0.5".parse().expect("address")],
+            |_, record| record.container_id.as_deref() == Some("c1"),
+        )
+        .await;
+    assert!(released.expect("nothing to release is success").is_none());
+    script.finish();
+}
+
+#[tokio::test]
+async fn many_addresses_are_released_with_one_write_and_only_where_held() {
+    let script = Script::default()
+        .expect(
+            Method::GET,
+            POOL,
+            Value::Null,
+            200,
+            pool_json(
+                "4",
+                json!({"10.0.0.5": record("c1"), "10.0.0.6": record("c1"),
+                       "10.0.0.7": record("c2")}),
+            ),
+        )
+        .expect(
+            Method::PATCH,
+            POOL_STATUS,
+            json!({"metadata": {"resourceVersion": "4"},
+                   "status": {"allocations": {"10.0.0.5": null, "10.0.0.6": null},
+                              "allocatedIPCount": 1, "unallocatedIPCount": 7}}),
+            200,
+            pool_json("5", json!({"10.0.0.7": record("c2")})),
+        );
+    let addresses: Vec<IpAddr> = ["10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8"]
+        .iter()
+        .map(|address| address.parse().expect("address"))
+        .collect();
+    let released = PoolStore::new(script.client())
+        .release("pool-0", &addresses, |_, record| {
             record.container_id.as_deref() == Some("c1")
         })
         .await;
-    assert!(released.expect("nothing to release is success").is_none());
+    assert!(released.expect("the release succeeds").is_some());
     script.finish();
 }
 
@@ -354,7 +395,7 @@ async fn an_empty_resource_version_is_an_error_not_a_dropped_guard() {
     let mut pool: IpPool = parsed(pool_json("1", json!({"10.0.0.5": record("c1")})));
     pool.metadata.resource_version = Some(String::new());
     assert!(matches!(
-        super::pools::release_patch(&pool, "10.0.0.5".parse().expect("address"), |_| true),
+        super::pools::release_patch(&pool, &["10.0.0.5".parse().expect("address")], |_, _| true),
         Err(StoreError::MissingResourceVersion { .. })
     ));
     script.finish();
