@@ -22,7 +22,7 @@ mod service;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -137,7 +137,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         client,
         args.service_cidrs.clone(),
     ));
-    let listener = bind_socket(&args.socket)?;
+    let (socket, listener) = PluginSocket::bind(&args.socket)?;
     health.set_ready(true);
     info!(node = %args.node_name, socket = %args.socket.display(), "serving virtnet-ipam");
     let router = Router::new()
@@ -159,28 +159,67 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
             path: args.socket.clone(),
             source,
         })?;
-    if let Err(error) = std::fs::remove_file(&args.socket) {
-        warn!(%error, "could not remove the plugin socket");
-    }
+    socket.remove();
     Ok(())
 }
 
-/// Binds the plugin socket (replacing a stale one from a previous run) with mode 0600.
-fn bind_socket(path: &PathBuf) -> Result<tokio::net::UnixListener, Error> {
-    let failed = |source| Error::Socket {
-        path: path.clone(),
-        source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(failed)?;
+/// The plugin socket this agent serves, known by its inode so that exiting removes it only if
+/// no newer agent has put its own in its place meanwhile.
+struct PluginSocket {
+    path: PathBuf,
+    inode: (u64, u64),
+}
+
+impl PluginSocket {
+    /// Binds the socket with mode 0600 under a name of this process's, then renames it over
+    /// `path`: a stale socket of a previous run, or the live one of an agent this one replaces
+    /// (a rolling update overlaps them), is swapped out in one step, never left missing.
+    fn bind(path: &Path) -> Result<(Self, tokio::net::UnixListener), Error> {
+        let failed = |source| Error::Socket {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(failed)?;
+        }
+        let mut fresh = path.as_os_str().to_owned();
+        fresh.push(format!(".{}", std::process::id()));
+        let fresh = PathBuf::from(fresh);
+        match std::fs::remove_file(&fresh) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(failed(error));
+            }
+            _ => {}
+        }
+        let listener = tokio::net::UnixListener::bind(&fresh).map_err(failed)?;
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
+        let inode = inode_of(&fresh).map_err(failed)?;
+        std::fs::rename(&fresh, path).map_err(failed)?;
+        Ok((
+            Self {
+                path: path.to_owned(),
+                inode,
+            },
+            listener,
+        ))
     }
-    match std::fs::remove_file(path) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(failed(error)),
-        _ => {}
+
+    /// Removes the socket if it is still the one this agent bound.
+    fn remove(&self) {
+        if inode_of(&self.path).ok() != Some(self.inode) {
+            info!(socket = %self.path.display(), "another agent serves the socket now: left in place");
+            return;
+        }
+        if let Err(error) = std::fs::remove_file(&self.path) {
+            warn!(%error, "could not remove the plugin socket");
+        }
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(failed)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
-    Ok(listener)
+}
+
+fn inode_of(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::symlink_metadata(path)?;
+    Ok((metadata.dev(), metadata.ino()))
 }
 
 /// An [`ApiError`] as an HTTP answer.
@@ -247,4 +286,29 @@ async fn coordinate(
 async fn status(State(agent): State<Arc<Agent>>) -> Result<Json<Empty>, Refusal> {
     agent.status()?;
     Ok(Json(Empty {}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_agent_that_exits_leaves_its_successors_socket_alone() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|source| Error::Socket {
+            path: PathBuf::from("(temp dir)"),
+            source,
+        })?;
+        let path = dir.path().join("virtnet.sock");
+        let (old, _old_listener) = PluginSocket::bind(&path)?;
+        // A rolling update: the new agent binds while the old one still serves.
+        let (new, _new_listener) = PluginSocket::bind(&path)?;
+        old.remove();
+        assert!(
+            path.exists(),
+            "the old agent removed the new agent's socket"
+        );
+        new.remove();
+        assert!(!path.exists(), "an agent removes its own socket on exit");
+        Ok(())
+    }
 }

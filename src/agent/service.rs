@@ -994,27 +994,50 @@ impl Agent {
         Ok(())
     }
 
-    /// The Endpoint of `pod` (a fresh read), or (when the runtime did not say which pod) the
-    /// one recording `container_id` on this node.
+    /// The Endpoint recording sandbox `container_id` (a fresh read): the one named after `pod`
+    /// when it records that sandbox, else the one the cache shows recording it on this node
+    /// (a KubeVirt launcher's Endpoint is named after its VM, an IPAMClaim's after the claim,
+    /// and the runtime may not say which pod). `pod`'s own Endpoint, read afresh, when neither
+    /// records the sandbox: the caller decides on it.
     async fn endpoint_for(
         &self,
         container_id: &str,
         pod: Option<&PodRef>,
     ) -> Result<Option<Endpoint>, ApiError> {
-        match pod {
+        let by_pod = match pod {
             Some(pod) => self
                 .endpoint_store
                 .get(&pod.namespace, &pod.name)
                 .await
+                .map_err(refusal)?,
+            None => None,
+        };
+        if by_pod
+            .as_ref()
+            .is_some_and(|endpoint| endpoint.spec.container_id == container_id)
+        {
+            return Ok(by_pod);
+        }
+        let cached = self
+            .endpoints
+            .state()
+            .iter()
+            .find(|endpoint| {
+                endpoint.spec.container_id == container_id && endpoint.spec.node == self.node
+            })
+            .map(|endpoint| {
+                (
+                    endpoint.namespace().unwrap_or_default(),
+                    endpoint.name_any(),
+                )
+            });
+        match cached {
+            Some((namespace, name)) => self
+                .endpoint_store
+                .get(&namespace, &name)
+                .await
                 .map_err(refusal),
-            None => Ok(self
-                .endpoints
-                .state()
-                .iter()
-                .find(|endpoint| {
-                    endpoint.spec.container_id == container_id && endpoint.spec.node == self.node
-                })
-                .map(|endpoint| Endpoint::clone(endpoint))),
+            None => Ok(by_pod),
         }
     }
 

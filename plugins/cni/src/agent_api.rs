@@ -11,7 +11,9 @@
 //!
 //! Any other status carries an [`ApiError`], whose [`ErrorKind`] decides the CNI error code the
 //! plugin prints. The types are plain serde structs so both sides share them without either
-//! pulling in the other's dependencies (no Kubernetes client here).
+//! pulling in the other's dependencies (no Kubernetes client here). Unknown fields are ignored
+//! on both sides: during an upgrade an old plugin talks to a new agent and the other way round,
+//! and a DEL must never fail forever over a field one side does not know yet.
 
 use std::net::IpAddr;
 
@@ -36,7 +38,7 @@ pub const DEFAULT_ROUTE_NIC_ANNOTATION: &str = "coordinator.virtnet.io/default-r
 
 /// The pod an attachment belongs to, from `CNI_ARGS`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
@@ -47,7 +49,7 @@ pub struct PodRef {
 /// ADD: one address from each Subnet (or from the pod's annotations, which win), for this
 /// interface of this container. Replaying it returns the same addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AllocateRequest {
     #[serde(rename = "containerID")]
     pub container_id: String,
@@ -65,7 +67,7 @@ pub struct AllocateRequest {
 
 /// One allocated address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AllocatedIp {
     /// The address with the prefix length of its Subnet, e.g. `10.6.153.101/16`.
     pub address: IpNet,
@@ -76,7 +78,7 @@ pub struct AllocatedIp {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ApiRoute {
     pub dst: IpNet,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,7 +86,7 @@ pub struct ApiRoute {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ApiDns {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nameservers: Vec<String>,
@@ -99,7 +101,7 @@ pub struct ApiDns {
 /// ADD's answer: the addresses and the routes (the default route via the Subnet's gateway plus
 /// the Subnet's extra routes) and DNS the pod gets on this interface.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AllocateResponse {
     pub ips: Vec<AllocatedIp>,
     #[serde(default)]
@@ -111,7 +113,7 @@ pub struct AllocateResponse {
 /// DEL: give back what this interface holds; nothing held is success. The pod is known only
 /// when the runtime still passes `CNI_ARGS`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ReleaseRequest {
     #[serde(rename = "containerID")]
     pub container_id: String,
@@ -125,7 +127,7 @@ pub struct ReleaseRequest {
 
 /// CHECK: the agent still records an allocation for this interface of this container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CheckRequest {
     #[serde(rename = "containerID")]
     pub container_id: String,
@@ -140,7 +142,7 @@ pub struct CheckRequest {
 /// GC (CNI 1.1): release every allocation of this network on this node except these
 /// attachments.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct GcRequest {
     pub valid_attachments: Vec<GcAttachment>,
     /// The CNI network, as in [`AllocateRequest::network`].
@@ -151,7 +153,7 @@ pub struct GcRequest {
 /// virtnet-coordinator's ADD: what it needs beyond its own config, for this interface of this
 /// pod (the pod is known when the runtime passes `CNI_ARGS`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CoordinatorRequest {
     pub ifname: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,7 +162,7 @@ pub struct CoordinatorRequest {
 
 /// The agent's answer to [`CoordinatorRequest`]; every field is empty when unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CoordinatorResponse {
     /// The cluster's Service CIDRs: the agent's `--service-cidr`, else the ServiceCIDR objects
     /// (networking.k8s.io/v1).
@@ -225,7 +227,7 @@ impl ErrorKind {
 
 /// The body of every non-200 answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[error("{message}")]
 pub struct ApiError {
     pub kind: ErrorKind,
@@ -287,6 +289,20 @@ mod tests {
 
     use super::*;
     use crate::version::CniVersion;
+
+    #[test]
+    fn fields_from_a_newer_or_older_peer_are_ignored() -> Result<(), Box<dyn Error>> {
+        let release: ReleaseRequest = serde_json::from_value(json!({
+            "containerID": "abc", "ifname": "eth0", "network": "macvlan",
+            "fieldOfANewerPlugin": {"x": 1},
+        }))?;
+        assert_eq!(release.container_id, "abc");
+        let answer: AllocateResponse = serde_json::from_value(json!({
+            "ips": [], "routes": [], "fieldOfANewerAgent": true,
+        }))?;
+        assert!(answer.ips.is_empty());
+        Ok(())
+    }
 
     #[test]
     fn allocate_request_wire_format() -> Result<(), Box<dyn Error>> {
@@ -354,12 +370,6 @@ mod tests {
             CoordinatorResponse::default()
         );
         Ok(())
-    }
-
-    #[test]
-    fn unknown_fields_are_rejected_so_version_skew_is_visible() {
-        let skewed = json!({"ips": [], "routes": [], "dns": {}, "leaseSeconds": 30});
-        assert!(serde_json::from_value::<AllocateResponse>(skewed).is_err());
     }
 
     #[test]
