@@ -1,14 +1,14 @@
 //! Health, readiness and Prometheus metrics, served over HTTP by the controller and the agent.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
@@ -294,10 +294,17 @@ impl Metrics {
     }
 }
 
-/// Readiness flag shared between the work loops and `/readyz`.
+/// How long a watch may keep failing before `/readyz` says not ready: a watch that reconnects
+/// after an API server restart is normal, one that cannot for this long leaves decisions on a
+/// view that no longer moves.
+pub const WATCH_FAILURE_GRACE: Duration = Duration::from_secs(30);
+
+/// Readiness shared between the work loops and `/readyz`: the process's own flag, and since when
+/// each failing watch has been failing.
 #[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    failing_watches: Arc<Mutex<BTreeMap<&'static str, Instant>>>,
 }
 
 impl Health {
@@ -305,6 +312,54 @@ impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
+
+    /// Records how the last event of watch `what` went: a failure starts (or continues) its
+    /// failing streak, anything else ends it.
+    pub fn watch_event(&self, what: &'static str, ok: bool) {
+        let mut failing = self
+            .failing_watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ok {
+            failing.remove(what);
+        } else {
+            failing.entry(what).or_insert_with(Instant::now);
+        }
+    }
+
+    /// What `/readyz` answers now: `Err` says why not ready.
+    fn readiness(&self, now: Instant) -> Result<(), String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("not ready".to_owned());
+        }
+        let failing = self
+            .failing_watches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stuck = stuck_watches(&failing, now, WATCH_FAILURE_GRACE);
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the watch of {} has failed for more than {} s: check the API server and RBAC",
+                stuck.join(", "),
+                WATCH_FAILURE_GRACE.as_secs()
+            ))
+        }
+    }
+}
+
+/// The watches of `failing` that have been failing for longer than `grace` at `now`.
+fn stuck_watches(
+    failing: &BTreeMap<&'static str, Instant>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<&'static str> {
+    failing
+        .iter()
+        .filter(|(_, since)| now.saturating_duration_since(**since) > grace)
+        .map(|(what, _)| *what)
+        .collect()
 }
 
 #[derive(Clone)]
@@ -328,11 +383,10 @@ pub async fn serve(
     Ok(async move { axum::serve(listener, router).await })
 }
 
-async fn readyz(State(state): State<ServerState>) -> (StatusCode, &'static str) {
-    if state.health.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+async fn readyz(State(state): State<ServerState>) -> (StatusCode, String) {
+    match state.health.readiness(Instant::now()) {
+        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
@@ -348,6 +402,30 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_watch_failing_past_its_grace_makes_the_process_unready() {
+        let health = Health::default();
+        let now = Instant::now();
+        assert!(health.readiness(now).is_err(), "not ready before set_ready");
+        health.set_ready(true);
+        health.watch_event("IPPools", false);
+        assert_eq!(
+            health.readiness(now),
+            Ok(()),
+            "a fresh failure is within its grace"
+        );
+        let later = now + WATCH_FAILURE_GRACE + Duration::from_secs(1);
+        let why = health.readiness(later).expect_err("failing too long");
+        assert!(why.contains("IPPools"), "{why}");
+        health.watch_event("IPPools", false);
+        assert!(
+            health.readiness(later).is_err(),
+            "a repeated failure keeps its start"
+        );
+        health.watch_event("IPPools", true);
+        assert_eq!(health.readiness(later), Ok(()));
+    }
 
     fn pool(name: &str, subnet: &str) -> IpPool {
         serde_json::from_value(json!({

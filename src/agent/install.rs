@@ -324,15 +324,24 @@ impl NodeFile {
             .map(|name| name.to_string_lossy())
             .unwrap_or_default();
         let temp = directory.join(format!(".{file_name}.tmp"));
+        // A leftover of a crashed write is ours to replace; whatever sits there, it is unlinked,
+        // not followed: the file is created anew (O_EXCL) and never through a symlink
+        // (O_NOFOLLOW), so a link planted in the host directory cannot redirect the write.
+        match fs::remove_file(&temp) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(failed(error));
+            }
+            _ => {}
+        }
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .mode(self.mode)
             .open(&temp)
             .map_err(failed)?;
         file.write_all(&self.content).map_err(failed)?;
-        // `mode` above is filtered by the umask, and a leftover temp file keeps its own.
+        // `mode` above is filtered by the umask.
         file.set_permissions(fs::Permissions::from_mode(self.mode))
             .map_err(failed)?;
         file.sync_all().map_err(failed)?;
@@ -724,6 +733,26 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["10-other.conflist", "virtnet-ipam"]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_link_planted_at_the_temp_name_is_replaced_not_followed() -> Result<(), InstallError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, "untouched").expect("target file");
+        let path = dir.path().join("00-virtnet.conflist");
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join(".00-virtnet.conflist.tmp"))
+            .expect("planted link");
+        let file = NodeFile {
+            path: path.clone(),
+            content: b"{}".to_vec(),
+            mode: 0o644,
+        };
+        assert_eq!(file.put()?, Outcome::Written);
+        assert_eq!(fs::read(&elsewhere).expect("read"), b"untouched");
+        assert_eq!(fs::read(&path).expect("read"), b"{}");
+        assert!(!fs::symlink_metadata(&path).expect("written").is_symlink());
         Ok(())
     }
 

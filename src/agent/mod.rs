@@ -129,6 +129,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
             1
         },
         metrics,
+        health: health.clone(),
         retention: args.retention,
     };
     let agent = Agent::start(client.clone(), args.node_name.clone(), settings).await?;

@@ -29,7 +29,7 @@ use super::plan::{
 };
 use crate::crd::{Endpoint, EndpointSpec, FINALIZER_ENDPOINT, IpPool, IpamClaim, Subnet};
 use crate::ipam::{AllocationHolder, AllocationKey, FixedIpRetention, selection_for_interface};
-use crate::observability::Metrics;
+use crate::observability::{Health, Metrics};
 use crate::store::claims::ClaimStore;
 use crate::store::endpoints::{EndpointStore, Written};
 use crate::store::parse::interface_addresses;
@@ -43,6 +43,8 @@ pub struct AgentSettings {
     /// Most ADDs decided and written together (1: every ADD on its own).
     pub batch_limit: usize,
     pub metrics: Arc<Metrics>,
+    /// Where the caches report their watches' health.
+    pub health: Health,
     /// Whether StatefulSet replicas and VMs keep their addresses (sticky keys).
     pub retention: FixedIpRetention,
 }
@@ -183,19 +185,27 @@ impl Agent {
     ) -> Result<Arc<Self>, Error> {
         crate::crd::ensure_installed(&client).await?;
         let config = watcher::Config::default;
+        let health = &settings.health;
         let (jobs, queued) = mpsc::unbounded_channel();
         let (releases, queued_releases) = mpsc::unbounded_channel();
         let agent = Self {
-            subnets: store::cache::spawn(Api::all(client.clone()), config()),
-            pools: store::cache::spawn(Api::all(client.clone()), config()),
-            namespaces: store::cache::spawn(Api::all(client.clone()), config()),
+            subnets: store::cache::spawn(Api::all(client.clone()), config(), health, "Subnets"),
+            pools: store::cache::spawn(Api::all(client.clone()), config(), health, "IPPools"),
+            namespaces: store::cache::spawn(
+                Api::all(client.clone()),
+                config(),
+                health,
+                "Namespaces",
+            ),
             // Metadata only: names and labels are all the agent reads of other nodes.
-            nodes: store::cache::spawn(Api::all(client.clone()), config()),
+            nodes: store::cache::spawn(Api::all(client.clone()), config(), health, "Nodes"),
             pods: store::cache::spawn(
                 Api::all(client.clone()),
                 config().fields(&format!("spec.nodeName={node}")),
+                health,
+                "Pods",
             ),
-            endpoints: store::cache::spawn(Api::all(client.clone()), config()),
+            endpoints: store::cache::spawn(Api::all(client.clone()), config(), health, "Endpoints"),
             pool_store: PoolStore::new(client.clone()),
             endpoint_store: EndpointStore::new(client.clone()),
             workloads: WorkloadStore::new(client.clone()),

@@ -10,6 +10,8 @@ use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use tracing::warn;
 
+use crate::observability::Health;
+
 /// The events of one watch, already applied to its store.
 pub type Events<K> =
     std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
@@ -27,17 +29,26 @@ where
     (store, Box::pin(events))
 }
 
-/// A cache nobody reacts to: the store of [`reflect`], its events polled in the background.
-pub fn spawn<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+/// A cache nobody reacts to: the store of [`reflect`], its events polled in the background,
+/// each reported to `health` as watch `what` (a watch failing for long makes `/readyz` fail).
+pub fn spawn<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    health: &Health,
+    what: &'static str,
+) -> Store<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Clone + Default + Eq + Hash + Send + Sync,
 {
     let (store, events) = reflect(api, config, Writer::default());
-    tokio::spawn(events.for_each(|event| async move {
+    let health = health.clone();
+    tokio::spawn(events.for_each(move |event| {
+        health.watch_event(what, event.is_ok());
         if let Err(error) = event {
-            warn!(%error, "watch failed; retrying with backoff");
+            warn!(%error, watch = what, "watch failed; retrying with backoff");
         }
+        std::future::ready(())
     }));
     store
 }
