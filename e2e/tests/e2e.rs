@@ -85,6 +85,10 @@ const TESTS: &[(&str, TestBody)] = &[
         multus::multus_nads_give_pool_addresses_and_a_second_nic_its_own_network,
     ),
     (
+        "virtnet_beside_another_primary_cni_serves_only_the_nads_extra_nics",
+        multus::virtnet_beside_another_primary_cni_serves_only_the_nads_extra_nics,
+    ),
+    (
         "helm_installed_virtnet_wires_real_node_pods_and_keeps_their_addresses_across_an_upgrade",
         helm::helm_installed_virtnet_wires_real_node_pods_and_keeps_their_addresses_across_an_upgrade,
     ),

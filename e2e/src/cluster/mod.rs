@@ -753,7 +753,7 @@ impl StartingCluster {
         .await?;
         if let Some(multus) = &multus {
             for (node, _, dirs) in &target.nodes {
-                multus.configure_node(&target, node, dirs)?;
+                multus.configure_node(&target, node, dirs, options.default_cni)?;
             }
         }
         // The webhook fails open: until the controller answers, Subnet writes go unchecked, and

@@ -1,7 +1,7 @@
 //! Multus mode of a VirtNet cluster: the NetworkAttachmentDefinition CRD, Multus v4 (thin
 //! plugin) as every node's default CNI with a kubeconfig of its own and least-privilege RBAC
-//! (`multus.yaml`), and the conflist `virtnet agent` wrote (the example's) as the cluster default
-//! network Multus delegates to, the way Multus's thin entrypoint generates `00-multus.conf` from
+//! (`multus.yaml`), and the conflist `virtnet agent` wrote (the example's), or the bootstrap
+//! network standing for another primary CNI, as the cluster default network Multus delegates to, the way Multus's thin entrypoint generates `00-multus.conf` from
 //! the node's first conflist once the default network's installer has written it.
 //! Pods then pick another default network (`v1.multus-cni.io/default-network`) or extra NICs
 //! (`k8s.v1.cni.cncf.io/networks`) from NetworkAttachmentDefinitions.
@@ -10,6 +10,7 @@ use std::{fs, path::Path};
 use super::{
     ClusterError, NodeDirs,
     components::apiserver_url,
+    node_cni::BOOTSTRAP_CONFLIST,
     virtnet::{Target, VIRTNET_CONFLIST},
 };
 use crate::{kubeconfig, pki::CertAndKey};
@@ -48,24 +49,30 @@ impl Multus {
     }
 
     /// Links the plugin into the node's CNI bin dir and writes its kubeconfig and `00-multus.conf`
-    /// delegating to VirtNet's conflist, which the node's agent must have written; Multus logs to
-    /// `<logs>/multus-<node>.log`.
+    /// delegating to the cluster network: VirtNet's conflist (which the node's agent must have
+    /// written) when `virtnet_is_default`, else the bootstrap network, standing for another
+    /// primary CNI. Multus logs to `<logs>/multus-<node>.log`.
     pub fn configure_node(
         &self,
         target: &Target<'_>,
         node: &str,
         dirs: &NodeDirs,
+        virtnet_is_default: bool,
     ) -> Result<(), ClusterError> {
         let state_error = |path: &Path| {
             let path = path.to_owned();
             move |source| ClusterError::StateDir { path, source }
         };
-        let virtnet_conflist = dirs.cni_conf.join(VIRTNET_CONFLIST);
-        let cluster_network: serde_json::Value = fs::read(&virtnet_conflist)
-            .map_err(state_error(&virtnet_conflist))
+        let cluster_conflist = dirs.cni_conf.join(if virtnet_is_default {
+            VIRTNET_CONFLIST
+        } else {
+            BOOTSTRAP_CONFLIST
+        });
+        let cluster_network: serde_json::Value = fs::read(&cluster_conflist)
+            .map_err(state_error(&cluster_conflist))
             .and_then(|bytes| {
                 serde_json::from_slice(&bytes).map_err(|error| ClusterError::StateDir {
-                    path: virtnet_conflist.clone(),
+                    path: cluster_conflist.clone(),
                     source: error.into(),
                 })
             })?;

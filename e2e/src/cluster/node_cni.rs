@@ -14,6 +14,9 @@ use crate::topology::{GATEWAY_V4, NODE_NIC, underlay_cidr};
 pub const POD_RANGE_FIRST: Ipv4Addr = Ipv4Addr::new(10, 6, 200, 10);
 pub const POD_RANGE_LAST: Ipv4Addr = Ipv4Addr::new(10, 6, 200, 250);
 
+/// The bootstrap network's conflist in each node's CNI config directory.
+pub const BOOTSTRAP_CONFLIST: &str = "10-bootstrap-macvlan.conflist";
+
 /// The CNI reference plugins `e2e/tools/install` builds; each node's bin dir links all of them.
 pub const CNI_PLUGINS: &[&str] = &[
     "macvlan",
@@ -83,7 +86,7 @@ impl NodeDirs {
             std::os::unix::fs::symlink(bin_dir.join(plugin), &link)
                 .map_err(|source| NodeDirError { path: link, source })?;
         }
-        let conflist = self.cni_conf.join("10-bootstrap-macvlan.conflist");
+        let conflist = self.cni_conf.join(BOOTSTRAP_CONFLIST);
         let content = bootstrap_conflist(&self.host_local_data, index, nodes);
         fs::write(&conflist, format!("{content:#}\n")).map_err(|source| NodeDirError {
             path: conflist,

@@ -61,6 +61,10 @@ pub struct VirtnetOptions {
     /// Multus mode: Multus (thin plugin) is the nodes' default CNI and delegates to the example's
     /// conflist; every node also gets a second NIC on a second underlay (see `topology`).
     pub multus: bool,
+    /// VirtNet is the nodes' default network (the agent writes its conflist). Off, with
+    /// `multus`, the bootstrap network (macvlan + host-local, the reference plugins) stays the
+    /// primary CNI Multus delegates to, and VirtNet serves only the NADs' extra NICs.
+    pub default_cni: bool,
     /// Extra environment of `virtnet controller` (e.g. `VIRTNET_GC_INTERVAL`).
     pub controller_env: Vec<(String, String)>,
     /// Extra environment of every `virtnet agent` (e.g. `VIRTNET_GROUP_COMMIT=false`).
@@ -129,6 +133,7 @@ impl VirtnetOptions {
             binaries: target.join("debug"),
             repo,
             multus: false,
+            default_cni: true,
             controller_env: Vec::new(),
             agent_env: Vec::new(),
             helm: None,
@@ -269,7 +274,7 @@ pub fn install(options: &VirtnetOptions, target: &Target<'_>) -> Result<Installe
                     format!("VIRTNET_CNI_PLUGINS_SOURCE={}", options.binaries.display()),
                     format!("VIRTNET_CNI_BIN_DIR={}", dirs.cni_bin.display()),
                     format!("VIRTNET_CNI_CONF_DIR={}", dirs.cni_conf.display()),
-                    "VIRTNET_DEFAULT_CNI=true".to_owned(),
+                    format!("VIRTNET_DEFAULT_CNI={}", options.default_cni),
                     format!("VIRTNET_CNI_MASTER={}", crate::topology::NODE_NIC),
                     format!("VIRTNET_CNI_DEFAULT_SUBNETS={EXAMPLE_SUBNET}"),
                 ])

@@ -9,6 +9,12 @@
 //!   NIC's peers leaves by that NIC while the default route stays on eth0; replies to requests
 //!   that came in on net1 leave by net1 even towards a peer of eth0's network;
 //! - deleting the pods returns every address and leaves no host veth behind.
+//!
+//! And beside another primary CNI, as most Multus users run it: on a cluster whose default
+//! network stays the bootstrap one (macvlan + host-local, the reference plugins; VirtNet writes
+//! no conflist), pods keep eth0 from it and get net1 from VirtNet through a NAD: only net1 is
+//! VirtNet's (recorded with its network and NAD), both NICs carry traffic, and deleting the pods
+//! gives VirtNet's addresses back.
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
@@ -21,7 +27,7 @@ use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use virtnet_e2e::{
-    cluster::{Cluster, VirtnetOptions},
+    cluster::{Cluster, POD_RANGE_FIRST, POD_RANGE_LAST, VirtnetOptions},
     command,
     topology::{GATEWAY_V4, SECOND_GATEWAY_V4},
 };
@@ -55,6 +61,133 @@ pub fn multus_nads_give_pool_addresses_and_a_second_nic_its_own_network(
     run_on_own_cluster(suite, own_virtnet_cluster('m', virtnet), async |cluster| {
         scenarios(cluster, &examples).await
     })
+}
+
+pub fn virtnet_beside_another_primary_cni_serves_only_the_nads_extra_nics(
+    suite: &Suite,
+) -> anyhow::Result<()> {
+    let virtnet = VirtnetOptions {
+        multus: true,
+        default_cni: false,
+        ..VirtnetOptions::from_workspace()
+    };
+    let examples = virtnet.repo.join("examples");
+    run_on_own_cluster(suite, own_virtnet_cluster('p', virtnet), async |cluster| {
+        beside_another_primary(cluster, &examples).await
+    })
+}
+
+/// A Deployment of two pods whose net1 comes from NAD kube-system/macvlan-ens224, one per node.
+fn second_nic_deployment() -> Value {
+    serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "extra-nic"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "extra-nic"}},
+            "template": {
+                "metadata": {
+                    "labels": {"app": "extra-nic"},
+                    "annotations": {"k8s.v1.cni.cncf.io/networks": "kube-system/macvlan-ens224@net1"},
+                },
+                "spec": {
+                    "topologySpreadConstraints": [{
+                        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                        "whenUnsatisfiable": "DoNotSchedule",
+                        "labelSelector": {"matchLabels": {"app": "extra-nic"}},
+                    }],
+                    "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}],
+                },
+            },
+        },
+    })
+}
+
+async fn beside_another_primary(cluster: &Cluster, examples: &Path) -> anyhow::Result<()> {
+    let file = |name: &str| examples.join(name).to_string_lossy().into_owned();
+    for manifest in [
+        "multus/subnets.yaml",
+        "multus/network-attachment-definitions.yaml",
+    ] {
+        cluster.kubectl(&["apply", "-f", &file(manifest)])?;
+    }
+    create_namespace(cluster, NAMESPACE).await?;
+    let manifest = tempfile::NamedTempFile::new()?;
+    std::fs::write(manifest.path(), second_nic_deployment().to_string())?;
+    cluster.kubectl(&[
+        "apply",
+        "-n",
+        NAMESPACE,
+        "-f",
+        &manifest.path().to_string_lossy(),
+    ])?;
+    let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=extra-nic", 2).await?;
+    let primary = POD_RANGE_FIRST..=POD_RANGE_LAST;
+    let held = allocations(cluster)?;
+    let mut second = Vec::new();
+    for pod in &pods {
+        let eth0 = pod_ip(pod)?;
+        ensure!(
+            matches!(eth0, IpAddr::V4(v4) if primary.contains(&v4)),
+            "pod {} has eth0 {eth0}, not an address of the primary CNI's range",
+            pod_name(pod)
+        );
+        let records = held_by(&held, pod);
+        ensure!(
+            records.len() == 1
+                && records[0].0 == "net1"
+                && records[0].1.starts_with("subnet-ens224-"),
+            "the pools record {records:?} for pod {}, not only its net1 in subnet-ens224",
+            pod_name(pod)
+        );
+        let net1 = records[0].2;
+        ensure!(
+            pod_interface_addresses(cluster, pod, "net1")?.contains(&net1),
+            "net1 of pod {} lacks {net1}",
+            pod_name(pod)
+        );
+        let endpoint = kubectl_json(
+            cluster,
+            &[
+                "get",
+                "endpoints.virtnet.io",
+                "-n",
+                NAMESPACE,
+                pod_name(pod),
+            ],
+        )?;
+        let interfaces = &endpoint["spec"]["interfaces"];
+        ensure!(
+            interfaces.as_array().map(Vec::len) == Some(1)
+                && interfaces[0]["network"] == "macvlan-ens224"
+                && interfaces[0]["networkAttachment"] == "kube-system/macvlan-ens224",
+            "the Endpoint of pod {} records {interfaces}",
+            pod_name(pod)
+        );
+        ping_from_pod(cluster, pod, GATEWAY_V4.into())?;
+        ping_from_pod(cluster, pod, SECOND_GATEWAY_V4.into())?;
+        second.push(net1);
+    }
+    ping_from_pod(cluster, &pods[0], second[1])?;
+    ping_from_pod(cluster, &pods[1], second[0])?;
+    ping_from_pod(cluster, &pods[0], pod_ip(&pods[1])?)?;
+
+    delete_namespace(cluster, NAMESPACE).await?;
+    cluster
+        .wait_for(
+            "VirtNet's addresses back in their pools",
+            TIMEOUT,
+            || async {
+                let held = allocations(cluster).map_err(|error| error.to_string())?;
+                if held.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("still allocated: {held:?}"))
+                }
+            },
+        )
+        .await?;
+    Ok(())
 }
 
 async fn scenarios(cluster: &Cluster, examples: &Path) -> anyhow::Result<()> {
