@@ -14,7 +14,10 @@
 //! network stays the bootstrap one (macvlan + host-local, the reference plugins; VirtNet writes
 //! no conflist), pods keep eth0 from it and get net1 from VirtNet through a NAD: only net1 is
 //! VirtNet's (recorded with its network and NAD), both NICs carry traffic, and deleting the pods
-//! gives VirtNet's addresses back.
+//! gives VirtNet's addresses back. There too, a `Network` renders its NAD: owned by it, with
+//! virtnet-coordinator last; a deleted or hand-edited NAD is put back, a same-name NAD VirtNet
+//! does not own is left alone (the Network says so), a pod's net1 through the rendered NAD
+//! carries traffic, and deleting the Network deletes its NAD.
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
@@ -77,24 +80,25 @@ pub fn virtnet_beside_another_primary_cni_serves_only_the_nads_extra_nics(
     })
 }
 
-/// A Deployment of two pods whose net1 comes from NAD kube-system/macvlan-ens224, one per node.
-fn second_nic_deployment() -> Value {
+/// A Deployment `name` (also its pods' `app` label) of `replicas` pods, one per node, whose
+/// net1 comes from NAD `nad` (`namespace/name`).
+fn second_nic_deployment(name: &str, replicas: usize, nad: &str) -> Value {
     serde_json::json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "extra-nic"},
+        "metadata": {"name": name},
         "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "extra-nic"}},
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {
-                    "labels": {"app": "extra-nic"},
-                    "annotations": {"k8s.v1.cni.cncf.io/networks": "kube-system/macvlan-ens224@net1"},
+                    "labels": {"app": name},
+                    "annotations": {"k8s.v1.cni.cncf.io/networks": format!("{nad}@net1")},
                 },
                 "spec": {
                     "topologySpreadConstraints": [{
                         "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                         "whenUnsatisfiable": "DoNotSchedule",
-                        "labelSelector": {"matchLabels": {"app": "extra-nic"}},
+                        "labelSelector": {"matchLabels": {"app": name}},
                     }],
                     "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}],
                 },
@@ -112,15 +116,11 @@ async fn beside_another_primary(cluster: &Cluster, examples: &Path) -> anyhow::R
         cluster.kubectl(&["apply", "-f", &file(manifest)])?;
     }
     create_namespace(cluster, NAMESPACE).await?;
-    let manifest = tempfile::NamedTempFile::new()?;
-    std::fs::write(manifest.path(), second_nic_deployment().to_string())?;
-    cluster.kubectl(&[
+    kubectl_manifest(
+        cluster,
         "apply",
-        "-n",
-        NAMESPACE,
-        "-f",
-        &manifest.path().to_string_lossy(),
-    ])?;
+        &second_nic_deployment("extra-nic", 2, "kube-system/macvlan-ens224"),
+    )?;
     let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=extra-nic", 2).await?;
     let primary = POD_RANGE_FIRST..=POD_RANGE_LAST;
     let held = allocations(cluster)?;
@@ -171,6 +171,16 @@ async fn beside_another_primary(cluster: &Cluster, examples: &Path) -> anyhow::R
     ping_from_pod(cluster, &pods[0], second[1])?;
     ping_from_pod(cluster, &pods[1], second[0])?;
     ping_from_pod(cluster, &pods[0], pod_ip(&pods[1])?)?;
+    cluster.kubectl(&[
+        "delete",
+        "deployment",
+        "extra-nic",
+        "-n",
+        NAMESPACE,
+        "--wait",
+    ])?;
+
+    network_renders_its_nad(cluster).await?;
 
     delete_namespace(cluster, NAMESPACE).await?;
     cluster
@@ -186,6 +196,186 @@ async fn beside_another_primary(cluster: &Cluster, examples: &Path) -> anyhow::R
                 }
             },
         )
+        .await?;
+    Ok(())
+}
+
+/// Applies `manifest` (JSON) with kubectl; `verb` is `apply` or `create`.
+fn kubectl_manifest(cluster: &Cluster, verb: &str, manifest: &Value) -> anyhow::Result<()> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), manifest.to_string())?;
+    cluster.kubectl(&[verb, "-n", NAMESPACE, "-f", &file.path().to_string_lossy()])?;
+    Ok(())
+}
+
+/// The NAD `name` of the test namespace: its uid and parsed config; `None` while it is missing.
+fn rendered_nad(cluster: &Cluster, name: &str) -> Result<Option<(String, Value)>, String> {
+    let listed = kubectl_json(
+        cluster,
+        &["get", "network-attachment-definitions", "-n", NAMESPACE],
+    )
+    .map_err(|error| error.to_string())?;
+    let Some(nad) = listed["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|nad| nad["metadata"]["name"] == name)
+    else {
+        return Ok(None);
+    };
+    let config: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap_or_default())
+        .map_err(|error| format!("NAD {name}: config is not JSON: {error}"))?;
+    let uid = nad["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    Ok(Some((uid, config)))
+}
+
+/// Whether `config` is the chain a Network on ens224 with subnet-ens224 renders.
+fn is_rendered_chain(config: &Value) -> bool {
+    let plugins = config["plugins"].as_array().cloned().unwrap_or_default();
+    plugins.len() == 2
+        && plugins[0]["type"] == "macvlan"
+        && plugins[0]["master"] == "ens224"
+        && plugins[0]["ipam"]["type"] == "virtnet-ipam"
+        && plugins[1]["type"] == "virtnet-coordinator"
+}
+
+async fn network_renders_its_nad(cluster: &Cluster) -> anyhow::Result<()> {
+    let network = |name: &str| {
+        serde_json::json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "Network",
+            "metadata": {"name": name},
+            "spec": {"master": "ens224", "subnets": {"ipv4": "subnet-ens224"}},
+        })
+    };
+    kubectl_manifest(cluster, "apply", &network("lan2"))?;
+    let wait_rendered = |what: &'static str, not_uid: Option<String>| {
+        cluster.wait_for(what, TIMEOUT, move || {
+            let not_uid = not_uid.clone();
+            async move {
+                match rendered_nad(cluster, "lan2")? {
+                    Some((uid, config))
+                        if is_rendered_chain(&config) && Some(&uid) != not_uid.as_ref() =>
+                    {
+                        Ok(uid)
+                    }
+                    found => Err(format!("NAD lan2: {found:?}")),
+                }
+            }
+        })
+    };
+    let first = wait_rendered("Network lan2's NAD", None).await?;
+    let owners = kubectl_json(
+        cluster,
+        &[
+            "get",
+            "network-attachment-definitions",
+            "lan2",
+            "-n",
+            NAMESPACE,
+        ],
+    )?["metadata"]["ownerReferences"]
+        .clone();
+    ensure!(
+        owners[0]["kind"] == "Network" && owners[0]["controller"] == true,
+        "the rendered NAD's owners: {owners}"
+    );
+
+    cluster.kubectl(&[
+        "delete",
+        "network-attachment-definitions",
+        "lan2",
+        "-n",
+        NAMESPACE,
+    ])?;
+    wait_rendered("the deleted NAD put back", Some(first)).await?;
+    cluster.kubectl(&[
+        "patch", "network-attachment-definitions", "lan2", "-n", NAMESPACE, "--type=merge",
+        "-p", r#"{"spec":{"config":"{\"cniVersion\":\"1.0.0\",\"name\":\"lan2\",\"plugins\":[{\"type\":\"bridge\"}]}"}}"#,
+    ])?;
+    wait_rendered("the hand-edited NAD put back", None).await?;
+
+    // A pod's extra NIC through the rendered NAD.
+    let deployment = second_nic_deployment("rendered", 1, &format!("{NAMESPACE}/lan2"));
+    kubectl_manifest(cluster, "apply", &deployment)?;
+    let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=rendered", 1).await?;
+    ensure!(
+        held_by(&allocations(cluster)?, &pods[0])
+            .iter()
+            .any(|(interface, _, _)| interface == "net1"),
+        "the pod on the rendered NAD holds no VirtNet address on net1"
+    );
+    ping_from_pod(cluster, &pods[0], SECOND_GATEWAY_V4.into())?;
+    cluster.kubectl(&[
+        "delete",
+        "deployment",
+        "rendered",
+        "-n",
+        NAMESPACE,
+        "--wait",
+    ])?;
+
+    // A same-name NAD VirtNet does not own stays as it is.
+    let foreign_config = r#"{"cniVersion":"1.0.0","name":"taken","plugins":[{"type":"bridge"}]}"#;
+    kubectl_manifest(
+        cluster,
+        "create",
+        &serde_json::json!({
+            "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": "taken"}, "spec": {"config": foreign_config},
+        }),
+    )?;
+    kubectl_manifest(cluster, "apply", &network("taken"))?;
+    cluster
+        .wait_for(
+            "Network taken to report the NAD it does not own",
+            TIMEOUT,
+            || async {
+                let network = kubectl_json(
+                    cluster,
+                    &["get", "networks.virtnet.io", "taken", "-n", NAMESPACE],
+                )
+                .map_err(|error| error.to_string())?;
+                let reasons: Vec<&str> = network["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|condition| condition["reason"].as_str())
+                    .collect();
+                if reasons.contains(&"NetworkAttachmentDefinitionNotOwned") {
+                    Ok(())
+                } else {
+                    Err(format!("conditions: {reasons:?}"))
+                }
+            },
+        )
+        .await?;
+    let kept = kubectl_json(
+        cluster,
+        &[
+            "get",
+            "network-attachment-definitions",
+            "taken",
+            "-n",
+            NAMESPACE,
+        ],
+    )?;
+    ensure!(
+        kept["spec"]["config"] == foreign_config,
+        "the foreign NAD was overwritten: {}",
+        kept["spec"]["config"]
+    );
+
+    cluster.kubectl(&["delete", "networks.virtnet.io", "lan2", "-n", NAMESPACE])?;
+    cluster
+        .wait_for("Network lan2's NAD deleted with it", TIMEOUT, || async {
+            match rendered_nad(cluster, "lan2")? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_owned()),
+            }
+        })
         .await?;
     Ok(())
 }
