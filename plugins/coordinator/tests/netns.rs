@@ -349,3 +349,115 @@ fn after_the_bridge_plugin_the_pod_reaches_its_node_and_services_by_the_veth() -
     let _ = std::fs::remove_dir_all(&data_dir);
     result.and(teardown)
 }
+
+#[test]
+fn gc_removes_only_its_own_networks_unlisted_veths() -> TestResult {
+    if !is_root() {
+        return Ok(());
+    }
+    const CONTAINER_B: &str = "b0b0000123456789";
+    const POD_B_IP: &str = "10.6.153.102";
+    let mut world = World::with_pod_nic()?;
+    let pod_b = world.add_pod("podb")?;
+    world.pod_nic_in(&pod_b, "ens4", "eth0", &format!("{POD_B_IP}/16"))?;
+    let add = |network: &str, pod: &str, container: &str, address: &str| -> TestResult {
+        let prev_result = world.prev_result_in(pod, "eth0", &format!("{address}/16"), SWITCH_IP);
+        let call = CniCall {
+            binary: COORDINATOR,
+            command: "ADD",
+            ifname: "eth0",
+            cni_path: NO_DELEGATES,
+            stdin: world.network_config(network, prev_result),
+        };
+        World::succeeds(world.run_for(call, pod, container)?).map(drop)
+    };
+    add("net-a", &world.pod, CONTAINER_ID, POD_IP)?;
+    add("net-b", &pod_b, CONTAINER_B, POD_B_IP)?;
+    // A veth of nobody's network, with no alias.
+    sh(&[
+        "ip",
+        "-n",
+        &world.node,
+        "link",
+        "add",
+        "other0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "other1",
+    ])?;
+    let host_veth = |container_id| {
+        host_veth_name(Target {
+            container_id,
+            ifname: "eth0",
+        })
+    };
+    let (veth_a, veth_b) = (host_veth(CONTAINER_ID), host_veth(CONTAINER_B));
+    let links: Value = serde_json::from_str(&sh(&["ip", "-n", &world.node, "-j", "link"])?)?;
+    let alias_of = |name: &str| {
+        links
+            .as_array()
+            .and_then(|links| links.iter().find(|link| link["ifname"] == name))
+            .map(|link| link["ifalias"].clone())
+    };
+    assert_eq!(
+        alias_of(&veth_a),
+        Some(json!(format!(
+            "virtnet-coordinator:net-a/{CONTAINER_ID}/eth0"
+        )))
+    );
+    assert_eq!(
+        alias_of(&veth_b),
+        Some(json!(format!(
+            "virtnet-coordinator:net-b/{CONTAINER_B}/eth0"
+        )))
+    );
+
+    let gc = |network: &str, valid: Value| -> TestResult {
+        let stdin = json!({
+            "cniVersion": "1.1.0",
+            "name": network,
+            "type": "virtnet-coordinator",
+            "cni.dev/valid-attachments": valid,
+        });
+        let call = CniCall {
+            binary: COORDINATOR,
+            command: "GC",
+            ifname: "eth0",
+            cni_path: NO_DELEGATES,
+            stdin: stdin.to_string(),
+        };
+        World::succeeds(world.run(call)?).map(drop)
+    };
+    gc("net-a", json!([]))?;
+    let node_links = sh(&["ip", "-n", &world.node, "link"])?;
+    assert!(
+        !node_links.contains(&veth_a),
+        "GC kept net-a's veth: {node_links}"
+    );
+    assert!(
+        node_links.contains(&veth_b),
+        "GC took net-b's veth: {node_links}"
+    );
+    assert!(
+        node_links.contains("other0"),
+        "GC took a foreign veth: {node_links}"
+    );
+    assert!(ping(&world.node, POD_IP).is_err(), "pod A is still wired");
+    ping(&world.node, POD_B_IP)?;
+
+    // net-b's GC keeps what it lists; GC again finds nothing left to do.
+    gc(
+        "net-b",
+        json!([{"containerID": CONTAINER_B, "ifname": "eth0"}]),
+    )?;
+    gc("net-a", json!([]))?;
+    let node_links = sh(&["ip", "-n", &world.node, "link"])?;
+    assert!(
+        node_links.contains(&veth_b) && node_links.contains("other0"),
+        "{node_links}"
+    );
+    ping(&world.node, POD_B_IP)?;
+    Ok(())
+}
