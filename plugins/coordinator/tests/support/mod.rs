@@ -44,12 +44,10 @@ pub fn reference_plugins(needed: &[&str]) -> Option<PathBuf> {
         .max()
 }
 
-pub fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: this builds network namespaces and needs root");
-    false
+/// Why these tests cannot run here, if they cannot.
+pub fn missing_root() -> Option<&'static str> {
+    (!nix::unistd::geteuid().is_root())
+        .then_some("needs root: builds network namespaces, veths and routes")
 }
 
 /// Runs a command and returns its stdout, failing with its stderr.
