@@ -22,6 +22,7 @@ pub mod claims;
 pub mod endpoints;
 pub mod parse;
 pub mod pools;
+pub mod snapshot;
 pub mod subnets;
 pub mod workloads;
 
