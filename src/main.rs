@@ -28,6 +28,9 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Show who holds which address, how full each Subnet is and what looks wrong, for the
+    /// cluster in KUBECONFIG (`inspect pod NAMESPACE/NAME` for one pod).
+    Inspect(virtnet::inspect::InspectArgs),
     /// Print the CustomResourceDefinitions as YAML (or write them into a directory).
     Crdgen(CrdgenArgs),
 }
@@ -44,6 +47,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crdgen(args) => crdgen(args),
+        Command::Inspect(args) => {
+            let report = tokio::runtime::Runtime::new()
+                .context("starting the async runtime")?
+                .block_on(virtnet::inspect::run(args))?;
+            print!("{report}");
+            Ok(())
+        }
         Command::Controller { args, log } => {
             run_service("virtnet controller", &log, virtnet::controller::run(args))
         }

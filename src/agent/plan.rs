@@ -901,6 +901,29 @@ pub fn endpoint_spec(
     }
 }
 
+/// The routes a workload gets with `address`: the default route of its family via `gateway`,
+/// then `subnet`'s routes (an unparsable one is left out; the webhook refuses those).
+pub fn workload_routes(address: IpAddr, gateway: IpAddr, subnet: Option<&Subnet>) -> Vec<ApiRoute> {
+    let default = match IpFamily::of(address) {
+        IpFamily::V4 => IpNet::V4(Default::default()),
+        IpFamily::V6 => IpNet::V6(Default::default()),
+    };
+    let extra = subnet.into_iter().flat_map(|subnet| {
+        subnet.spec.routes.iter().filter_map(|route| {
+            Some(ApiRoute {
+                dst: route.dst.parse().ok()?,
+                gw: Some(route.gw.parse().ok()?),
+            })
+        })
+    });
+    std::iter::once(ApiRoute {
+        dst: default,
+        gw: Some(gateway),
+    })
+    .chain(extra)
+    .collect()
+}
+
 /// The plugin's answer: the addresses with their gateways, a default route per family via the
 /// Subnet's gateway plus the Subnet's routes, and the Subnet's DNS (first Subnet with DNS wins).
 pub fn allocate_response(claims: &[Claim], subnets: &[Subnet]) -> AllocateResponse {
@@ -912,25 +935,13 @@ pub fn allocate_response(claims: &[Claim], subnets: &[Subnet]) -> AllocateRespon
             gateway: Some(claim.gateway),
             pool: claim.pool.clone(),
         });
-        let default = match IpFamily::of(claim.address) {
-            IpFamily::V4 => IpNet::V4(Default::default()),
-            IpFamily::V6 => IpNet::V6(Default::default()),
-        };
-        response.routes.push(ApiRoute {
-            dst: default,
-            gw: Some(claim.gateway),
-        });
-        let Some(subnet) = subnets.iter().find(|s| s.name_any() == claim.subnet) else {
-            continue;
-        };
+        let subnet = subnets.iter().find(|s| s.name_any() == claim.subnet);
         response
             .routes
-            .extend(subnet.spec.routes.iter().filter_map(|route| {
-                Some(ApiRoute {
-                    dst: route.dst.parse().ok()?,
-                    gw: Some(route.gw.parse().ok()?),
-                })
-            }));
+            .extend(workload_routes(claim.address, claim.gateway, subnet));
+        let Some(subnet) = subnet else {
+            continue;
+        };
         if let (true, Some(dns)) = (response.dns == ApiDns::default(), &subnet.spec.dns) {
             response.dns = ApiDns {
                 nameservers: dns.nameservers.clone(),

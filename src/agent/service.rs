@@ -1068,6 +1068,15 @@ impl Agent {
             if current.spec.sticky || current.spec.container_id != container_id {
                 return Ok(());
             }
+            // Another node's record is that node's agent's to release (the API server would
+            // refuse this agent's write anyway, see the chart's node-scope policy).
+            if current.spec.node != self.node {
+                warn!(
+                    endpoint = %current.name_any(), node = %current.spec.node,
+                    "DEL for an Endpoint of another node: nothing released"
+                );
+                return Ok(());
+            }
             let recorded = current
                 .spec
                 .interfaces

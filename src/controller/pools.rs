@@ -31,6 +31,9 @@ pub struct SubnetPlan {
     pub gateway: IpAddr,
     /// Addresses the Subnet can hand out.
     pub total: i64,
+    /// How many pools hand them out ([`crate::ipam::pool_count`]: `replicas`, or more for a
+    /// large Subnet).
+    pub pool_count: u32,
     /// Addresses allocated across the Subnet's pools.
     pub allocated: i64,
     /// Spec writes of this round (see the module docs); empty when the pools match the split.
@@ -154,10 +157,12 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, Parse
         });
         existing.push((index, pool));
     }
+    let pool_count =
+        crate::ipam::pool_count(u32::from(subnet.spec.replicas), addresses.effective().len());
     let plans = split_subnet(&SplitRequest {
         subnet: &subnet_name,
         effective: addresses.effective(),
-        replicas: u32::from(subnet.spec.replicas),
+        replicas: pool_count,
         pools: &current,
     })
     .map_err(|source| ParseError::Addresses {
@@ -239,6 +244,7 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, Parse
     Ok(SubnetPlan {
         gateway: addresses.gateway(),
         total: saturating_i64(addresses.effective().len()),
+        pool_count,
         allocated: saturating_i64(allocated_total),
         writes,
         counters,
@@ -341,6 +347,7 @@ mod tests {
         SubnetPlan {
             gateway: "10.6.0.1".parse().expect("address"),
             total: 0,
+            pool_count: 1,
             allocated: 0,
             writes: Vec::new(),
             counters: Vec::new(),
@@ -388,6 +395,26 @@ mod tests {
         assert_eq!(plan.total, 156);
         assert_eq!(pools[0].spec.gateway.as_deref(), Some("10.6.0.1"));
         assert_eq!(pools[0].spec.cidr, "10.6.0.0/16");
+    }
+
+    #[test]
+    fn a_whole_slash_16_is_split_into_pools_of_at_most_2048_addresses() {
+        let spec: SubnetSpec = serde_json::from_value(serde_json::json!({
+            "subnet": "10.6.0.0/16", "replicas": 1,
+        }))
+        .expect("Subnet spec parses");
+        let plan = plan_pools(&Subnet::new("wide", spec), &[]).expect("plan");
+        let pools = created(&plan);
+        assert_eq!((plan.pool_count, pools.len()), (32, 32));
+        for pool in &pools {
+            let size = pool_ranges(pool).expect("ranges").len();
+            assert!(
+                size <= crate::ipam::MAX_POOL_ADDRESSES,
+                "{}: {size}",
+                pool.name_any()
+            );
+        }
+        assert_eq!(plan.total, 65_533, "every usable address but the gateway");
     }
 
     #[test]

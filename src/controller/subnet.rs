@@ -97,10 +97,18 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
     }
     let existing = pools.iter().map(ResourceExt::name_any).collect();
     ctx.metrics.forget_pools_except(Some(&name), &existing);
-    let message = format!(
-        "{} pools serve {} addresses",
-        subnet.spec.replicas, plan.total
-    );
+    let message = if u32::from(subnet.spec.replicas) == plan.pool_count {
+        format!("{} pools serve {} addresses", plan.pool_count, plan.total)
+    } else {
+        format!(
+            "{} pools serve {} addresses (more than spec.replicas {}: at most {} addresses \
+             per pool keep each IPPool well under etcd's object size limit)",
+            plan.pool_count,
+            plan.total,
+            subnet.spec.replicas,
+            crate::ipam::MAX_POOL_ADDRESSES
+        )
+    };
     write_status(
         &ctx,
         &subnet,

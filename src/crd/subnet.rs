@@ -86,7 +86,8 @@ pub struct SubnetSpec {
     pub vlan: Option<u16>,
 
     /// How many IPPool shards the addresses are split into. More shards mean fewer conflicting
-    /// writes when many nodes allocate at once.
+    /// writes when many nodes allocate at once. A large Subnet gets more (at most 2048
+    /// addresses per pool, up to 64 pools from size alone), so no pool nears etcd's size limit.
     #[serde(default = "default_replicas")]
     #[x_kube(validation = rules::within(1, 1024, "the number of IPPool shards"))]
     pub replicas: u16,

@@ -56,6 +56,7 @@ pub use select::{
 pub use selector::{LabelRequirement, LabelSelector, SelectorOperator};
 pub use set::IpSet;
 pub use split::{
-    CurrentPool, MAX_REPLICAS, PoolPlan, SplitRequest, parse_pool_name, pool_name, split_subnet,
+    CurrentPool, MAX_DERIVED_POOLS, MAX_POOL_ADDRESSES, MAX_REPLICAS, PoolPlan, SplitRequest,
+    parse_pool_name, pool_count, pool_name, split_subnet,
 };
 pub use subnet::{NotAllocatable, SubnetAddresses, default_gateway, reserved_addresses};

@@ -10,6 +10,26 @@ use super::set::IpSet;
 /// The most pools one Subnet may be split into.
 pub const MAX_REPLICAS: u32 = 1024;
 
+/// The most addresses one pool is given when the Subnet's size decides the pool count: a
+/// full pool's allocation records (about 375 bytes each with their managed fields) then stay
+/// near 750 KiB, half of etcd's default 1.5 MiB object limit.
+pub const MAX_POOL_ADDRESSES: u128 = 2048;
+
+/// The most pools a Subnet's size alone asks for; past it (huge IPv6 ranges) the pools get
+/// more addresses each, which only matters once that many are allocated.
+pub const MAX_DERIVED_POOLS: u32 = 64;
+
+/// How many pools a Subnet of `addresses` allocatable addresses is split into: its `replicas`,
+/// or more when that would put over [`MAX_POOL_ADDRESSES`] into one pool (at most
+/// [`MAX_DERIVED_POOLS`] from size alone), so a /16 simply works.
+pub fn pool_count(replicas: u32, addresses: u128) -> u32 {
+    let by_size = addresses.div_ceil(MAX_POOL_ADDRESSES);
+    let by_size = u32::try_from(by_size)
+        .unwrap_or(u32::MAX)
+        .min(MAX_DERIVED_POOLS);
+    replicas.max(by_size).min(MAX_REPLICAS)
+}
+
 /// The name of pool `index` of `subnet`: `<subnet>-<index>`.
 pub fn pool_name(subnet: &str, index: u32) -> String {
     format!("{subnet}-{index}")
@@ -270,6 +290,21 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+
+    #[test]
+    fn large_subnets_get_enough_pools_to_stay_under_the_object_limit() {
+        assert_eq!(pool_count(3, 156), 3, "small Subnets keep their replicas");
+        assert_eq!(pool_count(1, 2048), 1);
+        assert_eq!(pool_count(1, 2049), 2);
+        assert_eq!(pool_count(1, 65_534), 32, "a /16");
+        assert_eq!(
+            pool_count(40, 65_534),
+            40,
+            "more replicas than the size asks for"
+        );
+        assert_eq!(pool_count(1, 1 << 64), MAX_DERIVED_POOLS, "a /64");
+        assert_eq!(pool_count(MAX_REPLICAS, 1 << 64), MAX_REPLICAS);
+    }
     use crate::ipam::SubnetAddresses;
     use crate::ipam::set::tests::set;
 

@@ -22,6 +22,7 @@ pub mod claims;
 pub mod endpoints;
 pub mod parse;
 pub mod pools;
+pub mod snapshot;
 pub mod subnets;
 pub mod workloads;
 
@@ -89,9 +90,10 @@ pub fn is_conflict(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.is_conflict() || status.is_already_exists())
 }
 
-/// The object is gone (deleted meanwhile, or never existed).
+/// The object is gone (deleted meanwhile, or never existed), or its API is not installed (a
+/// bare 404 without a Status body).
 pub fn is_not_found(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.is_not_found())
+    matches!(error, kube::Error::Api(status) if status.is_not_found() || status.code == 404)
 }
 
 /// 10 ms doubling to 640 ms, with up to 50 % jitter so racing writers spread out.

@@ -81,6 +81,8 @@ async fn scenario(
         "pods got {server_ip} and {client_ip}, not addresses of the example Subnet"
     );
     ensure_wire(cluster, &client, server_ip, &service_ip).context("after helm install")?;
+    agents_write_only_their_own_nodes_endpoints(cluster, &nodes).await?;
+    inspect_shows_the_server(cluster, server_ip)?;
     let held_before = held_addresses(cluster)?;
 
     // The same image under a new tag, as a release would push it.
@@ -158,6 +160,137 @@ async fn scenario(
             after.keys().collect::<Vec<_>>()
         );
     }
+    Ok(())
+}
+
+/// `virtnet inspect` on the cluster: the server pod's address is listed with its holder, and
+/// `inspect pod` shows it with its pool and a default route.
+fn inspect_shows_the_server(cluster: &Cluster, server_ip: IpAddr) -> anyhow::Result<()> {
+    let virtnet = VirtnetOptions::from_workspace().binaries.join("virtnet");
+    let inspect = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let output = std::process::Command::new(&virtnet)
+            .arg("inspect")
+            .args(args)
+            .args(["-o", "json"])
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .output()?;
+        ensure!(
+            output.status.success(),
+            "virtnet inspect {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(serde_json::from_slice(&output.stdout)?)
+    };
+    let holder = format!("{TEST_NAMESPACE}/server");
+    let overview = inspect(&[])?;
+    let listed = overview["holders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|entry| {
+            entry["address"] == server_ip.to_string() && entry["endpoint"] == holder.as_str()
+        });
+    ensure!(
+        listed,
+        "virtnet inspect does not list {server_ip} for {holder}: {overview}"
+    );
+    let report = inspect(&["pod", &holder])?;
+    let interface = &report["interfaces"][0];
+    ensure!(
+        interface["address"]
+            .as_str()
+            .is_some_and(|address| address.starts_with(&format!("{server_ip}/")))
+            && interface["pool"]
+                .as_str()
+                .is_some_and(|pool| !pool.is_empty())
+            && interface["routes"][0]["dst"] == "0.0.0.0/0",
+        "virtnet inspect pod {holder}: {report}"
+    );
+    Ok(())
+}
+
+/// With the token of the agent pod on `nodes[0]` (bound to that pod, so it names its node), an
+/// Endpoint of `nodes[0]` can be created and deleted, while one of `nodes[1]` can be neither
+/// created nor deleted: the chart's admission policy keeps each agent to its own node.
+async fn agents_write_only_their_own_nodes_endpoints(
+    cluster: &Cluster,
+    nodes: &[String],
+) -> anyhow::Result<()> {
+    let agents = Api::<Pod>::namespaced(cluster.client(), NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=virtnet-agent"))
+        .await?;
+    let agent = agents
+        .items
+        .iter()
+        .find(|pod| pod.spec.as_ref().and_then(|spec| spec.node_name.as_deref()) == Some(&nodes[0]))
+        .with_context(|| format!("no agent pod on {}", nodes[0]))?;
+    let token = cluster.kubectl(&[
+        "create",
+        "token",
+        "virtnet-agent",
+        "--namespace",
+        NAMESPACE,
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        pod_name(agent),
+        "--bound-object-uid",
+        agent.metadata.uid.as_deref().unwrap_or_default(),
+    ])?;
+    let admin: serde_json::Value = serde_json::from_slice(&fs::read(cluster.kubeconfig())?)?;
+    let server = &admin["clusters"][0]["cluster"];
+    let as_agent = |args: &[&str]| -> anyhow::Result<String> {
+        let output = std::process::Command::new(default_bin_dir().join("kubectl"))
+            .args(["--kubeconfig", "/dev/null", "--token", token.trim()])
+            .args(["--server", server["server"].as_str().unwrap_or_default()])
+            .args(["--certificate-authority"])
+            .arg(server["certificate-authority"].as_str().unwrap_or_default())
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr))
+    };
+    let endpoint = |name: &str, node: &str| {
+        json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "Endpoint",
+            "metadata": {"name": name, "namespace": TEST_NAMESPACE},
+            "spec": {"interfaces": [{"interface": "eth0", "ipv4": "10.6.200.1/16"}],
+                     "ownerKind": "Pod", "ownerName": name, "node": node,
+                     "podUID": "scope-test", "containerID": "scope-test"},
+        })
+    };
+    let file = tempfile::NamedTempFile::new()?;
+    let refusal = "may only write Endpoints of its own node";
+    for (name, node, allowed) in [
+        ("own-node", &nodes[0], true),
+        ("other-node", &nodes[1], false),
+    ] {
+        fs::write(file.path(), endpoint(name, node).to_string())?;
+        let path = file.path().to_string_lossy();
+        let created = as_agent(&["create", "-f", &path])?;
+        ensure!(
+            created.contains(refusal) != allowed,
+            "the agent of {} creating an Endpoint of {node}: {created}",
+            nodes[0]
+        );
+        if !allowed {
+            cluster.kubectl(&["create", "-f", &path])?;
+        }
+        let deleted = as_agent(&["delete", "endpoints.virtnet.io", name, "-n", TEST_NAMESPACE])?;
+        ensure!(
+            deleted.contains(refusal) != allowed,
+            "the agent of {} deleting an Endpoint of {node}: {deleted}",
+            nodes[0]
+        );
+    }
+    cluster.kubectl(&[
+        "delete",
+        "endpoints.virtnet.io",
+        "other-node",
+        "-n",
+        TEST_NAMESPACE,
+        "--ignore-not-found",
+    ])?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use std::error::Error;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{COORDINATOR, CniCall, World, is_root, reference_plugins};
+use support::{COORDINATOR, CniCall, World, missing_root, reference_plugins};
 
 const ROUNDS: usize = 50;
 
@@ -32,7 +32,8 @@ fn timed(world: &World, call: CniCall<'_>) -> Result<(Duration, Value), Box<dyn 
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
-    if !is_root() {
+    if let Some(reason) = missing_root() {
+        eprintln!("skipping: {reason}");
         return Ok(());
     }
     let Some(plugins) = reference_plugins(&["macvlan", "host-local"]) else {

@@ -1,11 +1,13 @@
 //! Asking the node agent what the config leaves open ([`virtnet_cni::agent_api`]'s
-//! `POST /v1/coordinator`): the cluster's Service CIDRs and the pod's own choices.
+//! `POST /v1/coordinator`): the cluster's Service CIDRs and the pod's own choices; and whether
+//! it answers at all (`GET /v1/status`, for STATUS).
 
 use std::fmt;
 
+use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
 use virtnet_cni::agent_api::{
-    ApiError, COORDINATOR_PATH, CoordinatorRequest, CoordinatorResponse, PodRef,
+    ApiError, COORDINATOR_PATH, CoordinatorRequest, CoordinatorResponse, PodRef, STATUS_PATH,
 };
 use virtnet_cni::agent_client::{self, TransportError};
 use virtnet_cni::env::CniArgs;
@@ -53,17 +55,32 @@ pub fn ask(
 ) -> Result<CoordinatorResponse, AgentFailure> {
     let body =
         serde_json::to_vec(request).map_err(|error| AgentFailure::Protocol(error.to_string()))?;
+    let answer = exchange(config, Method::POST, COORDINATOR_PATH, body)?;
+    serde_json::from_slice(&answer).map_err(|error| AgentFailure::Protocol(error.to_string()))
+}
+
+/// Whether the agent answers its STATUS (it refuses while its caches are not synced).
+pub fn status(config: &CoordinatorConfig) -> Result<(), AgentFailure> {
+    exchange(config, Method::GET, STATUS_PATH, Vec::new()).map(drop)
+}
+
+/// One request; the body of a 200 answer, any other answer as the agent's refusal.
+fn exchange(
+    config: &CoordinatorConfig,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<Bytes, AgentFailure> {
     let (status, answer) = agent_client::exchange(
         &config.agent_socket,
         config.agent_timeout,
-        Method::POST,
-        COORDINATOR_PATH,
+        method,
+        path,
         body,
     )
     .map_err(AgentFailure::Transport)?;
     if status == StatusCode::OK {
-        return serde_json::from_slice(&answer)
-            .map_err(|error| AgentFailure::Protocol(error.to_string()));
+        return Ok(answer);
     }
     let refusal: ApiError = serde_json::from_slice(&answer).map_err(|error| {
         AgentFailure::Protocol(format!(

@@ -77,6 +77,10 @@ impl KubevirtBinding {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoordinatorConfig {
+    /// The CNI network's `name`: it labels each host veth (see [`crate::plan::host_veth_alias`])
+    /// so that GC of one network never deletes another's. Absent only when the plugin is run by
+    /// hand outside a conflist.
+    pub network: Option<String>,
     pub mode: Mode,
     /// Service CIDRs the pod reaches through the host (kube-proxy runs there).
     pub service_cidrs: Vec<IpNet>,
@@ -179,6 +183,7 @@ impl CoordinatorConfig {
         let logging = LogSettings::read(&mut fields, &network.trusted_dirs)?;
         fields.finish()?;
         Ok(Self {
+            network: network.name.clone(),
             mode,
             service_cidrs,
             pod_default_route_nic,
@@ -240,6 +245,7 @@ mod tests {
         assert_eq!(
             parse(json!({}))?,
             CoordinatorConfig {
+                network: Some("macvlan".to_owned()),
                 mode: Mode::Auto,
                 service_cidrs: Vec::new(),
                 pod_default_route_nic: None,

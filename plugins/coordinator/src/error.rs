@@ -90,6 +90,39 @@ pub enum CoordinatorError {
         allocated: String,
     },
 
+    #[error(
+        "the network config has no \"name\"; virtnet-coordinator labels each host veth with its \
+         network's name so that GC of one network never deletes another's: run it from a \
+         conflist or NetworkAttachmentDefinition that names the network"
+    )]
+    NoNetworkName,
+
+    #[error(
+        "network name {0:?} cannot label a host veth (the alias \
+         virtnet-coordinator:<network>/<container id>/<ifname> must fit in 255 bytes, without \
+         NUL); give the network a shorter name"
+    )]
+    UnlabelableNetwork(String),
+
+    #[error(
+        "cannot read the node's links, which ADD needs to wire a pod ({0}); run \
+         virtnet-coordinator with CAP_NET_ADMIN in the node's network namespace, as container \
+         runtimes run CNI plugins"
+    )]
+    NodeLinksUnreadable(#[source] crate::netlink::NetlinkError),
+
+    #[error(
+        "the VirtNet agent at {} did not answer ({failure}); without it ADD cannot apply a \
+         pod's default-route annotation, KubeVirt binding or VirtNet's address check: check \
+         that the virtnet agent pod on this node is running and that agent_socket names its \
+         socket",
+        socket.display()
+    )]
+    AgentUnavailable {
+        socket: std::path::PathBuf,
+        failure: crate::agent::AgentFailure,
+    },
+
     #[error(transparent)]
     Probe(#[from] crate::probe::ProbeError),
 
@@ -107,7 +140,14 @@ impl CoordinatorError {
             | Self::KubevirtBridge
             | Self::PodVethNameTaken
             | Self::UnnumberedInterface(_)
-            | Self::NotAllocatedByVirtnet { .. } => ErrorCode::INVALID_NETWORK_CONFIG,
+            | Self::NotAllocatedByVirtnet { .. }
+            | Self::NoNetworkName
+            | Self::UnlabelableNetwork(_) => ErrorCode::INVALID_NETWORK_CONFIG,
+            // STATUS: ADD cannot be served. Not 51, which says running pods may have lost
+            // connectivity: their veths and routes live in the kernel and need neither.
+            Self::NodeLinksUnreadable(_) | Self::AgentUnavailable { .. } => {
+                ErrorCode::NOT_AVAILABLE
+            }
             Self::IpConflict { .. } => ErrorCode::IP_CONFLICT,
             Self::GatewayUnreachable { .. } => ErrorCode::TRY_AGAIN_LATER,
             Self::HostVethExists(_) | Self::Probe(_) | Self::Netlink(_) => ErrorCode::IO_FAILURE,

@@ -13,7 +13,10 @@
 //!   refuses an address another host answers for, or a gateway that does not answer, before
 //!   changing anything; after wiring, it announces the pod's addresses (gratuitous ARP,
 //!   unsolicited NA). A KubeVirt live-migration target is neither checked nor announced.
-//! - CHECK validates `prevResult`; GC and STATUS succeed.
+//! - CHECK validates `prevResult`.
+//! - GC deletes the host veths of this network whose attachment the runtime no longer lists in
+//!   `cni.dev/valid-attachments`, found by the alias ADD gives each ([`plan::plan_gc`]).
+//! - STATUS fails with code 50 unless the node's links can be read and the agent answers.
 
 pub mod agent;
 pub mod config;
@@ -31,7 +34,7 @@ use virtnet_cni::{CniError, CniResult, NetworkConfig};
 use crate::config::{CoordinatorConfig, Mode};
 use crate::error::CoordinatorError;
 use crate::netlink::{Netlink, NetlinkError, show_mac};
-use crate::plan::{Op, Target, interface_addresses, plan_add, plan_del};
+use crate::plan::{Op, Target, Teardown, interface_addresses, plan_add, plan_del, plan_gc};
 use crate::probe::{Finding, Prober, plan_probes};
 
 pub const PLUGIN_NAME: &str = "virtnet-coordinator";
@@ -138,14 +141,7 @@ impl Plugin for CoordinatorPlugin {
             opened => opened,
         }
         .map_err(CoordinatorError::from)?;
-        let mut first_error = None;
-        for teardown in &teardowns {
-            if let Err(error) = netlink.teardown(teardown) {
-                tracing::warn!(%error, "DEL continues with the next step");
-                first_error.get_or_insert(error);
-            }
-        }
-        first_error.map_or(Ok(()), |error| Err(CoordinatorError::from(error).into()))
+        teardown_all(&netlink, &teardowns)
     }
 
     fn check(
@@ -156,13 +152,44 @@ impl Plugin for CoordinatorPlugin {
         chained_result(call.network).map(drop)
     }
 
-    fn gc(&self, _call: &Call<'_, CoordinatorConfig>) -> Result<(), CniError> {
-        Ok(())
+    fn gc(&self, call: &Call<'_, CoordinatorConfig>) -> Result<(), CniError> {
+        let netlink = Netlink::open(None).map_err(CoordinatorError::from)?;
+        let links = netlink.host_links().map_err(CoordinatorError::from)?;
+        let valid = call
+            .network
+            .valid_attachments
+            .as_deref()
+            .unwrap_or_default();
+        teardown_all(&netlink, &plan_gc(call.config, &links, valid))
     }
 
-    fn status(&self, _call: &Call<'_, CoordinatorConfig>) -> Result<(), CniError> {
+    fn status(&self, call: &Call<'_, CoordinatorConfig>) -> Result<(), CniError> {
+        // It wires nothing, so it needs neither the node's links nor the agent.
+        if call.config.mode == Mode::Disabled {
+            return Ok(());
+        }
+        Netlink::open(None)
+            .and_then(|netlink| netlink.host_links())
+            .map_err(CoordinatorError::NodeLinksUnreadable)?;
+        agent::status(call.config).map_err(|failure| CoordinatorError::AgentUnavailable {
+            socket: call.config.agent_socket.as_path().to_owned(),
+            failure,
+        })?;
         Ok(())
     }
+}
+
+/// Runs every teardown, even after one fails (each is idempotent, so a retry finishes the
+/// job); reports the first failure.
+fn teardown_all(netlink: &Netlink, teardowns: &[Teardown]) -> Result<(), CniError> {
+    let mut first_error = None;
+    for teardown in teardowns {
+        if let Err(error) = netlink.teardown(teardown) {
+            tracing::warn!(%error, "continuing with the next step");
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), |error| Err(CoordinatorError::from(error).into()))
 }
 
 /// What the agent adds to the config for this ADD; nothing (with a warning) when it cannot

@@ -26,7 +26,7 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteProtocol, RouteScope};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::plan::{NodeAddress, NodeSnapshot, Op, RouteSpec, Side, Teardown};
+use crate::plan::{HostLink, NodeAddress, NodeSnapshot, Op, RouteSpec, Side, Teardown};
 
 const EEXIST: i32 = 17;
 const ENOENT: i32 = 2;
@@ -121,32 +121,16 @@ impl Netlink {
         Ok(Self { runtime, node, pod })
     }
 
-    /// The node's addresses (with their links' names) and link names.
+    /// The node's links, with their aliases.
+    pub fn host_links(&self) -> Result<Vec<HostLink>, NetlinkError> {
+        let links = self.runtime.block_on(self.indexed_links())?;
+        Ok(links.into_iter().map(|(_, link)| link).collect())
+    }
+
+    /// The node's addresses (with their links' names) and links.
     pub fn node_snapshot(&self) -> Result<NodeSnapshot, NetlinkError> {
-        let request = |source| NetlinkError::Request {
-            side: Side::Node,
-            what: "listing links and addresses".to_owned(),
-            source,
-        };
         self.runtime.block_on(async {
-            let links: Vec<(u32, String)> = self
-                .node
-                .link()
-                .get()
-                .execute()
-                .map_ok(|link| {
-                    let name = link
-                        .attributes
-                        .iter()
-                        .find_map(|attribute| match attribute {
-                            LinkAttribute::IfName(name) => Some(name.clone()),
-                            _ => None,
-                        });
-                    (link.header.index, name.unwrap_or_default())
-                })
-                .try_collect()
-                .await
-                .map_err(request)?;
+            let links = self.indexed_links().await?;
             let addresses = self
                 .node
                 .address()
@@ -156,7 +140,7 @@ impl Netlink {
                     let link = links
                         .iter()
                         .find(|(index, _)| *index == message.header.index)
-                        .map(|(_, name)| name.clone())
+                        .map(|(_, link)| link.name.clone())
                         .unwrap_or_default();
                     let address = message
                         .attributes
@@ -171,12 +155,33 @@ impl Netlink {
                 })
                 .try_collect()
                 .await
-                .map_err(request)?;
+                .map_err(listing_failed)?;
             Ok(NodeSnapshot {
                 addresses,
-                links: links.into_iter().map(|(_, name)| name).collect(),
+                links: links.into_iter().map(|(_, link)| link).collect(),
             })
         })
+    }
+
+    async fn indexed_links(&self) -> Result<Vec<(u32, HostLink)>, NetlinkError> {
+        self.node
+            .link()
+            .get()
+            .execute()
+            .map_ok(|link| {
+                let (mut name, mut alias) = (String::new(), None);
+                for attribute in link.attributes {
+                    match attribute {
+                        LinkAttribute::IfName(found) => name = found,
+                        LinkAttribute::IfAlias(found) => alias = Some(found),
+                        _ => {}
+                    }
+                }
+                (link.header.index, HostLink { name, alias })
+            })
+            .try_collect()
+            .await
+            .map_err(listing_failed)
     }
 
     pub fn apply(&self, op: &Op) -> Result<(), NetlinkError> {
@@ -184,10 +189,11 @@ impl Netlink {
             Op::AddVeth {
                 host,
                 host_mac,
+                host_alias,
                 pod,
                 pod_mac,
                 mtu,
-            } => self.add_veth(host, host_mac, pod, pod_mac, *mtu),
+            } => self.add_veth(host, host_mac, host_alias, pod, pod_mac, *mtu),
             Op::Sysctl { side, key, value } => self.sysctl(*side, key, value),
             Op::AddRoute { side, route } => self.route(*side, route, Mode::Add),
             Op::DelRoute { side, route } => self.route(*side, route, Mode::Del),
@@ -282,11 +288,13 @@ impl Netlink {
     }
 
     /// Creates the pair in one message, with the pod end born in the pod netns (no temporary
-    /// name, no move), both MACs and MTUs set; then brings both ends up.
+    /// name, no move), both MACs and MTUs set; then brings both ends up, labelling the host end
+    /// (the kernel applies an alias only to an existing link, not in the creating message).
     fn add_veth(
         &self,
         host: &str,
         host_mac: &[u8; 6],
+        host_alias: &str,
         pod: &str,
         pod_mac: &[u8; 6],
         mtu: Option<u32>,
@@ -316,16 +324,16 @@ impl Netlink {
         let what = format!("creating veth {host} with {pod} in the pod");
         self.run(Side::Node, &what, Mode::Create, async {
             self.node.link().add(message).execute().await?;
-            for (handle, side, name) in [
-                (&self.node, Side::Node, host),
-                (&pod_netns.handle, Side::Pod, pod),
+            for (handle, side, name, alias) in [
+                (&self.node, Side::Node, host, Some(host_alias)),
+                (&pod_netns.handle, Side::Pod, pod, None),
             ] {
                 let index = link_index(handle, side, name).await?;
-                handle
-                    .link()
-                    .set(LinkUnspec::new_with_index(index).up().build())
-                    .execute()
-                    .await?;
+                let mut message = LinkUnspec::new_with_index(index).up().build();
+                message
+                    .attributes
+                    .extend(alias.map(|alias| LinkAttribute::IfAlias(alias.to_owned())));
+                handle.link().set(message).execute().await?;
             }
             Ok(())
         })
@@ -467,6 +475,14 @@ enum Failure {
 impl From<rtnetlink::Error> for Failure {
     fn from(error: rtnetlink::Error) -> Self {
         Self::Netlink(error)
+    }
+}
+
+fn listing_failed(source: rtnetlink::Error) -> NetlinkError {
+    NetlinkError::Request {
+        side: Side::Node,
+        what: "listing links and addresses".to_owned(),
+        source,
     }
 }
 

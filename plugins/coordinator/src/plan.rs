@@ -7,7 +7,9 @@
 //! annotation as the agent reports it, else `podDefaultRouteNIC`, else `eth0`):
 //! - a veth pair: [`POD_VETH`] in the pod, [`host_veth_name`] on the node. Both MACs are derived
 //!   from the container id and interface name ([`veth_macs`]), so the plan is deterministic and
-//!   systemd's `MACAddressPolicy` has nothing to rewrite.
+//!   systemd's `MACAddressPolicy` has nothing to rewrite. The host end's alias
+//!   ([`host_veth_alias`]) names the network and attachment, which is how GC ([`plan_gc`]) finds
+//!   its own.
 //! - in the pod, `<node address>/32 dev veth0 scope link src <pod address>` for each node
 //!   address of the pod's families, and each Service CIDR `via <node address> dev veth0`. The
 //!   default route is left alone: it stays on the underlay NIC.
@@ -39,6 +41,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use virtnet_cni::CniResult;
+use virtnet_cni::config::GcAttachment;
 use virtnet_cni::result::IpConfig;
 
 use crate::config::{CoordinatorConfig, KubevirtBinding, Mode};
@@ -48,6 +51,10 @@ use crate::error::CoordinatorError;
 pub const POD_VETH: &str = "veth0";
 /// Every host veth name starts with this, followed by 12 hex digits (15 characters in all).
 pub const HOST_VETH_PREFIX: &str = "vnc";
+/// Every host veth's alias starts with this (see [`host_veth_alias`]).
+pub const HOST_VETH_ALIAS_PREFIX: &str = "virtnet-coordinator:";
+/// The kernel's `IFALIASZ` (256) less the terminating NUL.
+const MAX_ALIAS_LEN: usize = 255;
 /// The pod NIC that carries the default route when `podDefaultRouteNIC` is unset.
 pub const DEFAULT_POD_NIC: &str = "eth0";
 /// The policy table of pod NIC `<name>N` is `POLICY_TABLE_BASE + N`.
@@ -95,10 +102,12 @@ pub struct RouteSpec {
 /// One change ADD makes; [`Op::undo`] is how a failed ADD takes it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// A veth pair with `host` in the node and `pod` in the pod, both up.
+    /// A veth pair with `host` in the node and `pod` in the pod, both up; `host_alias` says whose
+    /// the host end is.
     AddVeth {
         host: String,
         host_mac: Mac,
+        host_alias: String,
         pod: String,
         pod_mac: Mac,
         mtu: Option<u32>,
@@ -178,11 +187,18 @@ pub struct NodeAddress {
     pub address: IpNet,
 }
 
+/// A link of the node, with its alias (`IFLA_IFALIAS`) if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLink {
+    pub name: String,
+    pub alias: Option<String>,
+}
+
 /// What ADD needs to know about the node before changing anything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeSnapshot {
     pub addresses: Vec<NodeAddress>,
-    pub links: Vec<String>,
+    pub links: Vec<HostLink>,
 }
 
 /// Who the plan is for.
@@ -238,6 +254,71 @@ pub fn plan_del(config: &CoordinatorConfig, target: Target<'_>) -> Vec<Teardown>
             }),
     );
     teardowns
+}
+
+/// What GC removes: the host veths this network's ADD made (its alias names `config`'s network
+/// and the link carries the name ADD gives that attachment) for attachments the runtime no longer
+/// lists. A link without our alias, or another network's, is never touched; so are veths made
+/// before host veths had aliases. Deleting the host end takes the pod end, routes and neighbours
+/// with it.
+pub fn plan_gc(
+    config: &CoordinatorConfig,
+    links: &[HostLink],
+    valid: &[GcAttachment],
+) -> Vec<Teardown> {
+    if config.mode == Mode::Disabled {
+        return Vec::new();
+    }
+    let Some(network) = config.network.as_deref() else {
+        // ADD makes no host veth for a nameless network, so none can be this one's.
+        tracing::warn!("the network config has no name; GC has nothing it can tell is its own");
+        return Vec::new();
+    };
+    links
+        .iter()
+        .filter(|link| {
+            let Some((owner, target)) = link.alias.as_deref().and_then(alias_owner) else {
+                return false;
+            };
+            owner == network
+                && link.name == host_veth_name(target)
+                && !valid.iter().any(|attachment| {
+                    attachment.container_id == target.container_id
+                        && attachment.ifname == target.ifname
+                })
+        })
+        .map(|link| Teardown::DelLink {
+            side: Side::Node,
+            name: link.name.clone(),
+        })
+        .collect()
+}
+
+/// The host veth's alias, `virtnet-coordinator:<network>/<container id>/<ifname>`: the node then
+/// says whose each veth is (`ip link` shows it), and GC finds its own network's.
+pub fn host_veth_alias(network: &str, target: Target<'_>) -> Result<String, CoordinatorError> {
+    let alias = format!(
+        "{HOST_VETH_ALIAS_PREFIX}{network}/{}/{}",
+        target.container_id, target.ifname
+    );
+    if alias.len() > MAX_ALIAS_LEN || alias.contains('\0') {
+        return Err(CoordinatorError::UnlabelableNetwork(network.to_owned()));
+    }
+    Ok(alias)
+}
+
+/// The network and attachment a [`host_veth_alias`] names; `None` for any other alias. Split
+/// from the right, as neither a container id nor an interface name holds a `/`.
+pub fn alias_owner(alias: &str) -> Option<(&str, Target<'_>)> {
+    let mut parts = alias.strip_prefix(HOST_VETH_ALIAS_PREFIX)?.rsplitn(3, '/');
+    let (ifname, container_id, network) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((
+        network,
+        Target {
+            container_id,
+            ifname,
+        },
+    ))
 }
 
 fn default_nic(config: &CoordinatorConfig) -> &str {
@@ -358,12 +439,17 @@ fn plan_veth(
         });
     }
     let host = host_veth_name(target);
-    if node.links.contains(&host) {
+    if node.links.iter().any(|link| link.name == host) {
         return Err(CoordinatorError::HostVethExists(host));
     }
     if target.ifname == POD_VETH {
         return Err(CoordinatorError::PodVethNameTaken);
     }
+    let network = config
+        .network
+        .as_deref()
+        .ok_or(CoordinatorError::NoNetworkName)?;
+    let host_alias = host_veth_alias(network, target)?;
     let (host_mac, pod_mac) = veth_macs(target);
     let mtu = config.veth_host_mtu.or_else(|| {
         prev.interfaces
@@ -379,6 +465,7 @@ fn plan_veth(
     let mut ops = vec![Op::AddVeth {
         host: host.clone(),
         host_mac,
+        host_alias,
         pod: POD_VETH.to_owned(),
         pod_mac,
         mtu,
@@ -595,7 +682,22 @@ mod tests {
                 address("cali1234", "10.244.0.1/32")?,
                 address("kube-ipvs0", "10.96.0.10/32")?,
             ],
-            links: vec!["lo".to_owned(), "ens3".to_owned(), "ens4".to_owned()],
+            links: ["lo", "ens3", "ens4"].map(|name| link(name, None)).to_vec(),
+        })
+    }
+
+    fn link(name: &str, alias: Option<&str>) -> HostLink {
+        HostLink {
+            name: name.to_owned(),
+            alias: alias.map(str::to_owned),
+        }
+    }
+
+    /// The host veth `network`'s ADD makes for `target`, as the node lists it.
+    fn veth_of(network: &str, target: Target<'_>) -> Result<HostLink, CoordinatorError> {
+        Ok(HostLink {
+            name: host_veth_name(target),
+            alias: Some(host_veth_alias(network, target)?),
         })
     }
 
@@ -702,6 +804,7 @@ mod tests {
                 Op::AddVeth {
                     host: host.clone(),
                     host_mac,
+                    host_alias: "virtnet-coordinator:macvlan/0123456789abcdef/eth0".to_owned(),
                     pod: POD_VETH.to_owned(),
                     pod_mac,
                     mtu: Some(1450),
@@ -1025,7 +1128,7 @@ mod tests {
     fn refuses_before_any_change() -> TestResult {
         let plain = config(json!({}))?;
         let mut taken = node()?;
-        taken.links.push(host_veth_name(TARGET));
+        taken.links.push(link(&host_veth_name(TARGET), None));
         assert!(matches!(
             plan_add(&plain, TARGET, &v4_prev()?, &taken),
             Err(CoordinatorError::HostVethExists(_))
@@ -1045,6 +1148,111 @@ mod tests {
             plan_add(&plain, TARGET, &other_nic, &node()?),
             Err(CoordinatorError::NoIpsOnInterface(_))
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn the_host_veth_alias_names_network_container_and_interface() -> TestResult {
+        let alias = host_veth_alias("macvlan", TARGET)?;
+        assert_eq!(alias, "virtnet-coordinator:macvlan/0123456789abcdef/eth0");
+        let (network, target) = alias_owner(&alias).ok_or("our own alias")?;
+        assert_eq!(
+            (network, target.container_id, target.ifname),
+            ("macvlan", TARGET.container_id, TARGET.ifname)
+        );
+        // A name with a slash still reads back whole: ids and interface names hold none.
+        let odd = host_veth_alias("team/a", TARGET)?;
+        assert_eq!(
+            alias_owner(&odd).map(|(network, _)| network),
+            Some("team/a")
+        );
+        for foreign in [
+            "",
+            "uplink to rack 4",
+            "virtnet-coordinator:",
+            "other:net/c/eth0",
+        ] {
+            assert!(alias_owner(foreign).is_none(), "{foreign:?}");
+        }
+        // The kernel keeps at most 255 bytes; a longer alias is refused before any change.
+        let long = "n".repeat(240);
+        let error = host_veth_alias(&long, TARGET).expect_err("too long");
+        assert_eq!(error.code(), virtnet_cni::ErrorCode::INVALID_NETWORK_CONFIG);
+        let mut nameless = config(json!({}))?;
+        nameless.network = None;
+        assert!(matches!(
+            plan_add(&nameless, TARGET, &v4_prev()?, &node()?),
+            Err(CoordinatorError::NoNetworkName)
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn gc_deletes_only_this_networks_unlisted_veths() -> TestResult {
+        let listed = Target {
+            container_id: "live0123456789ab",
+            ifname: "eth0",
+        };
+        let gone_net1 = Target {
+            ifname: "net1",
+            ..TARGET
+        };
+        let other_networks = Target {
+            container_id: "f00d0123456789ab",
+            ..TARGET
+        };
+        let links = vec![
+            link("lo", None),
+            link("ens4", None),
+            veth_of("macvlan", TARGET)?,
+            veth_of("macvlan", gone_net1)?,
+            veth_of("macvlan", listed)?,
+            veth_of("macvlan-b", other_networks)?,
+            // Made before host veths had aliases: nothing says whose it is.
+            link(
+                &host_veth_name(Target {
+                    container_id: "01d0123456789abc",
+                    ..TARGET
+                }),
+                None,
+            ),
+            // Our alias on a link ADD did not name: someone else's, whatever it says.
+            link("ens5", host_veth_alias("macvlan", TARGET).ok().as_deref()),
+            link("vnc-foreign", Some("uplink to rack 4")),
+        ];
+        let valid = [GcAttachment {
+            container_id: listed.container_id.to_owned(),
+            ifname: listed.ifname.to_owned(),
+        }];
+        let deleted = |target| Teardown::DelLink {
+            side: Side::Node,
+            name: host_veth_name(target),
+        };
+        assert_eq!(
+            plan_gc(&config(json!({}))?, &links, &valid),
+            [deleted(TARGET), deleted(gone_net1)]
+        );
+        // The other network's GC, listing nothing, takes its own veth only.
+        let other = config(json!({"name": "macvlan-b"}))?;
+        assert_eq!(plan_gc(&other, &links, &[]), [deleted(other_networks)]);
+        // Every attachment listed: nothing to do; so for a disabled or nameless network.
+        let all: Vec<GcAttachment> = [TARGET, gone_net1, listed]
+            .iter()
+            .map(|target| GcAttachment {
+                container_id: target.container_id.to_owned(),
+                ifname: target.ifname.to_owned(),
+            })
+            .collect();
+        assert!(plan_gc(&config(json!({}))?, &links, &all).is_empty());
+        assert!(plan_gc(&config(json!({"mode": "disabled"}))?, &links, &[]).is_empty());
+        let mut nameless = config(json!({}))?;
+        nameless.network = None;
+        assert!(plan_gc(&nameless, &links, &[]).is_empty());
+        // Listing the container's net1 does not keep its eth0.
+        assert_eq!(
+            plan_gc(&config(json!({}))?, &links, &all[1..]),
+            [deleted(TARGET)]
+        );
         Ok(())
     }
 }

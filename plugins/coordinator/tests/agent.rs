@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use virtnet_cni::ErrorCode;
 use virtnet_cni::agent_api::{
-    ApiError, COORDINATOR_PATH, CoordinatorRequest, DEFAULT_ROUTE_NIC_ANNOTATION, ErrorKind,
+    ApiError, COORDINATOR_PATH, CoordinatorRequest, DEFAULT_ROUTE_NIC_ANNOTATION, Empty, ErrorKind,
+    STATUS_PATH,
 };
 use virtnet_cni::testing::{FakeAgentSocket, PluginRun, run_plugin, serve_fake_agent};
 
@@ -39,6 +40,7 @@ impl FakeAgent {
         let log = Log::default();
         let router = Router::new()
             .route(COORDINATOR_PATH, post(coordinate))
+            .route(STATUS_PATH, get(|| async { Json(Empty {}) }))
             .with_state(log.clone());
         Ok(Self {
             socket: serve_fake_agent(router)?,
@@ -126,5 +128,61 @@ fn an_unreachable_agent_only_warns() -> TestResult {
         "{}",
         run.stderr
     );
+    Ok(())
+}
+
+/// STATUS (spec 1.1.0) against the agent at `socket`; it also lists the links of the netns the
+/// test runs in, which needs no privilege and changes nothing.
+fn status(socket: &Path) -> Result<PluginRun, Box<dyn Error>> {
+    let config = json!({
+        "cniVersion": "1.1.0",
+        "name": "macvlan",
+        "type": "virtnet-coordinator",
+        "agent_socket": socket,
+    });
+    Ok(run_plugin(
+        BINARY,
+        &[("CNI_COMMAND", "STATUS"), ("CNI_PATH", "/opt/cni/bin")],
+        &config.to_string(),
+    )?)
+}
+
+#[test]
+fn status_succeeds_only_while_the_agent_answers() -> TestResult {
+    let agent = FakeAgent::start()?;
+    let run = status(&agent.socket.path)?;
+    assert_eq!(
+        (run.exit_code, run.stdout.as_str()),
+        (Some(0), ""),
+        "{run:?}"
+    );
+
+    let directory = tempfile::tempdir()?;
+    let gone = directory.path().join("nobody.sock");
+    let error = status(&gone)?.expect_error(
+        ErrorCode::NOT_AVAILABLE,
+        &["the VirtNet agent at", "did not answer", "agent_socket"],
+    )?;
+    assert!(
+        error.msg.contains(&gone.display().to_string()),
+        "{}",
+        error.msg
+    );
+
+    // An agent that is up but not ready yet says why; STATUS passes that on.
+    let not_ready = serve_fake_agent(Router::new().route(
+        STATUS_PATH,
+        get(|| async {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(ApiError::new(
+                    ErrorKind::NotReady,
+                    "caches are not synced yet",
+                )),
+            )
+        }),
+    ))?;
+    status(&not_ready.path)?
+        .expect_error(ErrorCode::NOT_AVAILABLE, &["caches are not synced yet"])?;
     Ok(())
 }

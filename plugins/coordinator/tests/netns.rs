@@ -1,27 +1,40 @@
 //! The real virtnet-coordinator binary against real network namespaces, asserting on the wire
-//! (see `support` for the topology). Needs root; skipped with a message otherwise.
+//! (see `support` for the topology). Needs root; reported as ignored otherwise.
 
+#[path = "support/harness.rs"]
+mod harness;
 mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
+
+use harness::{Ignored, root_tests};
 
 use serde_json::{Value, json};
 use support::{
     CONTAINER_ID, COORDINATOR, CniCall, NO_DELEGATES, NODE_IP, POD_IP, SWITCH_IP, TestResult,
-    World, in_netns, is_root, ping, reference_plugins, sh,
+    World, in_netns, ping, reference_plugins, sh,
 };
 use virtnet_coordinator::plan::{Target, host_veth_name};
 
 const TCP_PORT: u16 = 8080;
 
-#[test]
+fn main() -> ExitCode {
+    root_tests!(
+        pod_and_node_reach_each_other_and_services_go_via_the_veth,
+        hundred_add_del_cycles_leave_the_node_byte_identical,
+        failed_add_leaves_nothing_behind,
+        a_second_nic_answers_through_itself,
+        dual_stack_pod_reaches_its_node_over_ipv6_too,
+        after_the_bridge_plugin_the_pod_reaches_its_node_and_services_by_the_veth,
+        gc_removes_only_its_own_networks_unlisted_veths,
+    )
+}
+
 fn pod_and_node_reach_each_other_and_services_go_via_the_veth() -> TestResult {
-    if !is_root() {
-        return Ok(());
-    }
     let world = World::with_pod_nic()?;
     // Without the coordinator a macvlan child cannot reach its own parent's address.
     assert!(
@@ -75,11 +88,7 @@ fn pod_and_node_reach_each_other_and_services_go_via_the_veth() -> TestResult {
     Ok(())
 }
 
-#[test]
 fn hundred_add_del_cycles_leave_the_node_byte_identical() -> TestResult {
-    if !is_root() {
-        return Ok(());
-    }
     let world = World::with_pod_nic()?;
     let before = world.node_state()?;
     for _ in 0..100 {
@@ -90,11 +99,7 @@ fn hundred_add_del_cycles_leave_the_node_byte_identical() -> TestResult {
     Ok(())
 }
 
-#[test]
 fn failed_add_leaves_nothing_behind() -> TestResult {
-    if !is_root() {
-        return Ok(());
-    }
     let world = World::with_pod_nic()?;
     let before = world.node_state()?;
     // prevResult claims an address eth0 does not hold: the veth, the node's route and neighbour
@@ -150,11 +155,7 @@ fn failed_add_leaves_nothing_behind() -> TestResult {
     Ok(())
 }
 
-#[test]
 fn a_second_nic_answers_through_itself() -> TestResult {
-    if !is_root() {
-        return Ok(());
-    }
     let mut world = World::with_pod_nic()?;
     let switch2 = world.switch_named("sw2");
     world.underlay("ens5", &switch2, "10.7.0.5/24", "10.7.0.1/24")?;
@@ -228,11 +229,7 @@ fn a_second_nic_answers_through_itself() -> TestResult {
     Ok(())
 }
 
-#[test]
 fn dual_stack_pod_reaches_its_node_over_ipv6_too() -> TestResult {
-    if !is_root() {
-        return Ok(());
-    }
     let world = World::with_pod_nic()?;
     sh(&[
         "ip",
@@ -278,14 +275,12 @@ fn dual_stack_pod_reaches_its_node_over_ipv6_too() -> TestResult {
     Ok(())
 }
 
-#[test]
 fn after_the_bridge_plugin_the_pod_reaches_its_node_and_services_by_the_veth() -> TestResult {
-    if !is_root() {
-        return Ok(());
-    }
     let Some(plugins) = reference_plugins(&["bridge", "host-local"]) else {
-        eprintln!("skipping: no reference bridge/host-local plugins; run `make tools` first");
-        return Ok(());
+        return Err(Ignored(
+            "needs the reference bridge and host-local plugins: run `make tools` first".into(),
+        )
+        .into());
     };
     let plugins = plugins.display().to_string();
     let world = World::new()?;
@@ -348,4 +343,112 @@ fn after_the_bridge_plugin_the_pod_reaches_its_node_and_services_by_the_veth() -
     let teardown = World::succeeds(world.run(bridge("DEL"))?).map(drop);
     let _ = std::fs::remove_dir_all(&data_dir);
     result.and(teardown)
+}
+
+fn gc_removes_only_its_own_networks_unlisted_veths() -> TestResult {
+    const CONTAINER_B: &str = "b0b0000123456789";
+    const POD_B_IP: &str = "10.6.153.102";
+    let mut world = World::with_pod_nic()?;
+    let pod_b = world.add_pod("podb")?;
+    world.pod_nic_in(&pod_b, "ens4", "eth0", &format!("{POD_B_IP}/16"))?;
+    let add = |network: &str, pod: &str, container: &str, address: &str| -> TestResult {
+        let prev_result = world.prev_result_in(pod, "eth0", &format!("{address}/16"), SWITCH_IP);
+        let call = CniCall {
+            binary: COORDINATOR,
+            command: "ADD",
+            ifname: "eth0",
+            cni_path: NO_DELEGATES,
+            stdin: world.network_config(network, prev_result),
+        };
+        World::succeeds(world.run_for(call, pod, container)?).map(drop)
+    };
+    add("net-a", &world.pod, CONTAINER_ID, POD_IP)?;
+    add("net-b", &pod_b, CONTAINER_B, POD_B_IP)?;
+    // A veth of nobody's network, with no alias.
+    sh(&[
+        "ip",
+        "-n",
+        &world.node,
+        "link",
+        "add",
+        "other0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "other1",
+    ])?;
+    let host_veth = |container_id| {
+        host_veth_name(Target {
+            container_id,
+            ifname: "eth0",
+        })
+    };
+    let (veth_a, veth_b) = (host_veth(CONTAINER_ID), host_veth(CONTAINER_B));
+    let links: Value = serde_json::from_str(&sh(&["ip", "-n", &world.node, "-j", "link"])?)?;
+    let alias_of = |name: &str| {
+        links
+            .as_array()
+            .and_then(|links| links.iter().find(|link| link["ifname"] == name))
+            .map(|link| link["ifalias"].clone())
+    };
+    assert_eq!(
+        alias_of(&veth_a),
+        Some(json!(format!(
+            "virtnet-coordinator:net-a/{CONTAINER_ID}/eth0"
+        )))
+    );
+    assert_eq!(
+        alias_of(&veth_b),
+        Some(json!(format!(
+            "virtnet-coordinator:net-b/{CONTAINER_B}/eth0"
+        )))
+    );
+
+    let gc = |network: &str, valid: Value| -> TestResult {
+        let stdin = json!({
+            "cniVersion": "1.1.0",
+            "name": network,
+            "type": "virtnet-coordinator",
+            "cni.dev/valid-attachments": valid,
+        });
+        let call = CniCall {
+            binary: COORDINATOR,
+            command: "GC",
+            ifname: "eth0",
+            cni_path: NO_DELEGATES,
+            stdin: stdin.to_string(),
+        };
+        World::succeeds(world.run(call)?).map(drop)
+    };
+    gc("net-a", json!([]))?;
+    let node_links = sh(&["ip", "-n", &world.node, "link"])?;
+    assert!(
+        !node_links.contains(&veth_a),
+        "GC kept net-a's veth: {node_links}"
+    );
+    assert!(
+        node_links.contains(&veth_b),
+        "GC took net-b's veth: {node_links}"
+    );
+    assert!(
+        node_links.contains("other0"),
+        "GC took a foreign veth: {node_links}"
+    );
+    assert!(ping(&world.node, POD_IP).is_err(), "pod A is still wired");
+    ping(&world.node, POD_B_IP)?;
+
+    // net-b's GC keeps what it lists; GC again finds nothing left to do.
+    gc(
+        "net-b",
+        json!([{"containerID": CONTAINER_B, "ifname": "eth0"}]),
+    )?;
+    gc("net-a", json!([]))?;
+    let node_links = sh(&["ip", "-n", &world.node, "link"])?;
+    assert!(
+        node_links.contains(&veth_b) && node_links.contains("other0"),
+        "{node_links}"
+    );
+    ping(&world.node, POD_B_IP)?;
+    Ok(())
 }

@@ -1,14 +1,19 @@
 //! The underlay probes of the real virtnet-coordinator binary, on the wire in network
 //! namespaces (see `support` for the topology: the switch netns is the pod's underlay neighbour
-//! and gateway). Needs root; skipped with a message otherwise.
+//! and gateway). Needs root; reported as ignored otherwise.
 
+#[path = "support/harness.rs"]
+mod harness;
 #[allow(
     dead_code,
     reason = "shared with tests/netns.rs; these tests use part of it"
 )]
 mod support;
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+use harness::root_tests;
 
 use serde_json::{Value, json};
 use support::{COORDINATOR, CniCall, NO_DELEGATES, POD_IP, SWITCH_IP, TestResult, World, sh};
@@ -16,6 +21,15 @@ use virtnet_cni::testing::PluginRun;
 
 /// "Well under a second": the probes wait at most 300 ms per check.
 const PROBE_BOUND: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    root_tests!(
+        an_address_in_use_is_refused_fast_and_leaves_nothing,
+        an_ipv6_address_in_use_is_refused,
+        a_free_address_is_accepted_and_announced_to_the_neighbours,
+        an_unreachable_gateway_is_reported_and_a_reachable_one_passes,
+    )
+}
 
 /// ADD for the pod's eth0 with `address`/`gateway` and extra coordinator keys.
 fn add(
@@ -48,11 +62,7 @@ fn mac_of(netns: &str, link: &str) -> Result<String, Box<dyn std::error::Error>>
         .to_owned())
 }
 
-#[test]
 fn an_address_in_use_is_refused_fast_and_leaves_nothing() -> TestResult {
-    if !support::is_root() {
-        return Ok(());
-    }
     let world = World::with_pod_nic()?;
     // Another host on the underlay already holds the pod's address.
     sh(&[
@@ -98,11 +108,7 @@ fn an_address_in_use_is_refused_fast_and_leaves_nothing() -> TestResult {
     Ok(())
 }
 
-#[test]
 fn an_ipv6_address_in_use_is_refused() -> TestResult {
-    if !support::is_root() {
-        return Ok(());
-    }
     let world = World::with_pod_nic()?;
     sh(&[
         "ip",
@@ -142,11 +148,7 @@ fn an_ipv6_address_in_use_is_refused() -> TestResult {
     Ok(())
 }
 
-#[test]
 fn a_free_address_is_accepted_and_announced_to_the_neighbours() -> TestResult {
-    if !support::is_root() {
-        return Ok(());
-    }
     let world = World::with_pod_nic()?;
     // The neighbour still maps the address to whoever held it before.
     sh(&[
@@ -183,11 +185,7 @@ fn a_free_address_is_accepted_and_announced_to_the_neighbours() -> TestResult {
     Ok(())
 }
 
-#[test]
 fn an_unreachable_gateway_is_reported_and_a_reachable_one_passes() -> TestResult {
-    if !support::is_root() {
-        return Ok(());
-    }
     let world = World::with_pod_nic()?;
     let before = world.node_state()?;
     let started = Instant::now();

@@ -44,12 +44,10 @@ pub fn reference_plugins(needed: &[&str]) -> Option<PathBuf> {
         .max()
 }
 
-pub fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: this builds network namespaces and needs root");
-    false
+/// Why these tests cannot run here, if they cannot.
+pub fn missing_root() -> Option<&'static str> {
+    (!nix::unistd::geteuid().is_root())
+        .then_some("needs root: builds network namespaces, veths and routes")
 }
 
 /// Runs a command and returns its stdout, failing with its stderr.
@@ -202,9 +200,21 @@ impl World {
         format!("{}-{suffix}", self.tag)
     }
 
+    /// Another, empty pod netns, deleted with the others.
+    pub fn add_pod(&mut self, suffix: &str) -> Result<String, Box<dyn Error>> {
+        let pod = format!("{}-{suffix}", self.tag);
+        self.add_netns(&pod)?;
+        Ok(pod)
+    }
+
     /// A macvlan child of node NIC `parent`, moved into the pod as `name` with `address`.
     pub fn pod_nic(&self, parent: &str, name: &str, address: &str) -> TestResult {
-        let (node, pod) = (&self.node, &self.pod);
+        self.pod_nic_in(&self.pod, parent, name, address)
+    }
+
+    /// [`World::pod_nic`] for pod netns `pod`.
+    pub fn pod_nic_in(&self, pod: &str, parent: &str, name: &str, address: &str) -> TestResult {
+        let node = &self.node;
         sh(&[
             "ip", "-n", node, "link", "add", "mvtmp", "link", parent, "type", "macvlan", "mode",
             "bridge",
@@ -218,9 +228,14 @@ impl World {
 
     /// The coordinator's config after macvlan, with `prev_result` for `ifname`.
     pub fn coordinator_config(&self, prev_result: Value) -> String {
+        self.network_config("macvlan", prev_result)
+    }
+
+    /// [`World::coordinator_config`] for the CNI network named `network`.
+    pub fn network_config(&self, network: &str, prev_result: Value) -> String {
         json!({
             "cniVersion": "1.0.0",
-            "name": "macvlan",
+            "name": network,
             "type": "virtnet-coordinator",
             "serviceCIDRs": ["10.96.0.0/12"],
             "prevResult": prev_result,
@@ -230,29 +245,45 @@ impl World {
 
     /// macvlan's result for one pod NIC.
     pub fn prev_result(&self, ifname: &str, address: &str, gateway: &str) -> Value {
+        self.prev_result_in(&self.pod, ifname, address, gateway)
+    }
+
+    /// [`World::prev_result`] for pod netns `pod`.
+    pub fn prev_result_in(&self, pod: &str, ifname: &str, address: &str, gateway: &str) -> Value {
         json!({
             "cniVersion": "1.0.0",
-            "interfaces": [{"name": ifname, "mac": "7a:1f:4c:2e:aa:01", "sandbox": netns_path(&self.pod)}],
+            "interfaces": [{"name": ifname, "mac": "7a:1f:4c:2e:aa:01", "sandbox": netns_path(pod)}],
             "ips": [{"interface": 0, "address": address, "gateway": gateway}],
         })
     }
 
     /// Runs a CNI plugin inside the node netns, as the container runtime would.
     pub fn run(&self, call: CniCall<'_>) -> Result<PluginRun, Box<dyn Error>> {
-        let pod_netns = netns_path(&self.pod).display().to_string();
-        let (binary, command, ifname, cni_path, stdin) = (
+        self.run_for(call, &self.pod, CONTAINER_ID)
+    }
+
+    /// [`World::run`] for container `container_id` with pod netns `pod`.
+    pub fn run_for(
+        &self,
+        call: CniCall<'_>,
+        pod: &str,
+        container_id: &str,
+    ) -> Result<PluginRun, Box<dyn Error>> {
+        let pod_netns = netns_path(pod).display().to_string();
+        let (binary, command, ifname, cni_path, stdin, container_id) = (
             call.binary.to_owned(),
             call.command,
             call.ifname.to_owned(),
             call.cni_path.to_owned(),
             call.stdin,
+            container_id.to_owned(),
         );
         Ok(in_netns(&self.node, move || {
             run_plugin(
                 &binary,
                 &[
                     ("CNI_COMMAND", command),
-                    ("CNI_CONTAINERID", CONTAINER_ID),
+                    ("CNI_CONTAINERID", &container_id),
                     ("CNI_NETNS", &pod_netns),
                     ("CNI_IFNAME", &ifname),
                     ("CNI_PATH", &cni_path),
