@@ -9,6 +9,9 @@
 //! the claimed addresses are released, and if the agent dies in between, the next ADD finds the
 //! address by its holder in the pool and reuses it.
 //!
+//! It also warns, with an Event on the Network, when its node lacks a Network's master
+//! interface ([`masters`]).
+//!
 //! At start-up, before anything else, it installs the CNI plugins and, in default-CNI mode, the
 //! conflist on its node ([`install`]).
 //!
@@ -17,6 +20,7 @@
 
 mod coordinator;
 pub mod install;
+mod masters;
 pub mod plan;
 mod service;
 
@@ -133,6 +137,11 @@ pub async fn run(args: AgentArgs) -> Result<(), Error> {
         retention: args.retention,
     };
     let agent = Agent::start(client.clone(), args.node_name.clone(), settings).await?;
+    tokio::spawn(masters::watch(
+        client.clone(),
+        args.node_name.clone(),
+        health.clone(),
+    ));
     let coordination = Arc::new(Coordination::start(
         Arc::clone(&agent),
         client,

@@ -25,13 +25,9 @@ const COORDINATOR_PLUGIN: &str = "virtnet-coordinator";
 /// The conflist of `network`'s NetworkAttachmentDefinition.
 pub fn render_config(network: &Network) -> Value {
     let spec = &network.spec;
-    let master = match spec.vlan_id {
-        Some(vlan) if vlan != 0 => format!("{}.{vlan}", spec.master),
-        _ => spec.master.clone(),
-    };
     let mut main = Map::new();
     main.insert("type".into(), spec.plugin.as_str().into());
-    main.insert("master".into(), master.into());
+    main.insert("master".into(), spec.master_interface().into());
     main.insert(
         "mode".into(),
         spec.mode

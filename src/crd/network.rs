@@ -193,6 +193,17 @@ pub struct NetworkSubnets {
     pub ipv6: Option<String>,
 }
 
+impl NetworkSpec {
+    /// The node interface the main plugin hangs pod interfaces off: `master`, or its VLAN
+    /// interface `<master>.<vlanId>`.
+    pub fn master_interface(&self) -> String {
+        match self.vlan_id {
+            Some(vlan) if vlan != 0 => format!("{}.{vlan}", self.master),
+            _ => self.master.clone(),
+        }
+    }
+}
+
 impl NetworkSubnets {
     /// The names, IPv4 first.
     pub fn names(&self) -> impl Iterator<Item = &str> {

@@ -17,7 +17,8 @@
 //! gives VirtNet's addresses back. There too, a `Network` renders its NAD: owned by it, with
 //! virtnet-coordinator last; a deleted or hand-edited NAD is put back, a same-name NAD VirtNet
 //! does not own is left alone (the Network says so), a pod's net1 through the rendered NAD
-//! carries traffic, and deleting the Network deletes its NAD.
+//! carries traffic, deleting the Network deletes its NAD, and each node's agent puts a
+//! MasterMissing Event on a Network whose master interface the node lacks.
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
@@ -367,6 +368,33 @@ async fn network_renders_its_nad(cluster: &Cluster) -> anyhow::Result<()> {
         "the foreign NAD was overwritten: {}",
         kept["spec"]["config"]
     );
+
+    // Every node's agent says when it lacks a Network's master interface.
+    let mut absent = network("nomaster");
+    absent["spec"]["master"] = "ens999".into();
+    kubectl_manifest(cluster, "apply", &absent)?;
+    let nodes = cluster.node_names().len();
+    cluster
+        .wait_for("a MasterMissing Event from every node", TIMEOUT, || async {
+            let events = kubectl_json(cluster, &["get", "events", "-n", NAMESPACE])
+                .map_err(|error| error.to_string())?;
+            let notes: Vec<&str> = events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|event| {
+                    event["reason"] == "MasterMissing"
+                        && event["involvedObject"]["name"] == "nomaster"
+                })
+                .filter_map(|event| event["message"].as_str())
+                .collect();
+            if notes.len() == nodes && notes.iter().all(|note| note.contains("ens999")) {
+                Ok(())
+            } else {
+                Err(format!("{notes:?}"))
+            }
+        })
+        .await?;
 
     cluster.kubectl(&["delete", "networks.virtnet.io", "lan2", "-n", NAMESPACE])?;
     cluster
