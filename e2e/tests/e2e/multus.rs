@@ -15,9 +15,11 @@
 //! no conflist), pods keep eth0 from it and get net1 from VirtNet through a NAD: only net1 is
 //! VirtNet's (recorded with its network and NAD), both NICs carry traffic, and deleting the pods
 //! gives VirtNet's addresses back. There too, a `Network` renders its NAD: owned by it, with
-//! virtnet-coordinator last; a deleted or hand-edited NAD is put back, a same-name NAD VirtNet
-//! does not own is left alone (the Network says so), a pod's net1 through the rendered NAD
-//! carries traffic, deleting the Network deletes its NAD, and each node's agent puts a
+//! virtnet-coordinator last, re-rendered when the Network changes; a deleted or hand-edited NAD
+//! is put back, a same-name NAD VirtNet does not own is left alone (the Network says so); pods
+//! with net1 and net2 from two rendered NADs bound to two Subnets get an address from each,
+//! listed by Multus, reachable from the other node, with the default route left on the
+//! primary's eth0; deleting the Network deletes its NAD, and each node's agent puts a
 //! MasterMissing Event on a Network whose master interface the node lacks.
 use std::{
     collections::BTreeSet,
@@ -82,8 +84,8 @@ pub fn virtnet_beside_another_primary_cni_serves_only_the_nads_extra_nics(
 }
 
 /// A Deployment `name` (also its pods' `app` label) of `replicas` pods, one per node, whose
-/// net1 comes from NAD `nad` (`namespace/name`).
-fn second_nic_deployment(name: &str, replicas: usize, nad: &str) -> Value {
+/// extra NICs are `networks` (the `k8s.v1.cni.cncf.io/networks` value).
+fn extra_nics_deployment(name: &str, replicas: usize, networks: &str) -> Value {
     serde_json::json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name},
@@ -93,7 +95,7 @@ fn second_nic_deployment(name: &str, replicas: usize, nad: &str) -> Value {
             "template": {
                 "metadata": {
                     "labels": {"app": name},
-                    "annotations": {"k8s.v1.cni.cncf.io/networks": format!("{nad}@net1")},
+                    "annotations": {"k8s.v1.cni.cncf.io/networks": networks},
                 },
                 "spec": {
                     "topologySpreadConstraints": [{
@@ -120,7 +122,7 @@ async fn beside_another_primary(cluster: &Cluster, examples: &Path) -> anyhow::R
     kubectl_manifest(
         cluster,
         "apply",
-        &second_nic_deployment("extra-nic", 2, "kube-system/macvlan-ens224"),
+        &extra_nics_deployment("extra-nic", 2, "kube-system/macvlan-ens224@net1"),
     )?;
     let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=extra-nic", 2).await?;
     let primary = POD_RANGE_FIRST..=POD_RANGE_LAST;
@@ -233,42 +235,55 @@ fn rendered_nad(cluster: &Cluster, name: &str) -> Result<Option<(String, Value)>
     Ok(Some((uid, config)))
 }
 
-/// Whether `config` is the chain a Network on ens224 with subnet-ens224 renders.
-fn is_rendered_chain(config: &Value) -> bool {
+/// Whether `config` is the chain a Network on `master` renders.
+fn is_rendered_chain(config: &Value, master: &str) -> bool {
     let plugins = config["plugins"].as_array().cloned().unwrap_or_default();
     plugins.len() == 2
         && plugins[0]["type"] == "macvlan"
-        && plugins[0]["master"] == "ens224"
+        && plugins[0]["master"] == master
         && plugins[0]["ipam"]["type"] == "virtnet-ipam"
         && plugins[1]["type"] == "virtnet-coordinator"
 }
 
-async fn network_renders_its_nad(cluster: &Cluster) -> anyhow::Result<()> {
-    let network = |name: &str| {
-        serde_json::json!({
-            "apiVersion": "virtnet.io/v1alpha1", "kind": "Network",
-            "metadata": {"name": name},
-            "spec": {"master": "ens224", "subnets": {"ipv4": "subnet-ens224"}},
-        })
-    };
-    kubectl_manifest(cluster, "apply", &network("lan2"))?;
-    let wait_rendered = |what: &'static str, not_uid: Option<String>| {
-        cluster.wait_for(what, TIMEOUT, move || {
-            let not_uid = not_uid.clone();
-            async move {
-                match rendered_nad(cluster, "lan2")? {
-                    Some((uid, config))
-                        if is_rendered_chain(&config) && Some(&uid) != not_uid.as_ref() =>
-                    {
-                        Ok(uid)
-                    }
-                    found => Err(format!("NAD lan2: {found:?}")),
+/// A Network `name` on node interface `master` with Subnet `subnet`.
+fn network(name: &str, master: &str, subnet: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": "virtnet.io/v1alpha1", "kind": "Network",
+        "metadata": {"name": name},
+        "spec": {"master": master, "subnets": {"ipv4": subnet}},
+    })
+}
+
+/// Waits until NAD `name` is rendered on `master` (with another uid than `not_uid`); its uid.
+async fn wait_rendered(
+    cluster: &Cluster,
+    what: &str,
+    name: &str,
+    master: &str,
+    not_uid: Option<&str>,
+) -> anyhow::Result<String> {
+    Ok(cluster
+        .wait_for(what, TIMEOUT, || async {
+            match rendered_nad(cluster, name)? {
+                Some((uid, config))
+                    if is_rendered_chain(&config, master) && Some(uid.as_str()) != not_uid =>
+                {
+                    Ok(uid)
                 }
+                found => Err(format!("NAD {name}: {found:?}")),
             }
         })
-    };
-    let first = wait_rendered("Network lan2's NAD", None).await?;
-    let owners = kubectl_json(
+        .await?)
+}
+
+async fn network_renders_its_nad(cluster: &Cluster) -> anyhow::Result<()> {
+    kubectl_manifest(
+        cluster,
+        "apply",
+        &network("lan2", "ens192", "subnet-ens224"),
+    )?;
+    let first = wait_rendered(cluster, "Network lan2's NAD", "lan2", "ens192", None).await?;
+    let nad = kubectl_json(
         cluster,
         &[
             "get",
@@ -277,12 +292,26 @@ async fn network_renders_its_nad(cluster: &Cluster) -> anyhow::Result<()> {
             "-n",
             NAMESPACE,
         ],
-    )?["metadata"]["ownerReferences"]
-        .clone();
+    )?;
+    let owners = &nad["metadata"]["ownerReferences"];
     ensure!(
         owners[0]["kind"] == "Network" && owners[0]["controller"] == true,
         "the rendered NAD's owners: {owners}"
     );
+    // Editing the Network re-renders its NAD.
+    kubectl_manifest(
+        cluster,
+        "apply",
+        &network("lan2", "ens224", "subnet-ens224"),
+    )?;
+    wait_rendered(
+        cluster,
+        "the NAD re-rendered on the new master",
+        "lan2",
+        "ens224",
+        None,
+    )
+    .await?;
 
     cluster.kubectl(&[
         "delete",
@@ -291,24 +320,90 @@ async fn network_renders_its_nad(cluster: &Cluster) -> anyhow::Result<()> {
         "-n",
         NAMESPACE,
     ])?;
-    wait_rendered("the deleted NAD put back", Some(first)).await?;
+    wait_rendered(
+        cluster,
+        "the deleted NAD put back",
+        "lan2",
+        "ens224",
+        Some(&first),
+    )
+    .await?;
     cluster.kubectl(&[
         "patch", "network-attachment-definitions", "lan2", "-n", NAMESPACE, "--type=merge",
         "-p", r#"{"spec":{"config":"{\"cniVersion\":\"1.0.0\",\"name\":\"lan2\",\"plugins\":[{\"type\":\"bridge\"}]}"}}"#,
     ])?;
-    wait_rendered("the hand-edited NAD put back", None).await?;
+    wait_rendered(
+        cluster,
+        "the hand-edited NAD put back",
+        "lan2",
+        "ens224",
+        None,
+    )
+    .await?;
 
-    // A pod's extra NIC through the rendered NAD.
-    let deployment = second_nic_deployment("rendered", 1, &format!("{NAMESPACE}/lan2"));
-    kubectl_manifest(cluster, "apply", &deployment)?;
-    let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=rendered", 1).await?;
-    ensure!(
-        held_by(&allocations(cluster)?, &pods[0])
-            .iter()
-            .any(|(interface, _, _)| interface == "net1"),
-        "the pod on the rendered NAD holds no VirtNet address on net1"
+    // Pods whose default network is the other CNI, with net1 and net2 from two rendered NADs
+    // bound to two Subnets.
+    kubectl_manifest(cluster, "apply", &network("lan1", "ens192", "subnet-test"))?;
+    wait_rendered(cluster, "Network lan1's NAD", "lan1", "ens192", None).await?;
+    let deployment = extra_nics_deployment(
+        "rendered",
+        2,
+        &format!("{NAMESPACE}/lan2@net1, {NAMESPACE}/lan1@net2"),
     );
-    ping_from_pod(cluster, &pods[0], SECOND_GATEWAY_V4.into())?;
+    kubectl_manifest(cluster, "apply", &deployment)?;
+    let pods = wait_for_ready_pods(cluster, NAMESPACE, "app=rendered", 2).await?;
+    let held = allocations(cluster)?;
+    let mut addresses = Vec::new();
+    for pod in &pods {
+        let records = held_by(&held, pod);
+        let pools: Vec<(&str, &str)> = records
+            .iter()
+            .map(|(interface, pool, _)| (interface.as_str(), pool.as_str()))
+            .collect();
+        ensure!(
+            pools.len() == 2
+                && pools[0].0 == "net1"
+                && pools[0].1.starts_with("subnet-ens224-")
+                && pools[1].0 == "net2"
+                && pools[1].1.starts_with("subnet-test-"),
+            "pod {} holds {records:?}, not net1 from subnet-ens224 and net2 from subnet-test",
+            pod_name(pod)
+        );
+        for (interface, _, address) in &records {
+            ensure!(
+                pod_interface_addresses(cluster, pod, interface)?.contains(address),
+                "{interface} of pod {} lacks {address}",
+                pod_name(pod)
+            );
+        }
+        let listed = network_status(pod)?;
+        for (network, interface) in [("lan2", "net1"), ("lan1", "net2")] {
+            let name = format!("{NAMESPACE}/{network}");
+            ensure!(
+                listed.contains(&(name.clone(), interface.to_owned())),
+                "Multus's network-status of pod {} lacks {name} as {interface}: {listed:?}",
+                pod_name(pod)
+            );
+        }
+        // The coordinator left the primary's default route alone.
+        let route =
+            cluster.exec_in_pod_netns(pod, &["ip", "route", "get", &OFF_SUBNET.to_string()])?;
+        ensure!(
+            route.contains("dev eth0"),
+            "pod {}'s default route moved off the primary's eth0: {route}",
+            pod_name(pod)
+        );
+        addresses.push(
+            records
+                .iter()
+                .map(|(_, _, address)| *address)
+                .collect::<Vec<_>>(),
+        );
+    }
+    for address in &addresses[1] {
+        ping_from_pod(cluster, &pods[0], *address)?;
+    }
+    ping_from_pod(cluster, &pods[0], pod_ip(&pods[1])?)?;
     cluster.kubectl(&[
         "delete",
         "deployment",
@@ -328,7 +423,11 @@ async fn network_renders_its_nad(cluster: &Cluster) -> anyhow::Result<()> {
             "metadata": {"name": "taken"}, "spec": {"config": foreign_config},
         }),
     )?;
-    kubectl_manifest(cluster, "apply", &network("taken"))?;
+    kubectl_manifest(
+        cluster,
+        "apply",
+        &network("taken", "ens224", "subnet-ens224"),
+    )?;
     cluster
         .wait_for(
             "Network taken to report the NAD it does not own",
@@ -370,9 +469,11 @@ async fn network_renders_its_nad(cluster: &Cluster) -> anyhow::Result<()> {
     );
 
     // Every node's agent says when it lacks a Network's master interface.
-    let mut absent = network("nomaster");
-    absent["spec"]["master"] = "ens999".into();
-    kubectl_manifest(cluster, "apply", &absent)?;
+    kubectl_manifest(
+        cluster,
+        "apply",
+        &network("nomaster", "ens999", "subnet-ens224"),
+    )?;
     let nodes = cluster.node_names().len();
     cluster
         .wait_for("a MasterMissing Event from every node", TIMEOUT, || async {
