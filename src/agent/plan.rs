@@ -306,6 +306,7 @@ pub fn plan_allocation(
         namespace_labels: input.namespace.map_or(&empty, |ns| ns.labels()),
         node_labels: input.nodes.get(input.node).unwrap_or(&empty),
         cni_default_subnets: input.cni_default_subnets,
+        config_is_selected_attachment: network_selection.is_some(),
         subnets: &subnets,
     })
     .map_err(|error| {

@@ -147,6 +147,10 @@ pub struct SelectionRequest<'a> {
     pub node_labels: &'a BTreeMap<String, String>,
     /// The CNI config's default Subnet names, in preference order.
     pub cni_default_subnets: &'a [String],
+    /// The CNI config is a NAD's that the pod's network selection names for this interface:
+    /// its defaults are that network's own and come before the namespace default. A node's
+    /// default conflist (no selection element) ranks below the namespace default.
+    pub config_is_selected_attachment: bool,
     /// Every Subnet of the cluster.
     pub subnets: &'a [SubnetFacts],
 }
@@ -164,9 +168,11 @@ pub struct SelectionRequest<'a> {
 /// 3. the `ips` of the pod's Multus network-selection element for the interface: a static
 ///    address, which must lie in one of the CNI config's default Subnets when it names any (the
 ///    network's Subnets), else in any Subnet the pod may use;
-/// 4. the namespace annotation `ipam.virtnet.io/default-subnet`;
-/// 5. the CNI config's default Subnet(s);
-/// 6. the cluster default Subnets (`default: true`).
+/// 4. for an interface the pod's network selection attaches through a NAD, that NAD's default
+///    Subnet(s) (a NAD rendered from a `Network` names the Network's);
+/// 5. the namespace annotation `ipam.virtnet.io/default-subnet`;
+/// 6. for any other interface (the node's default conflist), the CNI config's default Subnet(s);
+/// 7. the cluster default Subnets (`default: true`).
 ///
 /// So a dual-stack pod whose annotation names only an IPv4 Subnet still gets IPv6 from the
 /// next source that names an IPv6 one. A Subnet whose namespace or node selector rejects the pod
@@ -254,13 +260,21 @@ fn select_family(
         }));
     }
 
+    if request.config_is_selected_attachment
+        && let Some(selection) = request.cni_defaults(family, skip_missing_defaults)?
+    {
+        return Ok(Some(selection));
+    }
+
     if let Some(name) = request.namespace_default_name(family, skip_missing_defaults)? {
         return request
             .only(name, family, SelectionSource::NamespaceDefault)
             .map(Some);
     }
 
-    if let Some(selection) = request.cni_defaults(family, skip_missing_defaults)? {
+    if !request.config_is_selected_attachment
+        && let Some(selection) = request.cni_defaults(family, skip_missing_defaults)?
+    {
         return Ok(Some(selection));
     }
 
@@ -530,6 +544,7 @@ mod tests {
         namespace_labels: BTreeMap<String, String>,
         node_labels: BTreeMap<String, String>,
         cni_defaults: Vec<String>,
+        selected_attachment: bool,
         requested_ips: Vec<IpAddr>,
         subnets: Vec<SubnetFacts>,
     }
@@ -553,6 +568,7 @@ mod tests {
                 namespace_labels: map(&[("team", "a")]),
                 node_labels: map(&[("rack", "r2")]),
                 cni_defaults: vec![],
+                selected_attachment: false,
                 requested_ips: vec![],
                 subnets: vec![
                     subnet("cluster-v4", "10.0.0.0/24", true),
@@ -576,6 +592,7 @@ mod tests {
                 namespace_labels: &self.namespace_labels,
                 node_labels: &self.node_labels,
                 cni_default_subnets: &self.cni_defaults,
+                config_is_selected_attachment: self.selected_attachment,
                 subnets: &self.subnets,
             })
         }
@@ -586,6 +603,26 @@ mod tests {
             subnets: names.iter().map(|n| n.to_string()).collect(),
             source,
         })
+    }
+
+    #[test]
+    fn a_selected_nads_subnets_come_before_the_namespace_default_a_node_conflists_after() {
+        let mut fixture = Fixture::new();
+        fixture.cni_defaults = vec!["other-v4".into()];
+        fixture.namespace_annotations = map(&[(DEFAULT_SUBNET_ANNOTATION, "cluster-v4")]);
+        // The node's default conflist: the namespace's choice wins.
+        let selection = fixture.select("eth0").expect("a selection");
+        assert_eq!(
+            selection.ipv4,
+            subnets(&["cluster-v4"], SelectionSource::NamespaceDefault)
+        );
+        // A NAD the pod's network selection names: the network's own Subnets win.
+        fixture.selected_attachment = true;
+        let selection = fixture.select("net1").expect("a selection");
+        assert_eq!(
+            selection.ipv4,
+            subnets(&["other-v4"], SelectionSource::CniDefault)
+        );
     }
 
     #[test]
