@@ -1,23 +1,27 @@
-//! Each agent checks that its node has the interface every `Network` hangs pods off (`master`,
-//! or its VLAN interface) and puts a Warning Event `MasterMissing` on a Network whose interface
-//! it lacks: otherwise the first sign is a pod stuck in ContainerCreating with the main plugin's
-//! "Link not found" in the kubelet's log.
+//! Each agent checks that its node has the interface every `Network`, and every NAD that uses
+//! VirtNet's plugins, hangs pods off (`master`, or a Network's VLAN interface), and puts a
+//! Warning Event `MasterMissing` on the object whose interface it lacks: otherwise the first
+//! sign is a pod stuck in ContainerCreating with the main plugin's "Link not found" in the
+//! kubelet's log.
 
 use std::collections::BTreeSet;
+use std::fmt::Debug;
 
 use futures::StreamExt;
+use kube::api::ListParams;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use tracing::warn;
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
 
-use crate::crd::Network;
+use crate::crd::{Network, NetworkAttachmentDefinition};
 use crate::observability::Health;
+use crate::store::is_not_found;
 
-/// What a Network needs of this node that it lacks: its master interface's name.
-pub fn missing_master(network: &Network, present: impl Fn(&str) -> bool) -> Option<String> {
-    let interface = network.spec.master_interface();
-    (!present(&interface)).then_some(interface)
+/// The interface `needed` names that this node lacks, if any.
+pub fn missing(needed: Option<String>, present: impl Fn(&str) -> bool) -> Option<String> {
+    needed.filter(|interface| !present(interface))
 }
 
 /// Whether this network namespace (the node's: the agent runs on the host network) has an
@@ -26,8 +30,8 @@ fn interface_exists(name: &str) -> bool {
     nix::net::if_::if_nametoindex(name).is_ok()
 }
 
-/// Watches the Networks and reports, once per Network generation, a master interface this
-/// node lacks. Runs until the watch ends; failures only delay a report.
+/// Checks the Networks, and the NADs when their CRD is installed (Multus mode), until the
+/// watches end.
 pub async fn watch(client: Client, node: String, health: Health) {
     let recorder = Recorder::new(
         client.clone(),
@@ -36,27 +40,71 @@ pub async fn watch(client: Client, node: String, health: Health) {
             instance: Some(node.clone()),
         },
     );
-    let mut reported: BTreeSet<(String, i64)> = BTreeSet::new();
-    let mut events = std::pin::pin!(watcher(
+    let nads = Api::<NetworkAttachmentDefinition>::all(client.clone());
+    let with_nads = match nads.list(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            info!(
+                "no NetworkAttachmentDefinition CRD: only Networks' master interfaces are checked"
+            );
+            false
+        }
+        _ => true,
+    };
+    let networks = watch_kind(
         Api::<Network>::all(client),
-        watcher::Config::default()
-    ));
+        "Networks",
+        |network: &Network| Some(network.spec.master_interface()),
+        &node,
+        &health,
+        &recorder,
+    );
+    if with_nads {
+        let nads = watch_kind(
+            nads,
+            "NetworkAttachmentDefinitions",
+            NetworkAttachmentDefinition::virtnet_master,
+            &node,
+            &health,
+            &recorder,
+        );
+        tokio::join!(networks, nads);
+    } else {
+        networks.await;
+    }
+}
+
+/// Reports, once per object generation, a master interface (`master_of`) this node lacks.
+async fn watch_kind<K>(
+    api: Api<K>,
+    what: &'static str,
+    master_of: impl Fn(&K) -> Option<String>,
+    node: &str,
+    health: &Health,
+    recorder: &Recorder,
+) where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + 'static,
+{
+    let mut reported: BTreeSet<(String, i64)> = BTreeSet::new();
+    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()));
     while let Some(event) = events.next().await {
-        health.watch_event("Networks", event.is_ok());
-        let network = match event {
-            Ok(watcher::Event::Apply(network) | watcher::Event::InitApply(network)) => network,
+        health.watch_event(what, event.is_ok());
+        let object = match event {
+            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => object,
             Ok(_) => continue,
             Err(error) => {
-                warn!(%error, watch = "Networks", "watch failed; retrying with backoff");
+                if !matches!(&error, watcher::Error::InitialListFailed(source) if is_not_found(source))
+                {
+                    warn!(%error, watch = what, "watch failed; retrying with backoff");
+                }
                 continue;
             }
         };
-        let Some(interface) = missing_master(&network, interface_exists) else {
+        let Some(interface) = missing(master_of(&object), interface_exists) else {
             continue;
         };
         let key = (
-            network.uid().unwrap_or_default(),
-            network.metadata.generation.unwrap_or_default(),
+            object.uid().unwrap_or_default(),
+            object.meta().generation.unwrap_or_default(),
         );
         if !reported.insert(key) {
             continue;
@@ -66,7 +114,7 @@ pub async fn watch(client: Client, node: String, health: Health) {
              create {interface} on the node, or keep the network's pods off it (its Subnets' \
              nodeSelector)"
         );
-        warn!(network = %network.name_any(), %interface, "{note}");
+        warn!(object = %object.name_any(), %interface, "{note}");
         let event = Event {
             type_: EventType::Warning,
             reason: "MasterMissing".to_owned(),
@@ -74,8 +122,8 @@ pub async fn watch(client: Client, node: String, health: Health) {
             action: "CheckNode".to_owned(),
             secondary: None,
         };
-        if let Err(error) = recorder.publish(&event, &network.object_ref(&())).await {
-            warn!(%error, "could not publish an Event on the Network");
+        if let Err(error) = recorder.publish(&event, &object.object_ref(&())).await {
+            warn!(%error, "could not publish an Event on {what}");
         }
     }
 }
@@ -97,17 +145,15 @@ mod tests {
             .expect("test Network deserializes")
         };
         let node_has = |name: &str| ["lo", "ens192", "ens192.100"].contains(&name);
-        let plain = network(json!({"master": "ens192", "subnets": {"ipv4": "s"}}));
-        assert_eq!(missing_master(&plain, node_has), None);
-        let tagged = network(json!({"master": "ens192", "vlanId": 100, "subnets": {"ipv4": "s"}}));
-        assert_eq!(missing_master(&tagged, node_has), None);
-        let other_vlan =
-            network(json!({"master": "ens192", "vlanId": 7, "subnets": {"ipv4": "s"}}));
-        assert_eq!(
-            missing_master(&other_vlan, node_has).as_deref(),
-            Some("ens192.7")
-        );
-        let absent = network(json!({"master": "ens224", "subnets": {"ipv4": "s"}}));
-        assert_eq!(missing_master(&absent, node_has).as_deref(), Some("ens224"));
+        let needed = |spec| Some(network(spec).spec.master_interface());
+        let plain = needed(json!({"master": "ens192", "subnets": {"ipv4": "s"}}));
+        assert_eq!(missing(plain, node_has), None);
+        let tagged = needed(json!({"master": "ens192", "vlanId": 100, "subnets": {"ipv4": "s"}}));
+        assert_eq!(missing(tagged, node_has), None);
+        let other_vlan = needed(json!({"master": "ens192", "vlanId": 7, "subnets": {"ipv4": "s"}}));
+        assert_eq!(missing(other_vlan, node_has).as_deref(), Some("ens192.7"));
+        let absent = needed(json!({"master": "ens224", "subnets": {"ipv4": "s"}}));
+        assert_eq!(missing(absent, node_has).as_deref(), Some("ens224"));
+        assert_eq!(missing(None, node_has), None, "a NAD of other plugins");
     }
 }
