@@ -187,19 +187,20 @@ async fn beside_another_primary(cluster: &Cluster, examples: &Path) -> anyhow::R
     network_renders_its_nad(cluster).await?;
 
     delete_namespace(cluster, NAMESPACE).await?;
+    wait_until_every_address_is_back(cluster).await
+}
+
+/// Waits until no pool records an allocation.
+async fn wait_until_every_address_is_back(cluster: &Cluster) -> anyhow::Result<()> {
     cluster
-        .wait_for(
-            "VirtNet's addresses back in their pools",
-            TIMEOUT,
-            || async {
-                let held = allocations(cluster).map_err(|error| error.to_string())?;
-                if held.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!("still allocated: {held:?}"))
-                }
-            },
-        )
+        .wait_for("every address back in its pool", TIMEOUT, || async {
+            let held = allocations(cluster).map_err(|error| error.to_string())?;
+            if held.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("still allocated: {held:?}"))
+            }
+        })
         .await?;
     Ok(())
 }
@@ -547,16 +548,7 @@ async fn scenarios(cluster: &Cluster, examples: &Path) -> anyhow::Result<()> {
     two_nics(cluster, &file("multus/two-nics.yaml")).await?;
 
     delete_namespace(cluster, NAMESPACE).await?;
-    cluster
-        .wait_for("every address back in its pool", TIMEOUT, || async {
-            let held = allocations(cluster).map_err(|error| error.to_string())?;
-            if held.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("still allocated: {held:?}"))
-            }
-        })
-        .await?;
+    wait_until_every_address_is_back(cluster).await?;
     for node in 1..=cluster.node_names().len() {
         let links = ip_json(&cluster.names().node_netns(node), &["link", "show"])?;
         let veths: Vec<&str> = links
