@@ -2,7 +2,7 @@
 CARGO ?= cargo
 E2E_TOOLS_BIN ?= /var/cache/virtnet-e2e/bin
 
-.PHONY: test lint unit tools bench image
+.PHONY: test lint unit tools bench image fuzz
 
 ## test: formatting, lints, unit tests and the e2e suite on the local cluster harness
 ## (the e2e suite runs the `virtnet` and plugin binaries, which `cargo test` alone does not build,
@@ -32,6 +32,19 @@ image:
 ## bench: performance figures, each reported as a ratio against a baseline measured in the same run
 bench:
 	$(CARGO) bench --workspace --locked
+
+## fuzz: each fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS, one after the other, with the nightly
+## toolchain; not part of `make test` (see docs/testing.md). New inputs go to fuzz/target/corpus,
+## crashes to fuzz/artifacts.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= cni_config cni_args annotations agent_api prev_result
+fuzz:
+	cargo_fuzz="$$(bash fuzz/install)" && export PATH="$$(dirname "$$cargo_fuzz"):$$PATH" && \
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+		mkdir -p target/corpus/$$target && \
+		cargo +nightly fuzz run $$target target/corpus/$$target corpus/$$target -- \
+			-max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 # ---- local cluster harness (e2e/src/cluster) ----
 .PHONY: e2e sandbox sandbox-down
