@@ -30,7 +30,10 @@ image:
 	bash image/build
 
 ## bench: performance figures, each reported as a ratio against a baseline measured in the same run
+## (the benches run VirtNet's release binaries: a debug build's figures say little about what
+## users run)
 bench:
+	$(CARGO) build --release --workspace --bins --locked
 	$(CARGO) bench --workspace --locked
 
 # ---- local cluster harness (e2e/src/cluster) ----
