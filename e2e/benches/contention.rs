@@ -13,7 +13,7 @@
 //! Each phase is capped at [`PHASE_CAP`]: what has not finished by then is killed and reported as
 //! unfinished, never waited for. The node counts are `VIRTNET_BENCH_NODES` (e.g. `3`), default
 //! `3,10`; the cluster is named after `VIRTNET_E2E_CLUSTER`, first 7 characters plus `c`.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -25,8 +25,8 @@ use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use virtnet_e2e::bench::{
-    self, ApiWrites, CommitCounters, Fallible, NAMESPACE, NETWORK, Netns, Plugin, bench_subnet,
-    commit_counters, nth_address, percentile, result_addresses, virtnet_build,
+    self, ApiWrites, CommitCounters, Fallible, NAMESPACE, NETWORK, Netns, Plugin, Writes,
+    bench_subnet, commit_counters, nth_address, percentile, result_addresses, virtnet_build,
 };
 use virtnet_e2e::cluster::{Cluster, ClusterOptions, is_pod_ready};
 use virtnet_e2e::netns::run_in_netns;
@@ -132,16 +132,18 @@ async fn measure(cluster: &Cluster) -> Fallible<Vec<String>> {
         Ok(plugin) => {
             let quiet = ApiWrites::read(cluster).await?;
             tokio::time::sleep(QUIET).await;
-            let (background, _) =
-                ApiWrites::read(cluster)
-                    .await?
-                    .since(&quiet, "coordination.k8s.io", Some("leases"));
+            let background = ApiWrites::read(cluster)
+                .await?
+                .since(&quiet, "coordination.k8s.io", Some("leases"))
+                .get("leases")
+                .map_or(0.0, |leases| leases.total);
             let plugins = vec![plugin; nodes.len()];
             let mut measured = run(cluster, "whereabouts", &plugins, &jobs).await?;
             measured.left = whereabouts_allocations(cluster)?;
             // Its lock is a Lease: what the cluster writes to leases anyway is not whereabouts'.
-            measured.writes.0 -=
-                background / QUIET.as_secs_f64() * measured.add.wall.as_secs_f64();
+            if let Some(leases) = measured.writes.get_mut("leases") {
+                leases.total -= background / QUIET.as_secs_f64() * measured.add.wall.as_secs_f64();
+            }
             results.push(measured);
         }
         Err(reason) => eprintln!("whereabouts left out: {reason}"),
@@ -213,8 +215,13 @@ async fn create_pods(cluster: &Cluster, nodes: &[String]) -> Fallible<Vec<Job>> 
 
 /// How one CNI command went for one container.
 enum Outcome {
-    Done { elapsed: Duration, stdout: Vec<u8> },
-    Refused { message: String },
+    Done {
+        elapsed: Duration,
+        stdout: Vec<u8>,
+    },
+    Refused {
+        message: String,
+    },
     /// Not started, or killed, when the phase's cap was reached.
     Unfinished,
 }
@@ -286,8 +293,8 @@ struct Run {
     label: &'static str,
     add: Phase,
     del: Phase,
-    /// The plugin's API writes during the ADD phase, and the 409 Conflicts among them.
-    writes: (f64, f64),
+    /// The plugin's API writes during the ADD phase, by resource.
+    writes: BTreeMap<String, Writes>,
     commits: Option<CommitCounters>,
     /// Addresses still allocated after every DEL.
     left: usize,
@@ -307,11 +314,11 @@ async fn run(
     let writes = match label {
         "virtnet-ipam" => after.since(&before, "virtnet.io", None),
         "whereabouts" => {
-            let own = after.since(&before, "whereabouts.cni.cncf.io", None);
-            let lock = after.since(&before, "coordination.k8s.io", Some("leases"));
-            (own.0 + lock.0, own.1 + lock.1)
+            let mut writes = after.since(&before, "whereabouts.cni.cncf.io", None);
+            writes.extend(after.since(&before, "coordination.k8s.io", Some("leases")));
+            writes
         }
-        _ => (0.0, 0.0),
+        _ => BTreeMap::new(),
     };
     let del = phase(cluster, plugins, jobs, "DEL")?;
     Ok(Run {
@@ -348,19 +355,21 @@ fn phase(cluster: &Cluster, plugins: &[Plugin], jobs: &[Job], command: &str) -> 
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()?;
-                    Ok::<_, std::io::Error>(runtime.block_on(
-                        futures::stream::iter(mine)
-                            .map(|(index, job)| {
-                                let (plugin, command, netns) = (&plugin, &command, &netns);
-                                async move {
-                                    let outcome =
-                                        run_one(plugin, command, &job, &netns, deadline).await;
-                                    (index, outcome)
-                                }
-                            })
-                            .buffer_unordered(IN_FLIGHT_PER_NODE)
-                            .collect::<Vec<_>>(),
-                    ))
+                    Ok::<_, std::io::Error>(
+                        runtime.block_on(
+                            futures::stream::iter(mine)
+                                .map(|(index, job)| {
+                                    let (plugin, command, netns) = (&plugin, &command, &netns);
+                                    async move {
+                                        let outcome =
+                                            run_one(plugin, command, &job, netns, deadline).await;
+                                        (index, outcome)
+                                    }
+                                })
+                                .buffer_unordered(IN_FLIGHT_PER_NODE)
+                                .collect::<Vec<_>>(),
+                        ),
+                    )
                 })
             })
         })
@@ -403,7 +412,9 @@ async fn run_one(
     let finished = async {
         let mut child = child?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(plugin.config.to_string().as_bytes()).await?;
+            stdin
+                .write_all(plugin.config.to_string().as_bytes())
+                .await?;
         }
         child.wait_with_output().await
     };
@@ -475,10 +486,16 @@ fn report(nodes: usize, runs: &[Run]) -> Vec<String> {
         let writes = if run.label == "host-local" {
             "no API server".to_owned()
         } else {
+            let total: f64 = run.writes.values().map(|writes| writes.total).sum();
+            let conflicts: Vec<String> = run
+                .writes
+                .iter()
+                .map(|(resource, writes)| format!("{resource} {:.0}", writes.conflicts))
+                .collect();
             format!(
-                "{:.2} API writes per allocation, {:.0} answered 409 Conflict",
-                run.writes.0 / allocated,
-                run.writes.1
+                "{:.2} API writes per allocation, answered 409: {}",
+                total / allocated,
+                conflicts.join(", ")
             )
         };
         lines.push(format!(

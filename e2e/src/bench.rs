@@ -165,7 +165,11 @@ pub struct Plugin {
 impl Plugin {
     /// virtnet-ipam asking `node`'s agent for an address of the pod namespace's default Subnet.
     pub fn virtnet_ipam(cluster: &Cluster, node: &str) -> Self {
-        let socket = cluster.layout().node_dirs(node).agent_run.join("agent.sock");
+        let socket = cluster
+            .layout()
+            .node_dirs(node)
+            .agent_run
+            .join("agent.sock");
         Self {
             binary: virtnet_build().binaries.join("virtnet-ipam"),
             config: network(
@@ -296,7 +300,9 @@ impl Plugin {
         let mut child = self
             .command(command, container, pod_args, netns)
             .spawn()
-            .map_err(|error| std::io::Error::other(format!("{}: {error}", self.binary.display())))?;
+            .map_err(|error| {
+                std::io::Error::other(format!("{}: {error}", self.binary.display()))
+            })?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin.write_all(self.config.to_string().as_bytes())?;
         }
@@ -418,24 +424,33 @@ impl ApiWrites {
         Ok(Self(writes))
     }
 
-    /// Writes since `before` to `group` (every resource, or only `resource`), and how many of
-    /// them the apiserver refused with 409 Conflict.
-    pub fn since(&self, before: &Self, group: &str, resource: Option<&str>) -> (f64, f64) {
-        let count = |writes: &Self, conflicts_only: bool| -> f64 {
-            writes
-                .0
-                .iter()
-                .filter(|((g, r, code), _)| {
-                    g == group
-                        && resource.is_none_or(|resource| r == resource)
-                        && (!conflicts_only || code == "409")
-                })
-                .map(|(_, value)| value)
-                .sum()
-        };
-        (
-            count(self, false) - count(before, false),
-            count(self, true) - count(before, true),
-        )
+    /// Writes since `before` to `group`, by resource (only `resource`, if given).
+    pub fn since(
+        &self,
+        before: &Self,
+        group: &str,
+        resource: Option<&str>,
+    ) -> BTreeMap<String, Writes> {
+        let mut since = BTreeMap::<String, Writes>::new();
+        for (sign, writes) in [(1.0, self), (-1.0, before)] {
+            for ((g, r, code), value) in &writes.0 {
+                if g == group && resource.is_none_or(|resource| r == resource) {
+                    let counted = since.entry(r.clone()).or_default();
+                    counted.total += sign * value;
+                    if code == "409" {
+                        counted.conflicts += sign * value;
+                    }
+                }
+            }
+        }
+        since
     }
+}
+
+/// Writes to one resource, and how many of them the apiserver answered 409: a conflicting
+/// update, or a create of a name that exists.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Writes {
+    pub total: f64,
+    pub conflicts: f64,
 }
