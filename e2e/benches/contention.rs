@@ -275,7 +275,7 @@ impl Phase {
             self.refusals().len(),
         );
         if let Some(first) = self.refusals().first() {
-            summary.push_str(&format!(" (first: {first})"));
+            summary.push_str(&format!(" (first: {})", cni_error(first)));
         }
         if self.unfinished() > 0 {
             summary.push_str(&format!(
@@ -286,6 +286,16 @@ impl Phase {
         }
         summary
     }
+}
+
+/// The `msg` of the CNI error a refusal's output starts with (the plugins' logs follow it), or
+/// the start of the output when there is none.
+fn cni_error(refusal: &str) -> String {
+    let error = refusal.find('{').and_then(|start| {
+        let mut values = serde_json::Deserializer::from_str(&refusal[start..]).into_iter::<Value>();
+        values.next()?.ok()?["msg"].as_str().map(str::to_owned)
+    });
+    error.unwrap_or_else(|| refusal.chars().take(200).collect())
 }
 
 /// One plugin's ADD and DEL phases and what they cost.
