@@ -275,8 +275,19 @@ impl Phase {
             percentile(&latencies, 99).as_secs_f64() * 1e3,
             self.refusals().len(),
         );
-        if let Some(first) = self.refusals().first() {
-            summary.push_str(&format!(" (first: {})", cni_error(first)));
+        // By kind: the message up to its first path or parenthesis, which name the node or pool
+        // (the first full message of each kind follows its count).
+        let mut kinds: BTreeMap<String, (usize, String)> = BTreeMap::new();
+        for refusal in self.refusals() {
+            let message = cni_error(refusal);
+            let kind = message.split(['/', '(']).next().unwrap_or_default().trim();
+            kinds
+                .entry(kind.to_owned())
+                .or_insert((0, message.clone()))
+                .0 += 1;
+        }
+        for (count, first) in kinds.values() {
+            summary.push_str(&format!(" [{count}x: {first}]"));
         }
         if self.unfinished() > 0 {
             summary.push_str(&format!(

@@ -328,7 +328,7 @@ fn network(cni_version: &str, ipam: Value) -> Value {
     json!({"cniVersion": cni_version, "name": NETWORK, "type": "macvlan", "ipam": ipam})
 }
 
-/// The IPv4 addresses of an ADD's result (`ips[].address`, CIDR notation).
+/// The addresses of an ADD's result (`ips[].address`, CIDR notation).
 pub fn result_addresses(stdout: &[u8]) -> Vec<IpAddr> {
     serde_json::from_slice::<Value>(stdout)
         .ok()
@@ -399,7 +399,11 @@ const WRITE_VERBS: &[&str] = &["POST", "PUT", "PATCH", "APPLY", "DELETE"];
 impl ApiWrites {
     pub async fn read(cluster: &Cluster) -> Fallible<Self> {
         let request = http::Request::get("/metrics").body(Vec::new())?;
-        let text = cluster.client().request_text(request).await?;
+        Ok(Self::parse(&cluster.client().request_text(request).await?))
+    }
+
+    /// The write series of the apiserver's `/metrics` text.
+    fn parse(text: &str) -> Self {
         let mut writes = BTreeMap::new();
         for line in text.lines() {
             let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
@@ -421,7 +425,7 @@ impl ApiWrites {
                 *writes.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or_default();
             }
         }
-        Ok(Self(writes))
+        Self(writes)
     }
 
     /// Writes since `before` to `group`, by resource (only `resource`, if given).
@@ -453,4 +457,55 @@ impl ApiWrites {
 pub struct Writes {
     pub total: f64,
     pub conflicts: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_counted_by_resource_with_their_conflicts() {
+        let metrics = |pool_patches: u32| {
+            format!(
+                "# TYPE apiserver_request_total counter\n\
+                 apiserver_request_total{{code=\"200\",component=\"apiserver\",group=\"virtnet.io\",resource=\"ippools\",scope=\"cluster\",subresource=\"status\",verb=\"PATCH\",version=\"v1alpha1\"}} {pool_patches}\n\
+                 apiserver_request_total{{code=\"409\",component=\"apiserver\",group=\"virtnet.io\",resource=\"ippools\",scope=\"cluster\",subresource=\"status\",verb=\"PATCH\",version=\"v1alpha1\"}} 2\n\
+                 apiserver_request_total{{code=\"200\",component=\"apiserver\",group=\"virtnet.io\",resource=\"ippools\",scope=\"cluster\",subresource=\"\",verb=\"LIST\",version=\"v1alpha1\"}} 500\n\
+                 apiserver_request_total{{code=\"201\",component=\"apiserver\",group=\"\",resource=\"pods\",scope=\"namespace\",subresource=\"\",verb=\"POST\",version=\"v1\"}} 7\n"
+            )
+        };
+        let before = ApiWrites::parse(&metrics(10));
+        let after = ApiWrites::parse(&metrics(25));
+        let since = after.since(&before, "virtnet.io", None);
+        let pools = since["ippools"];
+        // Reads (LIST) and other groups' writes are not counted; the 409s did not change.
+        assert_eq!((pools.total, pools.conflicts), (15.0, 0.0));
+        assert_eq!(since.len(), 1);
+        let all = after.since(&ApiWrites::default(), "virtnet.io", Some("ippools"));
+        assert_eq!(
+            (all["ippools"].total, all["ippools"].conflicts),
+            (27.0, 2.0)
+        );
+    }
+
+    #[test]
+    fn an_add_result_gives_its_addresses() {
+        let result = br#"{"cniVersion":"1.0.0","ips":[{"address":"10.6.160.7/16","gateway":"10.6.0.1"},{"address":"fd00:6::7/64"}]}"#;
+        let addresses: Vec<String> = result_addresses(result)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(addresses, ["10.6.160.7", "fd00:6::7"]);
+        assert!(result_addresses(b"").is_empty());
+    }
+
+    #[test]
+    fn ranges_and_percentiles() {
+        let first = Ipv4Addr::new(10, 6, 160, 1);
+        assert_eq!(nth_address(first, 999), Ipv4Addr::new(10, 6, 163, 232));
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&samples, 50), Duration::from_millis(50));
+        assert_eq!(percentile(&samples, 99), Duration::from_millis(99));
+        assert_eq!(percentile(&[], 99), Duration::ZERO);
+    }
 }
