@@ -30,7 +30,10 @@ image:
 	bash image/build
 
 ## bench: performance figures, each reported as a ratio against a baseline measured in the same run
+## (the benches run VirtNet's release binaries: a debug build's figures say little about what
+## users run)
 bench:
+	$(CARGO) build --release --workspace --bins --locked
 	$(CARGO) bench --workspace --locked
 
 ## fuzz: each fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS, one after the other, with the nightly

@@ -122,15 +122,22 @@ impl HelmInstall {
 }
 
 impl VirtnetOptions {
-    /// The debug build of this workspace: `$CARGO_TARGET_DIR/debug`, else `<repo>/target/debug`.
+    /// The debug build of this workspace, which the tests run.
     pub fn from_workspace() -> Self {
+        Self::from_build("debug")
+    }
+
+    /// The build of this workspace in `profile`'s output directory (`release` for the benches,
+    /// whose figures must be those of what users run): `$CARGO_TARGET_DIR/<profile>`, else
+    /// `<repo>/target/<profile>`.
+    pub fn from_build(profile: &str) -> Self {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let target =
             std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo.join("target"), PathBuf::from);
         Self {
-            binaries: target.join("debug"),
+            binaries: target.join(profile),
             repo,
             multus: false,
             default_cni: true,
