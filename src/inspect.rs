@@ -140,6 +140,8 @@ pub struct InterfaceAddress {
     pub interface: String,
     pub network: Option<String>,
     pub network_attachment: Option<String>,
+    /// The IPAMClaim that holds the address (persistent across the VM's pods), if any.
+    pub claim: Option<String>,
     pub subnet: String,
     pub pool: String,
     pub address: IpNet,
@@ -360,6 +362,8 @@ pub fn pod_report(snapshot: &ClusterSnapshot, name: &str) -> Result<PodReport, I
     };
     let mut interfaces = Vec::new();
     for endpoint in &endpoints {
+        let claim =
+            (endpoint.spec.owner_kind == IPAM_CLAIM_KIND).then(|| endpoint.spec.owner_name.clone());
         for entry in &endpoint.spec.interfaces {
             for (pool, address, gateway) in entry_addresses(entry) {
                 let subnet = subnet_of(pool);
@@ -371,6 +375,7 @@ pub fn pod_report(snapshot: &ClusterSnapshot, name: &str) -> Result<PodReport, I
                     interface: entry.interface.clone(),
                     network: entry.network.clone(),
                     network_attachment: entry.network_attachment.clone(),
+                    claim: claim.clone(),
                     subnet,
                     pool: pool.to_owned(),
                     address,
@@ -695,8 +700,26 @@ mod tests {
                 "10.7.0.0/16 Some(10.6.0.254)".to_owned()
             ]
         );
+        assert_eq!(entry.claim, None);
         let table = pod_table(&report);
         assert!(table.contains("default/lan"), "{table}");
+        // A VM's interface whose address an IPAMClaim holds names the claim.
+        let mut claimed = snapshot();
+        claimed.endpoints.push(endpoint(
+            "vm1.lan",
+            "uid-web",
+            IPAM_CLAIM_KIND,
+            "vm1.lan",
+            true,
+            "10.6.1.4/16",
+        ));
+        let report = pod_report(&claimed, "default/web").expect("the pod has Endpoints");
+        let claims: Vec<Option<&str>> = report
+            .interfaces
+            .iter()
+            .map(|entry| entry.claim.as_deref())
+            .collect();
+        assert_eq!(claims, [None, Some("vm1.lan")]);
         assert!(matches!(
             pod_report(&snapshot(), "web"),
             Err(InspectError::PodName(_))
