@@ -725,23 +725,28 @@ fn pod_state(pod: &Pod) -> PodState {
         .and_then(|status| status.phase.as_deref());
     PodState {
         terminal: matches!(phase, Some("Succeeded" | "Failed")),
-        deletion: pod.metadata.deletion_timestamp.as_ref().map(|time| time.0),
     }
 }
 
+/// The taint of non-graceful node shutdown: an administrator's word that the node is off.
+const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+
 fn node_view(node: &Node) -> NodeView {
+    let fenced = node
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|taint| taint.key == OUT_OF_SERVICE_TAINT));
+    if fenced {
+        return NodeView::Fenced;
+    }
     let ready = node
         .status
         .as_ref()
         .and_then(|status| status.conditions.as_ref())
         .and_then(|conditions| conditions.iter().find(|c| c.type_ == "Ready"));
     match ready {
-        Some(condition) if condition.status != "True" => NodeView::NotReadySince(
-            condition
-                .last_transition_time
-                .as_ref()
-                .map_or_else(Timestamp::now, |time| time.0),
-        ),
+        Some(condition) if condition.status != "True" => NodeView::NotReady,
         _ => NodeView::Ready,
     }
 }
@@ -879,29 +884,30 @@ mod tests {
                 ordinals_start: 5
             }
         );
-        let node = |status: &str| -> Node {
+        let node = |status: &str, taints: serde_json::Value| -> Node {
             serde_json::from_value(json!({
                 "metadata": {"name": "n"},
+                "spec": {"taints": taints},
                 "status": {"conditions": [{"type": "Ready", "status": status,
                                            "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
             }))
             .expect("node deserializes")
         };
-        assert_eq!(node_view(&node("True")), NodeView::Ready);
-        let since: Timestamp = "2026-01-01T00:00:00Z".parse().expect("timestamp parses");
-        assert_eq!(node_view(&node("Unknown")), NodeView::NotReadySince(since));
+        let unreachable = json!([{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]);
+        let out_of_service = json!([{"key": OUT_OF_SERVICE_TAINT, "value": "nodeshutdown",
+                                     "effect": "NoExecute"}]);
+        assert_eq!(node_view(&node("True", json!([]))), NodeView::Ready);
+        assert_eq!(node_view(&node("Unknown", unreachable)), NodeView::NotReady);
+        assert_eq!(
+            node_view(&node("Unknown", out_of_service)),
+            NodeView::Fenced
+        );
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": "p", "deletionTimestamp": "2026-01-01T00:00:00Z"},
             "status": {"phase": "Failed"},
         }))
         .expect("pod deserializes");
-        assert_eq!(
-            pod_state(&pod),
-            PodState {
-                terminal: true,
-                deletion: Some(since)
-            }
-        );
+        assert_eq!(pod_state(&pod), PodState { terminal: true });
     }
 
     #[test]

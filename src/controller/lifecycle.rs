@@ -11,23 +11,28 @@
 //!
 //! | Holder pod (and its node)                                             | Pod verdict           |
 //! |-----------------------------------------------------------------------|-----------------------|
-//! | no such pod, and the pod cache saw it deleted or listed all pods well after the Endpoint was written | dead: `PodDeleted` |
 //! | no such pod, but the Endpoint is younger than the orphan grace         | alive (the pod cache may lag the agent) |
+//! | its node is NotReady and not fenced                                   | alive (see below)     |
+//! | its node object is gone                                               | dead: `NodeGone`      |
+//! | its node is fenced (tainted `node.kubernetes.io/out-of-service`)      | dead: `NodeFenced`    |
+//! | no such pod, and the pod cache saw it deleted or listed all pods well after the Endpoint was written | dead: `PodDeleted` |
 //! | no pod of that name (force-deleted, or deleted and DEL never came)    | dead: `PodDeleted`    |
 //! | a pod of that name with another UID (recreated under the same name)   | dead: `PodReplaced`   |
 //! | phase Succeeded or Failed                                             | dead: `PodCompleted`  |
-//! | its node object is gone                                               | dead: `NodeGone`      |
-//! | Terminating, and its node NotReady for longer than the NotReady grace | dead: `NodeNotReady`  |
-//! | Terminating for longer than the terminating grace after its deadline  | dead: `PodStuckTerminating` |
-//! | anything else (Pending, Running, Terminating within grace, NotReady node but not evicted) | alive |
+//! | anything else (Pending, Running, Terminating however long)            | alive                 |
 //!
-//! A verdict of "alive" that only a grace period upholds (a young Endpoint whose pod the cache
-//! does not show, a pod Terminating within its grace, a NotReady node within its grace) is
-//! re-examined when that grace ends ([`recheck_after`]), not only at the next sweep.
+//! A verdict of "alive" that only the orphan grace upholds (a young Endpoint whose pod the cache
+//! does not show) is re-examined when that grace ends ([`recheck_after`]), not only at the next
+//! sweep.
 //!
-//! A pod on a NotReady node that nobody has evicted may still run (a network partition), so it
-//! counts as alive; the node lifecycle controller evicts it (makes it Terminating) after its
-//! toleration, and then the NotReady grace applies.
+//! Nothing is reclaimed on a node that is NotReady and not fenced, whatever its pods' state: a
+//! node cut off from the API server may still be on the underlay, its sandboxes answering ARP for
+//! their addresses, and handing one out again would put it on the wire twice. Its addresses come
+//! back through its kubelet's DELs once it returns, or when an administrator fences the node
+//! (the `node.kubernetes.io/out-of-service` taint of non-graceful node shutdown, which says it is
+//! powered off) or deletes it. Likewise a pod Terminating on a Ready node keeps its addresses
+//! until its kubelet's DEL: the kubelet is still tearing its sandbox down, and it retries a
+//! failed DEL.
 //!
 //! The decision, with the sticky owner first:
 //!
@@ -70,10 +75,6 @@ pub struct Settings {
     pub fixed_ip_statefulset: bool,
     /// KubeVirt VMs keep their addresses until the VirtualMachine is deleted.
     pub fixed_ip_kubevirt: bool,
-    /// How long a Terminating pod's node may be NotReady before its addresses are reclaimed.
-    pub node_not_ready_grace: SignedDuration,
-    /// How long a pod may stay Terminating past its deletion deadline.
-    pub terminating_grace: SignedDuration,
     /// How long an allocation may be unlisted by any Endpoint before the sweep reclaims it.
     pub orphan_grace: SignedDuration,
 }
@@ -84,9 +85,8 @@ pub enum Reason {
     PodDeleted,
     PodReplaced,
     PodCompleted,
-    PodStuckTerminating,
     NodeGone,
-    NodeNotReady,
+    NodeFenced,
     StatefulSetScaledDown,
     StatefulSetDeleted,
     VirtualMachineDeleted,
@@ -101,9 +101,8 @@ impl Reason {
             Self::PodDeleted => "PodDeleted",
             Self::PodReplaced => "PodReplaced",
             Self::PodCompleted => "PodCompleted",
-            Self::PodStuckTerminating => "PodStuckTerminating",
             Self::NodeGone => "NodeGone",
-            Self::NodeNotReady => "NodeNotReady",
+            Self::NodeFenced => "NodeFenced",
             Self::StatefulSetScaledDown => "StatefulSetScaledDown",
             Self::StatefulSetDeleted => "StatefulSetDeleted",
             Self::VirtualMachineDeleted => "VirtualMachineDeleted",
@@ -138,17 +137,17 @@ pub enum PodView {
 pub struct PodState {
     /// Phase Succeeded or Failed.
     pub terminal: bool,
-    /// `metadata.deletionTimestamp`: when the pod should be gone.
-    pub deletion: Option<Timestamp>,
 }
 
 /// The node of the Endpoint (`spec.node`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeView {
     Gone,
+    /// Tainted `node.kubernetes.io/out-of-service`: shut down, whatever its Ready condition says.
+    Fenced,
     Ready,
-    /// Not Ready (False or Unknown) since this transition.
-    NotReadySince(Timestamp),
+    /// Ready is False or Unknown (and the node is not fenced).
+    NotReady,
 }
 
 /// The sticky owner as the cache shows it (`None` inside: not found).
@@ -231,30 +230,21 @@ pub fn decide(
 
 /// `Some(reason)` when the holder pod is dead.
 fn pod_verdict(observed: &Observed, settings: &Settings) -> Option<Reason> {
-    let pod = match observed.pod {
-        PodView::Gone
-            if observed.now.duration_since(observed.endpoint_created) < settings.orphan_grace =>
-        {
-            return None;
-        }
-        PodView::Gone | PodView::Deleted => return Some(Reason::PodDeleted),
-        PodView::Replaced => return Some(Reason::PodReplaced),
-        PodView::Present(pod) => pod,
-    };
-    if pod.terminal {
-        return Some(Reason::PodCompleted);
+    let young = observed.now.duration_since(observed.endpoint_created) < settings.orphan_grace;
+    if observed.pod == PodView::Gone && young {
+        return None;
     }
-    if observed.node == NodeView::Gone {
-        return Some(Reason::NodeGone);
+    match observed.node {
+        NodeView::NotReady => return None,
+        NodeView::Gone => return Some(Reason::NodeGone),
+        NodeView::Fenced => return Some(Reason::NodeFenced),
+        NodeView::Ready => {}
     }
-    let deadline = pod.deletion?;
-    if let NodeView::NotReadySince(since) = observed.node
-        && observed.now.duration_since(since) >= settings.node_not_ready_grace
-    {
-        return Some(Reason::NodeNotReady);
+    match observed.pod {
+        PodView::Gone | PodView::Deleted => Some(Reason::PodDeleted),
+        PodView::Replaced => Some(Reason::PodReplaced),
+        PodView::Present(pod) => pod.terminal.then_some(Reason::PodCompleted),
     }
-    (observed.now.duration_since(deadline) >= settings.terminating_grace)
-        .then_some(Reason::PodStuckTerminating)
 }
 
 /// Allowance for clock skew between the API server and the controller, for the second
@@ -278,25 +268,15 @@ pub fn absent_pod(
     }
 }
 
-/// When a grace period that keeps the holder pod "alive" ends, so the Endpoint is decided again
-/// then; `None` when no grace is running (the verdict only changes with the cluster's state).
+/// When the orphan grace that keeps a pod the cache does not show "alive" ends, so the Endpoint
+/// is decided again then; `None` when no grace is running (the verdict only changes with the
+/// cluster's state).
 pub fn recheck_after(observed: &Observed, settings: &Settings) -> Option<SignedDuration> {
-    let now = observed.now;
-    let ends = match observed.pod {
-        PodView::Gone => vec![observed.endpoint_created + settings.orphan_grace],
-        PodView::Present(pod) if !pod.terminal => {
-            let mut ends = vec![pod.deletion? + settings.terminating_grace];
-            if let NodeView::NotReadySince(since) = observed.node {
-                ends.push(since + settings.node_not_ready_grace);
-            }
-            ends
-        }
-        _ => return None,
-    };
-    ends.into_iter()
-        .map(|end| end.duration_since(now))
-        .filter(|left| left.is_positive())
-        .min()
+    if observed.pod != PodView::Gone {
+        return None;
+    }
+    let left = (observed.endpoint_created + settings.orphan_grace).duration_since(observed.now);
+    left.is_positive().then_some(left)
 }
 
 /// `Some(reason)` when the StatefulSet no longer keeps replica `name`.
@@ -373,14 +353,10 @@ pub fn plan_orphans(
 mod tests {
     use super::*;
 
-    const GRACE: SignedDuration = SignedDuration::from_secs(300);
-
     fn settings() -> Settings {
         Settings {
             fixed_ip_statefulset: true,
             fixed_ip_kubevirt: true,
-            node_not_ready_grace: GRACE,
-            terminating_grace: SignedDuration::from_secs(60),
             orphan_grace: SignedDuration::from_secs(30),
         }
     }
@@ -405,11 +381,10 @@ mod tests {
         PodView::Present(PodState::default())
     }
 
-    fn terminating(deadline: i64) -> PodView {
-        PodView::Present(PodState {
-            terminal: false,
-            deletion: Some(at(deadline)),
-        })
+    /// What the pod looks like while it is Terminating: the verdict does not look at its
+    /// deletion deadline, only at whether its kubelet (or a fence) says it is gone.
+    fn terminating() -> PodView {
+        running()
     }
 
     fn observed(pod: PodView, owner: OwnerView) -> Observed {
@@ -514,23 +489,16 @@ mod tests {
     }
 
     #[test]
-    fn graces_that_keep_a_pod_alive_are_rechecked_when_they_end() {
-        // Terminating since its deadline at 990 (60 s grace): decided again at 1050.
-        let mut facts = observed(terminating(990), OwnerView::NotSticky);
+    fn a_young_endpoint_whose_pod_the_cache_lacks_is_rechecked_when_the_orphan_grace_ends() {
+        // Created at 0, orphan grace 30 s, now 10: decided again at 30.
+        let mut facts = observed(PodView::Gone, OwnerView::NotSticky);
+        facts.now = at(10);
         assert_eq!(
             recheck_after(&facts, &settings()),
-            Some(SignedDuration::from_secs(50))
+            Some(SignedDuration::from_secs(20))
         );
-        // Deadline 995 (grace ends 1055) on a node NotReady since 750 (grace ends 1050): the
-        // sooner end wins.
-        facts.node = NodeView::NotReadySince(at(750));
-        facts.pod = terminating(995);
-        assert_eq!(
-            recheck_after(&facts, &settings()),
-            Some(SignedDuration::from_secs(50))
-        );
-        // Nothing pending: running, long-gone or replaced pods, and graces already over.
-        for pod in [running(), PodView::Gone, PodView::Replaced, terminating(0)] {
+        // Nothing pending: present or replaced pods, and a grace already over.
+        for pod in [running(), PodView::Gone, PodView::Replaced] {
             let facts = observed(pod, OwnerView::NotSticky);
             assert_eq!(recheck_after(&facts, &settings()), None, "{pod:?}");
         }
@@ -538,10 +506,7 @@ mod tests {
 
     #[test]
     fn succeeded_or_failed_pod_releases() {
-        let done = PodView::Present(PodState {
-            terminal: true,
-            deletion: None,
-        });
+        let done = PodView::Present(PodState { terminal: true });
         assert_eq!(ordinary(done), Decision::Release(Reason::PodCompleted));
     }
 
@@ -555,12 +520,9 @@ mod tests {
     }
 
     #[test]
-    fn terminating_pod_keeps_until_past_its_grace() {
-        assert_eq!(ordinary(terminating(990)), Decision::Keep);
-        assert_eq!(
-            ordinary(terminating(900)),
-            Decision::Release(Reason::PodStuckTerminating)
-        );
+    fn a_pod_terminating_on_a_ready_node_keeps_until_its_kubelets_del() {
+        // However long past its deadline: the kubelet still tears the sandbox down.
+        assert_eq!(ordinary(terminating()), Decision::Keep);
     }
 
     #[test]
@@ -572,26 +534,51 @@ mod tests {
     }
 
     #[test]
-    fn evicted_pod_on_a_node_not_ready_beyond_grace_releases() {
-        let decide_at = |pod, since| {
+    fn nothing_on_an_unfenced_not_ready_node_is_reclaimed_until_it_is_fenced() {
+        let decide_on = |pod, node| {
             let mut facts = observed(pod, OwnerView::NotSticky);
-            facts.node = NodeView::NotReadySince(at(since));
+            facts.node = node;
             decide("p", &spec("Pod", "p", false), &facts, &settings())
         };
-        // Evicted (Terminating, deadline just passed) and NotReady for 400 s > 300 s.
-        assert_eq!(
-            decide_at(terminating(990), 600),
-            Decision::Release(Reason::NodeNotReady)
+        // Behind a partition the sandbox may still answer ARP: deleted, force-deleted, replaced,
+        // completed or Terminating, the pod keeps its address.
+        let completed = PodView::Present(PodState { terminal: true });
+        for pod in [
+            PodView::Deleted,
+            PodView::Gone,
+            PodView::Replaced,
+            completed,
+            terminating(),
+        ] {
+            assert_eq!(
+                decide_on(pod, NodeView::NotReady),
+                Decision::Keep,
+                "{pod:?}"
+            );
+        }
+        // Fenced (out-of-service: powered off), every pod of the node lets go.
+        for pod in [PodView::Deleted, terminating(), running()] {
+            assert_eq!(
+                decide_on(pod, NodeView::Fenced),
+                Decision::Release(Reason::NodeFenced),
+                "{pod:?}"
+            );
+        }
+        // Sticky owners still keep theirs on a fenced node.
+        let mut facts = observed(PodView::Deleted, statefulset(3, 0, false));
+        facts.node = NodeView::Fenced;
+        let sticky = decide(
+            "db-1",
+            &spec(OWNER_STATEFULSET, "db", true),
+            &facts,
+            &settings(),
         );
-        // NotReady for only 100 s: not yet.
-        assert_eq!(decide_at(terminating(990), 900), Decision::Keep);
-        // Not evicted: may still run behind a partition.
-        assert_eq!(decide_at(running(), 0), Decision::Keep);
+        assert_eq!(sticky, Decision::Keep);
     }
 
     #[test]
     fn statefulset_pod_restarted_or_rescheduled_keeps() {
-        for pod in [PodView::Gone, PodView::Replaced, running(), terminating(0)] {
+        for pod in [PodView::Gone, PodView::Replaced, running(), terminating()] {
             assert_eq!(
                 replica("db-2", pod, statefulset(3, 0, false)),
                 Decision::Keep
@@ -609,9 +596,9 @@ mod tests {
             replica("db-1", PodView::Gone, statefulset(2, 0, false)),
             Decision::Keep
         );
-        // Still terminating within its grace: the pod still uses the address.
+        // Still terminating: the pod still uses the address.
         assert_eq!(
-            replica("db-2", terminating(990), statefulset(2, 0, false)),
+            replica("db-2", terminating(), statefulset(2, 0, false)),
             Decision::Keep
         );
     }

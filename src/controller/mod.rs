@@ -113,13 +113,6 @@ pub struct ControllerArgs {
     pub leader_election_lease: String,
     #[command(flatten)]
     pub retention: FixedIpRetention,
-    /// Seconds a Terminating pod's node may be NotReady before its addresses are reclaimed.
-    #[arg(long, env = "VIRTNET_NODE_NOT_READY_GRACE", default_value_t = 300)]
-    pub node_not_ready_grace_seconds: i64,
-    /// Seconds a pod may stay Terminating past its deletion deadline before its addresses are
-    /// reclaimed.
-    #[arg(long, env = "VIRTNET_TERMINATING_GRACE", default_value_t = 60)]
-    pub terminating_grace_seconds: i64,
     /// Seconds a pool allocation may go unlisted by any Endpoint before the sweep reclaims it.
     #[arg(long, env = "VIRTNET_ORPHAN_GRACE", default_value_t = 30)]
     pub orphan_grace_seconds: i64,
@@ -151,8 +144,6 @@ impl ControllerArgs {
             lifecycle: lifecycle::Settings {
                 fixed_ip_statefulset: self.retention.statefulset,
                 fixed_ip_kubevirt: self.retention.kubevirt,
-                node_not_ready_grace: SignedDuration::from_secs(self.node_not_ready_grace_seconds),
-                terminating_grace: SignedDuration::from_secs(self.terminating_grace_seconds),
                 orphan_grace: SignedDuration::from_secs(self.orphan_grace_seconds),
             },
             sweep_interval: Duration::from_secs(self.gc_interval_seconds.max(1)),

@@ -12,7 +12,10 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::{apps::v1::StatefulSet, core::v1::Pod};
+use k8s_openapi::api::{
+    apps::v1::StatefulSet,
+    core::v1::{Node, Pod},
+};
 use kube::{
     Api,
     api::{
@@ -69,7 +72,6 @@ fn start_controller(cluster: &Cluster) -> anyhow::Result<ControllerProcess> {
         .args(["--leader-election-lease", "virtnet-gc-e2e"])
         .args(["--gc-interval-seconds", &sweep])
         .args(["--orphan-grace-seconds", &sweep])
-        .args(["--terminating-grace-seconds", &sweep])
         .env("KUBECONFIG", cluster.kubeconfig())
         .env("RUST_LOG", "info")
         .stdout(Stdio::from(log.try_clone()?))
@@ -393,6 +395,7 @@ pub fn controller_reclaims_dead_holders_and_keeps_live_and_sticky_ones(
     suite.block_on(ordinary_pods(cluster))?;
     suite.block_on(statefulset_replicas(cluster))?;
     suite.block_on(virtual_machine(cluster))?;
+    suite.block_on(partitioned_node(cluster))?;
     suite.block_on(restarted_controller(cluster, controller))
 }
 
@@ -563,4 +566,97 @@ async fn restarted_controller(
     );
     wait_endpoints_gone(cluster, namespace).await?;
     delete_namespace(cluster, namespace).await
+}
+
+const PARTITIONED_NODE: &str = "gc-partitioned";
+
+/// A node cut off from the API server (NotReady, no kubelet to run DELs): its pods keep their
+/// addresses whatever happens to the pod objects (a graceful delete that stays Terminating, a
+/// force-delete), since the sandboxes may still answer on the underlay; fencing the node (the
+/// out-of-service taint) releases them.
+async fn partitioned_node(cluster: &Cluster) -> anyhow::Result<()> {
+    let namespace = "gc-partition";
+    let nodes: Api<Node> = Api::all(cluster.client());
+    let node: Node = serde_json::from_value(json!({ "metadata": { "name": PARTITIONED_NODE } }))?;
+    nodes.create(&PostParams::default(), &node).await?;
+    let result = partitioned_node_pods(cluster, namespace, &nodes).await;
+    // Whatever happened: the node and its pods go, so other tests see the cluster's own nodes.
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), namespace);
+    for name in ["stuck", "forced"] {
+        let _ = pods
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await;
+    }
+    let _ = nodes
+        .delete(PARTITIONED_NODE, &DeleteParams::default())
+        .await;
+    result?;
+    wait_endpoints_gone(cluster, namespace).await?;
+    delete_namespace(cluster, namespace).await
+}
+
+async fn partitioned_node_pods(
+    cluster: &Cluster,
+    namespace: &str,
+    nodes: &Api<Node>,
+) -> anyhow::Result<()> {
+    let not_ready = json!({ "status": { "conditions": [{
+        "type": "Ready", "status": "False", "reason": "KubeletStopped",
+        "message": "e2e: the node is cut off", "lastHeartbeatTime": "2026-01-01T00:00:00Z",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }] } });
+    nodes
+        .patch_status(
+            PARTITIONED_NODE,
+            &PatchParams::default(),
+            &Patch::Merge(&not_ready),
+        )
+        .await?;
+    create_namespace(cluster, namespace).await?;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), namespace);
+    let (stuck, forced) = ("10.250.0.30", "10.250.0.31");
+    for (name, address) in [("stuck", stuck), ("forced", forced)] {
+        let mut pod = bare_pod(name)?;
+        pod.spec.get_or_insert_default().node_name = Some(PARTITIONED_NODE.to_owned());
+        let pod = pods.create(&PostParams::default(), &pod).await?;
+        claim(
+            cluster,
+            namespace,
+            Claim {
+                endpoint: name,
+                pod: &pod,
+                address,
+                owner: ("Pod", name),
+                sticky: false,
+            },
+        )
+        .await?;
+    }
+    // No kubelet confirms the graceful delete: the pod stays Terminating.
+    pods.delete("stuck", &DeleteParams::default().grace_period(1))
+        .await?;
+    pods.delete("forced", &DeleteParams::default().grace_period(0))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3 * SWEEP_SECONDS)).await;
+    ensure_held(
+        cluster,
+        &[stuck, forced],
+        "pods of a NotReady node that is not fenced (Terminating past its deadline, force-deleted)",
+    )
+    .await?;
+
+    let fenced = Instant::now();
+    let taint = json!({ "spec": { "taints": [{
+        "key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute",
+    }] } });
+    nodes
+        .patch(
+            PARTITIONED_NODE,
+            &PatchParams::default(),
+            &Patch::Merge(&taint),
+        )
+        .await?;
+    let latency = wait_released(cluster, &[stuck, forced], fenced).await?;
+    eprintln!("gc: a fenced node's addresses reclaimed {latency:?} after the taint");
+    Ok(())
 }

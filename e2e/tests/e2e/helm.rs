@@ -6,7 +6,13 @@
 //! wire (ping, TCP, a ClusterIP through kube-proxy); `helm upgrade` to a new image tag keeps the
 //! held addresses and a running pod's connectivity; a pod deleted with kubectl has its address
 //! released by containerd's CNI DEL; `helm uninstall` leaves the nodes' other CNI files alone.
-use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -291,7 +297,98 @@ async fn agents_write_only_their_own_nodes_endpoints(
         TEST_NAMESPACE,
         "--ignore-not-found",
     ])?;
+    agents_change_only_their_own_nodes_pool_records(cluster, nodes, &as_agent)
+}
+
+/// The same agent may add and remove an IPPool record naming its node, not one naming another
+/// node (the record is added by the admin to test its removal).
+fn agents_change_only_their_own_nodes_pool_records(
+    cluster: &Cluster,
+    nodes: &[String],
+    as_agent: &dyn Fn(&[&str]) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    let (pool, address) = free_pool_address(cluster)?;
+    let record = |node: Option<&str>| {
+        let record = node.map(|node| {
+            json!({"endpoint": format!("{TEST_NAMESPACE}/scope-test"), "interface": "eth0",
+                   "podUID": "scope-test", "containerID": "scope-test", "node": node})
+        });
+        json!({"status": {"allocations": {&address: record}}}).to_string()
+    };
+    fn patch<'a>(pool: &'a str, patch: &'a str) -> [&'a str; 7] {
+        [
+            "patch",
+            "ippools.virtnet.io",
+            pool,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            patch,
+        ]
+    }
+    let (own, other, removal) = (
+        record(Some(&nodes[0])),
+        record(Some(&nodes[1])),
+        record(None),
+    );
+    let added = "may only add or change IPPool records of its own node";
+    let removed = "may only remove IPPool records of its own node";
+    for (what, answer, refusal, allowed) in [
+        (
+            "adding its own node's record",
+            as_agent(&patch(&pool, &own))?,
+            added,
+            true,
+        ),
+        (
+            "removing it",
+            as_agent(&patch(&pool, &removal))?,
+            removed,
+            true,
+        ),
+        (
+            "adding another node's record",
+            as_agent(&patch(&pool, &other))?,
+            added,
+            false,
+        ),
+    ] {
+        ensure!(
+            answer.contains(refusal) != allowed && answer.contains("patched") == allowed,
+            "the agent of {} {what} in {pool}: {answer}",
+            nodes[0]
+        );
+    }
+    cluster.kubectl(&patch(&pool, &other))?;
+    let answer = as_agent(&patch(&pool, &removal))?;
+    cluster.kubectl(&patch(&pool, &removal))?;
+    ensure!(
+        answer.contains(removed),
+        "the agent of {} removing another node's record in {pool}: {answer}",
+        nodes[0]
+    );
     Ok(())
+}
+
+/// An IPPool and an address of its range that no record holds.
+fn free_pool_address(cluster: &Cluster) -> anyhow::Result<(String, String)> {
+    let pools = kubectl_json(cluster, &["get", "ippools.virtnet.io"])?;
+    for pool in pools["items"].as_array().into_iter().flatten() {
+        let held = &pool["status"]["allocations"];
+        for range in pool["spec"]["ips"].as_array().into_iter().flatten() {
+            let range = range.as_str().unwrap_or_default();
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            let (first, last): (Ipv4Addr, Ipv4Addr) = (first.parse()?, last.parse()?);
+            if let Some(free) = (u32::from(first)..=u32::from(last))
+                .map(|address| Ipv4Addr::from(address).to_string())
+                .find(|address| held.get(address).is_none())
+            {
+                let name = pool["metadata"]["name"].as_str().unwrap_or_default();
+                return Ok((name.to_owned(), free));
+            }
+        }
+    }
+    anyhow::bail!("no IPPool has a free address")
 }
 
 /// One agent pod per node and the controller pod, all Ready, running `image` as their
