@@ -43,7 +43,7 @@ use super::{
     },
 };
 use crate::{
-    crd::{Endpoint, EndpointSpec, IPAM_CLAIM_KIND, IpamClaim},
+    crd::{Endpoint, EndpointSpec, IPAM_CLAIM_KIND, IpAllocation, IpPool, IpamClaim},
     ipam::{KUBEVIRT_API_GROUP, KUBEVIRT_VM_NAME_LABEL},
     store::{
         self,
@@ -642,12 +642,25 @@ impl Worker {
                 }
             }
         }
-        let mut allocations = Vec::new();
+        let mut records: BTreeMap<IpAddr, Vec<(&IpPool, &IpAllocation)>> = BTreeMap::new();
         for pool in &pools {
             for (address, record) in
                 parse::pool_allocations(pool).map_err(store::StoreError::from)?
             {
-                if listed_unreadable.contains(&record.endpoint) {
+                records.entry(address).or_default().push((pool, record));
+            }
+        }
+        let mut allocations = Vec::new();
+        for (&address, holders) in &records {
+            for &(pool, record) in holders {
+                // While a resize hands an address over, two pools of its Subnet record it for
+                // one holder and its Endpoint names one of them: the other copy is no orphan.
+                let listed_copy = holders.iter().any(|(other, copy)| {
+                    other.spec.subnet == pool.spec.subnet
+                        && copy.endpoint == record.endpoint
+                        && listed.contains(&(other.name_any(), address))
+                });
+                if listed_copy || listed_unreadable.contains(&record.endpoint) {
                     continue;
                 }
                 allocations.push(AllocationRef {
@@ -714,7 +727,7 @@ fn endpoint_ref(endpoint: &Endpoint) -> String {
 /// `pod_uid` is `None`, that pod. `None` for a sticky Endpoint: its identity is its name (the
 /// StatefulSet replica or the VM), and its records keep the UID of the pod that first claimed
 /// them while later pods of that name reuse them, so any record naming the Endpoint is its own.
-fn held_by(record: &crate::crd::IpAllocation, endpoint: &str, pod_uid: Option<&str>) -> bool {
+fn held_by(record: &IpAllocation, endpoint: &str, pod_uid: Option<&str>) -> bool {
     record.endpoint == endpoint && pod_uid.is_none_or(|uid| record.pod_uid == uid)
 }
 
@@ -786,7 +799,6 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::crd::IpPool;
     use crate::store::pools::release_patch;
 
     #[test]

@@ -13,16 +13,20 @@
 //! that allocated in the meantime makes the write fail and the plan is recomputed; and an address
 //! only ever joins a pool after every other pool has let go of it.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use kube::ResourceExt;
 
-use crate::crd::{IpPool, IpPoolSpec, Subnet};
+use crate::crd::{Endpoint, IpAllocation, IpPool, IpPoolSpec, Subnet};
 use crate::ipam::{CurrentPool, IpSet, SplitRequest, split_subnet};
 use crate::store::parse::{
-    ParseError, allocated_addresses, pool_allocations, pool_ranges, subnet_addresses,
+    ParseError, allocated_addresses, endpoint_addresses, pool_allocations, pool_ranges,
+    subnet_addresses,
 };
-use crate::store::pools::{PoolCounters, PoolSpecChange, PoolSpecWrite};
+use crate::store::pools::{PoolClaim, PoolCounters, PoolSpecChange, PoolSpecWrite};
 
 /// Everything the controller should do for one Subnet.
 #[derive(Clone, Debug, PartialEq)]
@@ -138,25 +142,28 @@ pub fn deletion_step(pools: &[IpPool]) -> Result<DeletionStep, ParseError> {
 pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, ParseError> {
     let subnet_name = subnet.name_any();
     let addresses = subnet_addresses(subnet)?;
-    let mut current = Vec::with_capacity(pools.len());
-    let mut existing = Vec::with_capacity(pools.len());
-    for pool in pools {
-        let name = pool.name_any();
-        let Some((owner, index)) = crate::ipam::parse_pool_name(&name) else {
-            continue;
-        };
-        if owner != subnet_name {
-            continue;
-        }
+    let indexed = indexed_pools(&subnet_name, pools);
+    let copied = handed_over(&indexed)?;
+    let mut current = Vec::with_capacity(indexed.len());
+    let mut recorded = BTreeSet::new();
+    for (index, pool) in &indexed {
         let ranges = pool_ranges(pool)?;
-        let allocated = allocated_addresses(pool)?;
+        let mut allocated = allocated_addresses(pool)?;
+        if !allocated.is_empty() {
+            recorded.insert(*index);
+        }
+        // A handed-over address counts as the active pool's: this pool lets it go from its
+        // `ips` (a loss, written first) before the active pool adds it (a gain).
+        if let Some(copied) = copied.get(index) {
+            allocated = allocated.subtract(copied);
+        }
         current.push(CurrentPool {
-            index,
+            index: *index,
             ranges,
             allocated,
         });
-        existing.push((index, pool));
     }
+    let existing = indexed;
     let pool_count =
         crate::ipam::pool_count(u32::from(subnet.spec.replicas), addresses.effective().len());
     let plans = split_subnet(&SplitRequest {
@@ -194,7 +201,9 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, Parse
         };
         // An empty version (never from the API server) fails the write, not the guard.
         let resource_version = pool.resource_version().unwrap_or_default();
-        if plan.deletable {
+        // A pool whose every record was handed over still holds them until the Endpoints
+        // name the new pools ([`plan_handover`]): it is deleted once it records nothing.
+        if plan.deletable && !recorded.contains(&plan.index) {
             gains.push(PoolSpecWrite::Delete {
                 name: plan.name.clone(),
                 resource_version,
@@ -249,6 +258,178 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, Parse
         writes,
         counters,
     })
+}
+
+/// The pools of Subnet `subnet` by index; pools whose names are not `<subnet>-<index>` are
+/// left out.
+fn indexed_pools<'a>(subnet: &str, pools: &'a [IpPool]) -> Vec<(u32, &'a IpPool)> {
+    pools
+        .iter()
+        .filter_map(|pool| {
+            let name = pool.name_any();
+            let (owner, index) = crate::ipam::parse_pool_name(&name)?;
+            (owner == subnet).then_some((index, pool))
+        })
+        .collect()
+}
+
+/// Per draining pool, the allocations an active pool already records for the same holder (the
+/// first step of a handover, [`HandoverStep::Copy`], is done for them).
+fn handed_over(pools: &[(u32, &IpPool)]) -> Result<BTreeMap<u32, IpSet>, ParseError> {
+    let mut active: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    for (_, pool) in pools.iter().filter(|(_, pool)| !pool.spec.draining) {
+        for (address, record) in pool_allocations(pool)? {
+            active.insert(address, &record.endpoint);
+        }
+    }
+    let mut copied = BTreeMap::new();
+    for (index, pool) in pools.iter().filter(|(_, pool)| pool.spec.draining) {
+        let twins: IpSet = pool_allocations(pool)?
+            .into_iter()
+            .filter(|(address, record)| active.get(address) == Some(&record.endpoint.as_str()))
+            .map(|(address, _)| address)
+            .collect();
+        if !twins.is_empty() {
+            copied.insert(*index, twins);
+        }
+    }
+    Ok(copied)
+}
+
+/// One step of handing a draining pool's allocations over to the pools that remain, so that a
+/// scale-down ends with `replicas` pools even while every pool holds addresses. The address and
+/// its holder never change, only which pool records it; each step is one guarded write and is
+/// safe on its own, so a step that fails or a controller that dies between steps leaves a state
+/// the next reconcile continues from:
+///
+/// 1. [`Copy`](Self::Copy): the active pool records the address as the draining pool does,
+///    before it offers it. Then the split ([`plan_pools`]) moves the address out of the draining
+///    pool's `ips` and into the active pool's: at no moment does a pool offer it unrecorded.
+/// 2. [`Repoint`](Self::Repoint): the Endpoint names the active pool, so the holder's DEL (and
+///    the controller's release) goes there.
+/// 3. [`Drop`](Self::Drop): the draining pool forgets its copy, and once empty it is deleted.
+///
+/// A DEL in the middle releases the record the Endpoint names; the other copy's holder is then
+/// gone, and the sweep or step 3 removes it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HandoverStep {
+    /// Record these addresses in an active pool (a group claim guarded by its version).
+    Copy(PoolClaim),
+    /// The Endpoint, as read, with the handed-over addresses' pools rewritten.
+    Repoint(Box<Endpoint>),
+    /// Remove these records (address → the Endpoint it must still name) from a draining pool.
+    Drop {
+        pool: String,
+        holders: BTreeMap<IpAddr, String>,
+    },
+}
+
+/// The next handover steps for the Subnet's `pools` (found by label), given every Endpoint.
+/// Empty when no draining pool records anything, or no pool is active to take it.
+pub fn plan_handover(
+    subnet: &str,
+    pools: &[IpPool],
+    endpoints: &[Endpoint],
+) -> Result<Vec<HandoverStep>, ParseError> {
+    let indexed = indexed_pools(subnet, pools);
+    let mut active: Vec<(&IpPool, usize)> = Vec::new();
+    let mut recorded: BTreeMap<IpAddr, (&str, &IpAllocation)> = BTreeMap::new();
+    for (_, pool) in indexed.iter().filter(|(_, pool)| !pool.spec.draining) {
+        let records = pool_allocations(pool)?;
+        active.push((pool, records.len()));
+        for (address, record) in records {
+            recorded.insert(
+                address,
+                (pool.metadata.name.as_deref().unwrap_or_default(), record),
+            );
+        }
+    }
+    let mut listed: BTreeMap<(String, IpAddr), usize> = BTreeMap::new();
+    for (position, endpoint) in endpoints.iter().enumerate() {
+        for address in endpoint_addresses(endpoint)? {
+            listed.insert((address.pool, address.address), position);
+        }
+    }
+    let mut copies: BTreeMap<String, PoolClaim> = BTreeMap::new();
+    let mut repoints: BTreeMap<usize, Endpoint> = BTreeMap::new();
+    let mut drops = Vec::new();
+    for (_, pool) in indexed.iter().filter(|(_, pool)| pool.spec.draining) {
+        let name = pool.name_any();
+        let mut holders = BTreeMap::new();
+        for (address, record) in pool_allocations(pool)? {
+            match recorded.get(&address) {
+                Some((to, copy)) if copy.endpoint == record.endpoint => {
+                    match listed.get(&(name.clone(), address)) {
+                        Some(&position) => {
+                            let endpoint = repoints
+                                .entry(position)
+                                .or_insert_with(|| endpoints[position].clone());
+                            repoint(endpoint, address, &name, to);
+                        }
+                        None => {
+                            holders.insert(address, record.endpoint.clone());
+                        }
+                    }
+                }
+                // Recorded twice for two holders: a duplicate no handover can repair (the
+                // split refuses it, loudly).
+                Some(_) => {}
+                None => {
+                    let Some((target, load)) = active.iter_mut().min_by_key(|(_, load)| *load)
+                    else {
+                        return Ok(Vec::new());
+                    };
+                    *load += 1;
+                    let target_name = target.name_any();
+                    copies
+                        .entry(target_name.clone())
+                        .or_insert_with(|| PoolClaim {
+                            pool: target_name,
+                            resource_version: target.resource_version().unwrap_or_default(),
+                            records: BTreeMap::new(),
+                        })
+                        .records
+                        .insert(address, record.clone());
+                }
+            }
+        }
+        if !holders.is_empty() {
+            drops.push(HandoverStep::Drop {
+                pool: name,
+                holders,
+            });
+        }
+    }
+    Ok(copies
+        .into_values()
+        .map(HandoverStep::Copy)
+        .chain(
+            repoints
+                .into_values()
+                .map(|endpoint| HandoverStep::Repoint(Box::new(endpoint))),
+        )
+        .chain(drops)
+        .collect())
+}
+
+/// Rewrites the pool of `address` in `endpoint` from `from` to `to`.
+fn repoint(endpoint: &mut Endpoint, address: IpAddr, from: &str, to: &str) {
+    let records = |value: &Option<String>| {
+        value
+            .as_deref()
+            .and_then(|value| value.parse::<ipnet::IpNet>().ok())
+            .is_some_and(|net| net.addr() == address)
+    };
+    for interface in &mut endpoint.spec.interfaces {
+        for (pool, value) in [
+            (&mut interface.ipv4_pool, &interface.ipv4),
+            (&mut interface.ipv6_pool, &interface.ipv6),
+        ] {
+            if pool.as_deref() == Some(from) && records(value) {
+                *pool = Some(to.to_owned());
+            }
+        }
+    }
 }
 
 fn counters_for(name: &str, resource_version: &str, allocated: u128, free: u128) -> PoolCounters {
@@ -460,6 +641,159 @@ mod tests {
         pools[2].status = None;
         converge(&example_subnet(2), &mut pools);
         assert_eq!(pools.len(), 2);
+    }
+
+    fn holder_endpoint(name: &str, pool: &str, address: &str) -> Endpoint {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "virtnet.io/v1alpha1", "kind": "Endpoint",
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": "1"},
+            "spec": {"interfaces": [{"interface": "eth0", "ipv4Pool": pool,
+                                     "ipv4": format!("{address}/16")}],
+                     "ownerKind": "StatefulSet", "ownerName": "db", "node": "node1",
+                     "podUID": name, "containerID": name, "sticky": true},
+        }))
+        .expect("Endpoint parses")
+    }
+
+    /// Every recorded address is offered by no pool that does not record it for its holder, and
+    /// recorded for one holder only.
+    fn assert_no_address_offered_twice(pools: &[IpPool]) {
+        let mut holders: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for pool in pools {
+            for (address, record) in pool_allocations(pool).expect("records") {
+                let holder = holders
+                    .entry(address)
+                    .or_insert_with(|| record.endpoint.clone());
+                assert_eq!(
+                    holder, &record.endpoint,
+                    "{address} recorded for two holders"
+                );
+            }
+        }
+        for pool in pools {
+            let records = pool_allocations(pool).expect("records");
+            for address in holders.keys() {
+                if pool_ranges(pool).expect("ranges").contains(*address) {
+                    assert!(
+                        records.contains_key(address),
+                        "{} offers {address}, which another pool records",
+                        pool.name_any()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Applies one round of the Subnet reconciler: the split's writes, else the handover's.
+    /// `false` once there is nothing left to do.
+    fn reconcile_round(
+        subnet: &Subnet,
+        pools: &mut Vec<IpPool>,
+        endpoints: &mut [Endpoint],
+    ) -> bool {
+        let plan = plan_pools(subnet, pools).expect("plan");
+        if !plan.writes.is_empty() {
+            apply(pools, &plan.writes);
+            return true;
+        }
+        let steps = plan_handover(&subnet.name_any(), pools, endpoints).expect("handover");
+        for step in &steps {
+            match step {
+                HandoverStep::Copy(claim) => {
+                    let pool = pools.iter_mut().find(|pool| pool.name_any() == claim.pool);
+                    let status = pool.expect("target exists").status.get_or_insert_default();
+                    for (address, record) in &claim.records {
+                        status
+                            .allocations
+                            .insert(address.to_string(), record.clone());
+                    }
+                }
+                HandoverStep::Repoint(repointed) => {
+                    let endpoint = endpoints
+                        .iter_mut()
+                        .find(|endpoint| endpoint.name_any() == repointed.name_any());
+                    *endpoint.expect("Endpoint exists") = (**repointed).clone();
+                }
+                HandoverStep::Drop { pool, holders } => {
+                    let pool = pools.iter_mut().find(|p| &p.name_any() == pool);
+                    let status = pool.expect("pool exists").status.get_or_insert_default();
+                    for address in holders.keys() {
+                        status.allocations.remove(&address.to_string());
+                    }
+                }
+            }
+        }
+        !steps.is_empty()
+    }
+
+    #[test]
+    fn scale_down_hands_busy_pools_addresses_over_and_ends_with_replicas_pools() {
+        let mut pools = created(&plan_pools(&example_subnet(5), &[]).expect("plan"));
+        let mut endpoints = Vec::new();
+        for (index, pool) in pools.iter_mut().enumerate() {
+            let first = pool_ranges(pool)
+                .expect("ranges")
+                .iter()
+                .next()
+                .expect("address");
+            let name = format!("db-{index}");
+            let address = first.to_string();
+            pool.status.get_or_insert_default().allocations.insert(
+                address.clone(),
+                IpAllocation {
+                    endpoint: format!("default/{name}"),
+                    interface: "eth0".into(),
+                    pod_uid: name.clone(),
+                    node: "node1".into(),
+                    container_id: Some(name.clone()),
+                    network: None,
+                },
+            );
+            endpoints.push(holder_endpoint(&name, &pool.name_any(), &address));
+        }
+        let before: BTreeMap<String, IpAddr> = endpoints
+            .iter()
+            .map(|endpoint| {
+                let recorded = endpoint_addresses(endpoint).expect("addresses");
+                (endpoint.name_any(), recorded[0].address)
+            })
+            .collect();
+        let subnet = example_subnet(2);
+        let mut rounds = 0;
+        while reconcile_round(&subnet, &mut pools, &mut endpoints) {
+            assert_no_address_offered_twice(&pools);
+            rounds += 1;
+            assert!(rounds < 20, "the resize did not converge: {pools:#?}");
+        }
+        let names: Vec<String> = pools.iter().map(ResourceExt::name_any).collect();
+        assert_eq!(names, ["subnet-0", "subnet-1"]);
+        assert!(pools.iter().all(|pool| !pool.spec.draining));
+        for endpoint in &endpoints {
+            let recorded = &endpoint_addresses(endpoint).expect("addresses")[0];
+            assert_eq!(
+                recorded.address,
+                before[&endpoint.name_any()],
+                "no address changed"
+            );
+            let pool = pools.iter().find(|pool| pool.name_any() == recorded.pool);
+            let records =
+                pool_allocations(pool.expect("the Endpoint's pool exists")).expect("records");
+            assert_eq!(
+                records
+                    .get(&recorded.address)
+                    .map(|record| record.endpoint.as_str()),
+                Some(format!("default/{}", endpoint.name_any()).as_str()),
+                "the pool the Endpoint names records its address"
+            );
+        }
+        let total: u128 = pools
+            .iter()
+            .map(|pool| pool_ranges(pool).expect("ranges").len())
+            .sum();
+        assert_eq!(
+            total, 156,
+            "every address is offered by one of the two pools"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The Subnet reconciler: applies [`super::pools::plan_pools`] through the API server.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::{
@@ -12,10 +12,15 @@ use tracing::{info, warn};
 use super::{
     Context, Error,
     admission::review_against_older,
-    pools::{DeletionStep, SubnetPlan, deletion_step, overlap_with_other_pools, plan_pools},
+    pools::{
+        DeletionStep, HandoverStep, SubnetPlan, deletion_step, overlap_with_other_pools,
+        plan_handover, plan_pools,
+    },
 };
 use crate::crd::{FINALIZER_SUBNET, IpPool, LABEL_SUBNET, Subnet, SubnetStatus};
-use crate::store::pools::PoolSpecWrite;
+use crate::store::StoreError;
+use crate::store::endpoints::Written;
+use crate::store::pools::{ClaimOutcome, PoolSpecWrite};
 
 /// How often a Subnet is reconciled even when nothing changed (a safety net for missed events).
 const RESYNC: Duration = Duration::from_secs(300);
@@ -87,6 +92,9 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
     if !plan.writes.is_empty() {
         apply_writes(&ctx, &subnet, &plan.writes).await?;
         // The writes changed the pools; the pool watch brings us back on fresh state.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if hand_over(&ctx, &subnet, &pools).await? {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     for counters in &plan.counters {
@@ -205,6 +213,64 @@ async fn write_condition(
             .await;
     }
     Ok(())
+}
+
+/// Takes the next steps of handing draining pools' allocations over to the active pools
+/// ([`HandoverStep`]); `true` when it wrote something (the next round continues on fresh state).
+async fn hand_over(ctx: &Context, subnet: &Subnet, pools: &[IpPool]) -> Result<bool, Error> {
+    let busy_draining = pools.iter().any(|pool| {
+        pool.spec.draining
+            && pool
+                .status
+                .as_ref()
+                .is_some_and(|status| !status.allocations.is_empty())
+    });
+    if !busy_draining {
+        return Ok(false);
+    }
+    let endpoints = ctx.endpoint_store.list().await?;
+    let steps = plan_handover(&subnet.name_any(), pools, &endpoints).map_err(StoreError::from)?;
+    for step in &steps {
+        match step {
+            HandoverStep::Copy(claim) => {
+                if let ClaimOutcome::Conflict(_) = ctx.pools.claim(claim).await? {
+                    // An agent wrote the pool meanwhile: plan again on fresh state.
+                    return Ok(true);
+                }
+                let addresses: Vec<&IpAddr> = claim.records.keys().collect();
+                info!(pool = %claim.pool, ?addresses, "handover: addresses recorded in an active pool");
+            }
+            HandoverStep::Repoint(endpoint) => {
+                if ctx.endpoint_store.replace(endpoint).await? == Written::Changed {
+                    return Ok(true);
+                }
+                info!(endpoint = %format!("{}/{}", endpoint.namespace().unwrap_or_default(), endpoint.name_any()),
+                      "handover: Endpoint names its address's new pool");
+            }
+            HandoverStep::Drop { pool, holders } => {
+                let addresses: Vec<IpAddr> = holders.keys().copied().collect();
+                ctx.pools
+                    .release(pool, &addresses, |address, record| {
+                        holders.get(&address) == Some(&record.endpoint)
+                    })
+                    .await?;
+                info!(%pool, ?addresses, "handover: draining pool let go of addresses now recorded elsewhere");
+            }
+        }
+    }
+    if !steps.is_empty() {
+        ctx.publish(
+            subnet,
+            EventType::Normal,
+            "AddressesHandedOver",
+            &format!(
+                "{} handover step(s): held addresses move to the pools that remain",
+                steps.len()
+            ),
+        )
+        .await;
+    }
+    Ok(!steps.is_empty())
 }
 
 async fn apply_writes(

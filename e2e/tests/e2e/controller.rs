@@ -270,33 +270,36 @@ async fn subnet_replicas_change_while_pods_hold_addresses(cluster: &Cluster) -> 
     check_pools_and_pods(cluster, namespace, &pods)?;
     ping_ring(cluster, &pods)?;
 
+    // 5 → 2 while every pool holds addresses and 3 more pods are being added: the busy pools
+    // hand their addresses over to the 2 that remain (no address changes), and then go.
+    let held: BTreeSet<(String, String)> = pods
+        .iter()
+        .map(|pod| Ok((pod_name(pod).to_owned(), pod_ip(pod)?.to_string())))
+        .collect::<anyhow::Result<_>>()?;
+    let resized = Instant::now();
     set_replicas(cluster, &format!("subnet.virtnet.io/{SUBNET}"), "", 2)?;
-    // Pools 2..4 drain: they keep the addresses in use and stop allocating.
-    cluster
-        .wait_for("pools beyond 2 draining", TIMEOUT, || async {
-            let pools = kubectl_json(cluster, &["get", "ippools.virtnet.io"])
-                .map_err(|error| error.to_string())?;
-            let draining = pools["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|pool| pool["spec"]["draining"] == true)
-                .count();
-            let total = pools["items"].as_array().map_or(0, Vec::len);
-            if total == 2 || draining == total - 2 {
-                Ok(())
-            } else {
-                Err(format!("{draining} of {total} draining"))
-            }
-        })
-        .await?;
+    set_replicas(cluster, "deployment/holders", namespace, 12)?;
+    wait_for_pools(cluster, 2).await?;
+    wait_subnet_settled(cluster, 2).await?;
+    eprintln!(
+        "controller: Subnet 5→2 with every pool busy ended with 2 pools {:?} after the patch",
+        resized.elapsed()
+    );
+    let pods = wait_for_ready_pods(cluster, namespace, "app=holders", 12).await?;
     check_pools_and_pods(cluster, namespace, &pods)?;
+    let now: BTreeSet<(String, String)> = pods
+        .iter()
+        .map(|pod| Ok((pod_name(pod).to_owned(), pod_ip(pod)?.to_string())))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        held.is_subset(&now),
+        "the resize changed a pod's address: {held:?} → {now:?}"
+    );
     ping_ring(cluster, &pods)?;
     set_replicas(cluster, "deployment/holders", namespace, 3)?;
     let pods = wait_for_ready_pods(cluster, namespace, "app=holders", 3).await?;
     check_pools_and_pods(cluster, namespace, &pods)?;
     cluster.kubectl(&["delete", "deployment", "holders", "-n", namespace])?;
-    // Emptied, the draining pools go.
     let pools = wait_for_pools(cluster, 2).await?;
     let covered: usize = pools
         .iter()
@@ -308,7 +311,7 @@ async fn subnet_replicas_change_while_pods_hold_addresses(cluster: &Cluster) -> 
     );
     wait_until_no_records(cluster, namespace).await?;
     eprintln!(
-        "controller: Subnet 3→5→2 with 6→9→3 pods holding addresses: none lost or duplicated"
+        "controller: Subnet 3→5→2 with 6→9→12→3 pods holding addresses: none lost or duplicated"
     );
     Ok(())
 }
