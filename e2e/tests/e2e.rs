@@ -6,6 +6,8 @@
 //! is reported as ignored, with the reason.
 #[path = "e2e/agent.rs"]
 mod agent;
+#[path = "e2e/chaos.rs"]
+mod chaos;
 #[path = "e2e/cluster.rs"]
 mod cluster;
 #[path = "e2e/controller.rs"]
@@ -107,6 +109,10 @@ const TESTS: &[(&str, TestBody)] = &[
     (
         "agent_allocates_exactly_under_burst_exhaustion_and_dual_stack",
         agent::agent_allocates_exactly_under_burst_exhaustion_and_dual_stack,
+    ),
+    (
+        "agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_leak",
+        chaos::agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_leak,
     ),
     (
         "store_guards_keep_foreign_finalizers_and_racing_sandboxes_apart",

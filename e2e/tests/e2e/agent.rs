@@ -58,14 +58,20 @@ pub fn agent_allocates_exactly_under_burst_exhaustion_and_dual_stack(
 }
 
 /// Applies `manifest` (YAML or JSON) with kubectl.
-fn apply(cluster: &Cluster, manifest: &serde_json::Value) -> anyhow::Result<()> {
+pub(crate) fn apply(cluster: &Cluster, manifest: &serde_json::Value) -> anyhow::Result<()> {
     let file = tempfile::NamedTempFile::new()?;
     std::fs::write(file.path(), manifest.to_string())?;
     cluster.kubectl(&["apply", "-f", &file.path().to_string_lossy()])?;
     Ok(())
 }
 
-fn subnet(name: &str, cidr: &str, gateway: &str, ips: &str, replicas: u16) -> serde_json::Value {
+pub(crate) fn subnet(
+    name: &str,
+    cidr: &str,
+    gateway: &str,
+    ips: &str,
+    replicas: u16,
+) -> serde_json::Value {
     json!({
         "apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet",
         "metadata": {"name": name},
@@ -75,14 +81,14 @@ fn subnet(name: &str, cidr: &str, gateway: &str, ips: &str, replicas: u16) -> se
 
 /// A namespace whose pods default to `default_subnet` (the value of
 /// `ipam.virtnet.io/default-subnet`).
-fn namespace(name: &str, default_subnet: &str) -> serde_json::Value {
+pub(crate) fn namespace(name: &str, default_subnet: &str) -> serde_json::Value {
     json!({
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": name, "annotations": {"ipam.virtnet.io/default-subnet": default_subnet}},
     })
 }
 
-async fn create_deployment(
+pub(crate) async fn create_deployment(
     cluster: &Cluster,
     namespace: &str,
     name: &str,
@@ -107,7 +113,11 @@ async fn create_deployment(
     Ok(())
 }
 
-async fn delete_deployment(cluster: &Cluster, namespace: &str, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn delete_deployment(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<()> {
     Api::<Deployment>::namespaced(cluster.client(), namespace)
         .delete(name, &DeleteParams::foreground())
         .await
@@ -124,7 +134,7 @@ async fn list_pods(cluster: &Cluster, namespace: &str) -> Result<Vec<Pod>, Strin
 }
 
 /// Waits until `namespace` has `count` pods of which `ready` are Ready.
-async fn wait_for_pods(
+pub(crate) async fn wait_for_pods(
     cluster: &Cluster,
     namespace: &str,
     count: usize,
@@ -147,7 +157,7 @@ async fn wait_for_pods(
 }
 
 /// The records the IPPools of `subnet` hold.
-fn records_of(cluster: &Cluster, subnet: &str) -> anyhow::Result<usize> {
+pub(crate) fn records_of(cluster: &Cluster, subnet: &str) -> anyhow::Result<usize> {
     let pools = kubectl_json(cluster, &["get", "ippools.virtnet.io"])?;
     Ok(pools["items"]
         .as_array()
@@ -197,6 +207,41 @@ fn reply_macs(output: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Asks the underlay (from the router) who answers ARP for each of `addresses` (address → pod
+/// name) and fails unless exactly one MAC answers each; returns how many distinct MACs answered.
+pub(crate) fn ensure_each_answered_by_one_mac(
+    cluster: &Cluster,
+    addresses: &BTreeMap<IpAddr, &str>,
+) -> anyhow::Result<usize> {
+    let router = cluster.names().router_netns();
+    let mut answers: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+    let targets: Vec<IpAddr> = addresses.keys().copied().collect();
+    for chunk in targets.chunks(ARPING_PARALLEL) {
+        let children: Vec<_> = chunk
+            .iter()
+            .map(|address| Ok((*address, arp_answerers(&router, *address)?)))
+            .collect::<std::io::Result<_>>()
+            .context("running arping in the router's namespace")?;
+        for (address, child) in children {
+            let output = child.wait_with_output()?;
+            answers.insert(
+                address,
+                reply_macs(&String::from_utf8_lossy(&output.stdout)),
+            );
+        }
+    }
+    let wrong: Vec<String> = answers
+        .iter()
+        .filter(|(_, macs)| macs.len() != 1)
+        .map(|(address, macs)| format!("{address} ({}): {macs:?}", addresses[address]))
+        .collect();
+    ensure!(
+        wrong.is_empty(),
+        "addresses not answered by exactly one MAC: {wrong:?}"
+    );
+    Ok(answers.values().flatten().collect::<BTreeSet<_>>().len())
+}
+
 async fn burst(cluster: &Cluster) -> anyhow::Result<()> {
     let ns = "burst";
     apply(
@@ -231,44 +276,21 @@ async fn burst(cluster: &Cluster) -> anyhow::Result<()> {
         "the pools record {recorded} addresses for {BURST} pods"
     );
 
-    let router = cluster.names().router_netns();
-    let mut answers: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
-    let targets: Vec<IpAddr> = addresses.keys().copied().collect();
-    for chunk in targets.chunks(ARPING_PARALLEL) {
-        let children: Vec<_> = chunk
-            .iter()
-            .map(|address| Ok((*address, arp_answerers(&router, *address)?)))
-            .collect::<std::io::Result<_>>()
-            .context("running arping in the router's namespace")?;
-        for (address, child) in children {
-            let output = child.wait_with_output()?;
-            answers.insert(
-                address,
-                reply_macs(&String::from_utf8_lossy(&output.stdout)),
-            );
-        }
-    }
-    let wrong: Vec<String> = answers
-        .iter()
-        .filter(|(_, macs)| macs.len() != 1)
-        .map(|(address, macs)| format!("{address} ({}): {macs:?}", addresses[address]))
-        .collect();
+    let macs = ensure_each_answered_by_one_mac(cluster, &addresses)?;
     ensure!(
-        wrong.is_empty(),
-        "addresses not answered by exactly one MAC: {wrong:?}"
-    );
-    let macs: BTreeSet<&String> = answers.values().flatten().collect();
-    ensure!(
-        macs.len() == BURST,
-        "{BURST} addresses answered from {} distinct MACs",
-        macs.len()
+        macs == BURST,
+        "{BURST} addresses answered from {macs} distinct MACs"
     );
 
     delete_deployment(cluster, ns, "burst").await?;
     wait_until_released(cluster).await
 }
 
-async fn wait_for_pool_count(cluster: &Cluster, subnet: &str, count: usize) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_pool_count(
+    cluster: &Cluster,
+    subnet: &str,
+    count: usize,
+) -> anyhow::Result<()> {
     cluster
         .wait_for(
             &format!("{count} IPPools of Subnet {subnet}"),

@@ -1,0 +1,192 @@
+//! Faults in the middle of a burst, on a VirtNet cluster of its own (one cluster, the faults in
+//! sequence): one node's agent SIGKILLed while 300 pods start (and started again), then
+//! kube-apiserver restarted, then etcd restarted, each while 150 pods start. After each fault
+//! every pod is Ready with exactly one address, recorded once for it in the pools and answered
+//! on the wire by exactly one MAC; once the Deployment is deleted, no address is left allocated
+//! (an ADD the fault cut off between its pool write and its Endpoint leaves a record the
+//! controller's sweep reclaims).
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::ensure;
+use virtnet_e2e::cluster::{Cluster, VirtnetOptions};
+
+use crate::agent::{
+    apply, create_deployment, delete_deployment, ensure_each_answered_by_one_mac, namespace,
+    records_of, subnet, wait_for_pods, wait_for_pool_count,
+};
+use crate::ipam::pool_records;
+use crate::support::{Suite, own_virtnet_cluster, pod_ip, pod_name, run_on_own_cluster};
+
+const SUBNET: &str = "chaos";
+/// The controller's sweep interval here: an orphaned record comes back within grace + sweep.
+const SWEEP_SECONDS: u64 = 10;
+/// Pods of a burst on a busy 2-core machine, plus the time the fault takes away.
+const BURST_TIMEOUT: Duration = Duration::from_secs(420);
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(180);
+
+pub fn agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_leak(
+    suite: &Suite,
+) -> anyhow::Result<()> {
+    let mut virtnet = VirtnetOptions::from_workspace();
+    virtnet.controller_env = vec![("VIRTNET_GC_INTERVAL".into(), SWEEP_SECONDS.to_string())];
+    let example_subnet = virtnet.repo.join("examples/statefulset/subnet.yaml");
+    run_on_own_cluster(suite, own_virtnet_cluster('k', virtnet), async |cluster| {
+        cluster.kubectl(&["apply", "-f", &example_subnet.to_string_lossy()])?;
+        apply(
+            cluster,
+            &subnet(
+                SUBNET,
+                "10.6.0.0/16",
+                "10.6.170.1",
+                "10.6.170.2-10.6.171.200",
+                3,
+            ),
+        )?;
+        apply(cluster, &namespace(SUBNET, SUBNET))?;
+        wait_for_pool_count(cluster, SUBNET, 3).await?;
+        let agent = format!(
+            "virtnet-agent-{}",
+            cluster.node_names().first().cloned().unwrap_or_default()
+        );
+        burst_through(
+            cluster,
+            "agent-killed",
+            300,
+            async |cluster: &mut Cluster| {
+                cluster.stop_component(&agent)?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                cluster.start_component(&agent, &[])?;
+                Ok(())
+            },
+        )
+        .await?;
+        for component in ["kube-apiserver", "etcd"] {
+            burst_through(
+                cluster,
+                &format!("{component}-restarted"),
+                150,
+                async |cluster| {
+                    cluster.restart(component)?;
+                    Ok(())
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    })
+}
+
+/// Creates a Deployment of `pods` pods, runs `fault` once a third of them hold addresses, then
+/// checks the outcome (see the module docs) and deletes the Deployment.
+async fn burst_through(
+    cluster: &mut Cluster,
+    name: &str,
+    pods: usize,
+    fault: impl AsyncFnOnce(&mut Cluster) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    create_deployment(cluster, SUBNET, name, pods).await?;
+    cluster
+        .wait_for(
+            "a third of the burst holding addresses",
+            BURST_TIMEOUT,
+            || async {
+                let held = records_of(cluster, SUBNET).map_err(|error| error.to_string())?;
+                if held * 3 >= pods {
+                    Ok(())
+                } else {
+                    Err(format!("{held} held"))
+                }
+            },
+        )
+        .await?;
+    let at = started.elapsed();
+    fault(cluster).await?;
+    let ready = wait_for_pods(cluster, SUBNET, pods, pods, BURST_TIMEOUT).await?;
+    eprintln!(
+        "chaos: {name}: fault at {at:?}, all {pods} pods Ready {:?} after the burst began",
+        started.elapsed()
+    );
+
+    let addresses: BTreeMap<IpAddr, &str> = ready
+        .iter()
+        .map(|pod| Ok((pod_ip(pod)?, pod_name(pod))))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        addresses.len() == pods,
+        "{name}: {pods} pods got {} distinct addresses",
+        addresses.len()
+    );
+    // Records a cut-off ADD left behind go with the sweep; then each pod's address is recorded
+    // once, for it.
+    cluster
+        .wait_for(
+            &format!("{name}: one record per pod"),
+            RELEASE_TIMEOUT,
+            || async {
+                let records = pool_records(cluster).map_err(|error| error.to_string())?;
+                let ours: Vec<(String, String)> = records
+                    .iter()
+                    .filter(|(_, record)| {
+                        record["endpoint"]
+                            .as_str()
+                            .is_some_and(|endpoint| endpoint.starts_with(&format!("{SUBNET}/")))
+                    })
+                    .map(|(address, record)| {
+                        (
+                            address.clone(),
+                            record["endpoint"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect();
+                let wrong: Vec<String> = addresses
+                    .iter()
+                    .filter(|(address, pod)| {
+                        let expected = (address.to_string(), format!("{SUBNET}/{pod}"));
+                        ours.iter().filter(|record| **record == expected).count() != 1
+                    })
+                    .map(|(address, pod)| format!("{pod} {address}"))
+                    .collect();
+                if wrong.is_empty() && ours.len() == pods {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} records; not recorded once: {wrong:?}",
+                        ours.len()
+                    ))
+                }
+            },
+        )
+        .await?;
+    let macs = ensure_each_answered_by_one_mac(cluster, &addresses)?;
+    ensure!(
+        macs == pods,
+        "{name}: {pods} addresses answered from {macs} distinct MACs"
+    );
+
+    let deleted = Instant::now();
+    delete_deployment(cluster, SUBNET, name).await?;
+    wait_for_pods(cluster, SUBNET, 0, 0, BURST_TIMEOUT).await?;
+    cluster
+        .wait_for(
+            &format!("{name}: every address released"),
+            RELEASE_TIMEOUT,
+            || async {
+                match records_of(cluster, SUBNET) {
+                    Ok(0) => Ok(()),
+                    Ok(held) => Err(format!("{held} still allocated")),
+                    Err(error) => Err(error.to_string()),
+                }
+            },
+        )
+        .await?;
+    eprintln!(
+        "chaos: {name}: 0 duplicates, 0 leaked; every address back {:?} after the delete",
+        deleted.elapsed()
+    );
+    Ok(())
+}
