@@ -528,7 +528,7 @@ async fn controller_killed_during_a_scale_down(cluster: &mut Cluster) -> anyhow:
 }
 
 /// The controller's /metrics, fetched inside the control-plane namespace.
-fn controller_metrics(cluster: &Cluster) -> anyhow::Result<String> {
+pub(crate) fn controller_metrics(cluster: &Cluster) -> anyhow::Result<String> {
     let output = Command::new("ip")
         .args(["netns", "exec", &cluster.names().control_plane_netns()])
         .args(["curl", "-sf", "http://127.0.0.1:8080/metrics"])
