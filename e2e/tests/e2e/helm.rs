@@ -339,7 +339,10 @@ fn agents_change_only_their_own_nodes_pool_records(
     );
     let added = "may only add or change IPPool records of its own node";
     let removed = "may only remove IPPool records of its own node";
-    let written = "\"kind\":\"IPPool\"";
+    let written = |answer: &str| {
+        serde_json::from_str::<serde_json::Value>(answer)
+            .is_ok_and(|object| object["kind"] == "IPPool")
+    };
     for (what, body, refusal, allowed) in [
         ("adding its own node's record", &own, added, true),
         ("removing it", &removal, removed, true),
@@ -347,7 +350,7 @@ fn agents_change_only_their_own_nodes_pool_records(
     ] {
         let answer = patch_status_as_agent(&pool, body)?;
         ensure!(
-            answer.contains(refusal) != allowed && answer.contains(written) == allowed,
+            answer.contains(refusal) != allowed && written(&answer) == allowed,
             "the agent of {} {what} in {pool}: {answer}",
             nodes[0]
         );
