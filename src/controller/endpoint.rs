@@ -38,8 +38,9 @@ use super::{
     Context, Error,
     lifecycle::{
         AllocationRef, Decision, IpamClaimView, NodeView, OWNER_STATEFULSET, OWNER_VIRTUAL_MACHINE,
-        Observed, OwnerView, PodState, PodView, Reason, Settings, StatefulSetView,
-        VirtualMachineView, absent_pod, decide, plan_orphans, recheck_after, sticky_owner,
+        Observed, OwnerView, PodState, PodView, Reason, Settings, StatefulSetView, SweptRecord,
+        VirtualMachineView, absent_pod, decide, listed_with_its_copies, plan_orphans,
+        recheck_after, sticky_owner,
     },
 };
 use crate::{
@@ -652,19 +653,22 @@ impl Worker {
         }
         let mut allocations = Vec::new();
         for (&address, holders) in &records {
-            for &(pool, record) in holders {
-                // While a resize hands an address over, two pools of its Subnet record it for
-                // one holder and its Endpoint names one of them: the other copy is no orphan.
-                let listed_copy = holders.iter().any(|(other, copy)| {
-                    other.spec.subnet == pool.spec.subnet
-                        && copy.endpoint == record.endpoint
-                        && listed.contains(&(other.name_any(), address))
-                });
-                if listed_copy || listed_unreadable.contains(&record.endpoint) {
+            let copies: Vec<SweptRecord<'_>> = holders
+                .iter()
+                .map(|(pool, record)| SweptRecord {
+                    pool: pool.metadata.name.as_deref().unwrap_or_default(),
+                    subnet: &pool.spec.subnet,
+                    endpoint: &record.endpoint,
+                })
+                .collect();
+            for (swept, (_, record)) in copies.iter().zip(holders) {
+                if listed_unreadable.contains(&record.endpoint)
+                    || listed_with_its_copies(&copies, swept, address, &listed)
+                {
                     continue;
                 }
                 allocations.push(AllocationRef {
-                    pool: pool.name_any(),
+                    pool: swept.pool.to_owned(),
                     address,
                     endpoint: record.endpoint.clone(),
                     pod_uid: record.pod_uid.clone(),

@@ -311,6 +311,33 @@ pub struct AllocationRef {
     pub pod_uid: String,
 }
 
+/// One pool record of an address, as the sweep sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SweptRecord<'a> {
+    pub pool: &'a str,
+    pub subnet: &'a str,
+    /// The record's `endpoint` (`namespace/name`).
+    pub endpoint: &'a str,
+}
+
+/// Whether `record`, one of `copies` (every pool record of `address`), counts as listed: an
+/// Endpoint lists the address in a pool of the same Subnet that records it for the same holder.
+/// While a resize hands an address over, two pools record it and the Endpoint names one of
+/// them; the other copy is no orphan (reclaiming it could free the address in a pool that
+/// already offers it).
+pub fn listed_with_its_copies(
+    copies: &[SweptRecord<'_>],
+    record: &SweptRecord<'_>,
+    address: IpAddr,
+    listed: &BTreeSet<(String, IpAddr)>,
+) -> bool {
+    copies.iter().any(|copy| {
+        copy.subnet == record.subnet
+            && copy.endpoint == record.endpoint
+            && listed.contains(&(copy.pool.to_owned(), address))
+    })
+}
+
 /// What the sweep does with allocations that no Endpoint lists.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct OrphanPlan {
@@ -614,6 +641,50 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn the_copy_of_an_address_being_handed_over_is_listed_through_its_twin() {
+        let address: IpAddr = "10.6.153.120".parse().expect("address");
+        let draining = SweptRecord {
+            pool: "s-4",
+            subnet: "s",
+            endpoint: "ns/db-4",
+        };
+        let active = SweptRecord {
+            pool: "s-0",
+            ..draining
+        };
+        let copies = [draining, active];
+        // The Endpoint names the draining pool (the handover's copy is written, not repointed).
+        let listed = BTreeSet::from([("s-4".to_owned(), address)]);
+        assert!(listed_with_its_copies(&copies, &active, address, &listed));
+        assert!(listed_with_its_copies(&copies, &draining, address, &listed));
+        // Another holder's record, or another Subnet's, is not covered by the listed copy.
+        for other in [
+            SweptRecord {
+                endpoint: "ns/other",
+                ..active
+            },
+            SweptRecord {
+                subnet: "t",
+                pool: "t-0",
+                ..active
+            },
+        ] {
+            let copies = [draining, other];
+            assert!(
+                !listed_with_its_copies(&copies, &other, address, &listed),
+                "{other:?}"
+            );
+        }
+        // Nobody lists it any more (the holder's DEL released the listed copy and its Endpoint).
+        assert!(!listed_with_its_copies(
+            &copies,
+            &active,
+            address,
+            &BTreeSet::new()
+        ));
     }
 
     #[test]
