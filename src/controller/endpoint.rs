@@ -719,7 +719,7 @@ impl Worker {
 }
 
 /// `namespace/name` of `endpoint`, as pool records name it.
-fn endpoint_ref(endpoint: &Endpoint) -> String {
+pub(super) fn endpoint_ref(endpoint: &Endpoint) -> String {
     format!(
         "{}/{}",
         endpoint.namespace().unwrap_or_default(),

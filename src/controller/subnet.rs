@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use super::{
     Context, Error,
     admission::review_against_older,
+    endpoint::endpoint_ref,
     pools::{
         DeletionStep, HandoverStep, SubnetPlan, deletion_step, overlap_with_other_pools,
         plan_handover, plan_pools,
@@ -244,8 +245,7 @@ async fn hand_over(ctx: &Context, subnet: &Subnet, pools: &[IpPool]) -> Result<b
                 if ctx.endpoint_store.replace(endpoint).await? == Written::Changed {
                     return Ok(true);
                 }
-                info!(endpoint = %format!("{}/{}", endpoint.namespace().unwrap_or_default(), endpoint.name_any()),
-                      "handover: Endpoint names its address's new pool");
+                info!(endpoint = %endpoint_ref(endpoint), "handover: Endpoint names its address's new pool");
             }
             HandoverStep::Drop { pool, holders } => {
                 let addresses: Vec<IpAddr> = holders.keys().copied().collect();
