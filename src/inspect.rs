@@ -16,7 +16,7 @@ use virtnet_cni::agent_api::ApiRoute;
 use crate::agent::plan::workload_routes;
 use crate::crd::{Endpoint, EndpointInterface, IPAM_CLAIM_KIND};
 use crate::store::StoreError;
-use crate::store::parse::{ParseError, pool_allocations};
+use crate::store::parse::{ParseError, holder_name, pool_allocations};
 use crate::store::snapshot::ClusterSnapshot;
 
 #[derive(Args)]
@@ -177,14 +177,6 @@ pub async fn run(args: InspectArgs) -> Result<String, InspectError> {
     }
 }
 
-fn qualified(endpoint: &Endpoint) -> String {
-    format!(
-        "{}/{}",
-        endpoint.namespace().unwrap_or_default(),
-        endpoint.name_any()
-    )
-}
-
 /// Whether the workload `endpoint` was written for still exists: the owner object for a sticky
 /// address, the pod (by UID) otherwise.
 fn owner_exists(snapshot: &ClusterSnapshot, endpoint: &Endpoint) -> bool {
@@ -262,7 +254,7 @@ pub fn overview(snapshot: &ClusterSnapshot) -> Overview {
             let endpoint = snapshot
                 .endpoints
                 .iter()
-                .find(|endpoint| qualified(endpoint) == record.endpoint);
+                .find(|endpoint| holder_name(endpoint) == record.endpoint);
             if !endpoint
                 .is_some_and(|endpoint| records(endpoint, &record.interface, &name, *address))
             {
@@ -310,7 +302,7 @@ pub fn overview(snapshot: &ClusterSnapshot) -> Overview {
         }
         if !owner_exists(snapshot, endpoint) {
             findings.push(Finding::OwnerGone {
-                endpoint: qualified(endpoint),
+                endpoint: holder_name(endpoint),
                 owner_kind: endpoint.spec.owner_kind.clone(),
                 owner_name: endpoint.spec.owner_name.clone(),
             });
@@ -395,7 +387,7 @@ pub fn pod_report(snapshot: &ClusterSnapshot, name: &str) -> Result<PodReport, I
             .unwrap_or_default(),
         endpoints: endpoints
             .iter()
-            .map(|endpoint| qualified(endpoint))
+            .map(|endpoint| holder_name(endpoint))
             .collect(),
         interfaces,
     })

@@ -48,7 +48,7 @@ use crate::{
     ipam::{KUBEVIRT_API_GROUP, KUBEVIRT_VM_NAME_LABEL},
     store::{
         self,
-        parse::{self, endpoint_addresses},
+        parse::{self, endpoint_addresses, holder_name},
     },
 };
 /// Delay before an Endpoint whose reconcile failed is tried again.
@@ -397,7 +397,7 @@ impl Worker {
                 let confirmed = self.confirm(endpoint).await?;
                 match decide(&endpoint.name_any(), &endpoint.spec, &confirmed, settings) {
                     Decision::Keep => {
-                        info!(endpoint = %endpoint_ref(endpoint), "the caches were behind: a fresh read keeps the addresses");
+                        info!(endpoint = %holder_name(endpoint), "the caches were behind: a fresh read keeps the addresses");
                         Ok(recheck_after(&confirmed, settings).map(|left| left.unsigned_abs()))
                     }
                     Decision::Release(reason) => {
@@ -537,7 +537,7 @@ impl Worker {
 
     /// Returns the Endpoint's addresses to their pools, then lets the Endpoint go.
     async fn release(&self, endpoint: &Endpoint, reason: Reason) -> Result<(), Error> {
-        let holder = endpoint_ref(endpoint);
+        let holder = holder_name(endpoint);
         let mut released = Vec::new();
         for recorded in endpoint_addresses(endpoint).map_err(store::StoreError::from)? {
             let allocation = AllocationRef {
@@ -639,7 +639,7 @@ impl Worker {
                 ),
                 Err(error) => {
                     warn!(%error, "the sweep cannot read an Endpoint");
-                    listed_unreadable.insert(endpoint_ref(endpoint));
+                    listed_unreadable.insert(holder_name(endpoint));
                 }
             }
         }
@@ -719,14 +719,6 @@ impl Worker {
 }
 
 /// `namespace/name` of `endpoint`, as pool records name it.
-pub(super) fn endpoint_ref(endpoint: &Endpoint) -> String {
-    format!(
-        "{}/{}",
-        endpoint.namespace().unwrap_or_default(),
-        endpoint.name_any()
-    )
-}
-
 /// Whether a pool record still names its holder: the Endpoint (`namespace/name`) and, unless
 /// `pod_uid` is `None`, that pod. `None` for a sticky Endpoint: its identity is its name (the
 /// StatefulSet replica or the VM), and its records keep the UID of the pod that first claimed

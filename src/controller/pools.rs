@@ -23,8 +23,8 @@ use kube::ResourceExt;
 use crate::crd::{Endpoint, IpAllocation, IpPool, IpPoolSpec, Subnet};
 use crate::ipam::{CurrentPool, IpSet, SplitRequest, split_subnet};
 use crate::store::parse::{
-    ParseError, allocated_addresses, endpoint_addresses, pool_allocations, pool_ranges,
-    subnet_addresses,
+    ParseError, RecordedAddress, allocated_addresses, endpoint_addresses, holder_name,
+    pool_allocations, pool_ranges, subnet_addresses,
 };
 use crate::store::pools::{PoolClaim, PoolCounters, PoolSpecChange, PoolSpecWrite};
 
@@ -45,6 +45,8 @@ pub struct SubnetPlan {
     /// Status counters of pools whose shown counters are stale (only meaningful once `writes`
     /// is empty: they are computed from the current specs).
     pub counters: Vec<PoolCounters>,
+    /// A draining pool still records addresses: [`plan_handover`] moves them.
+    pub handover_pending: bool,
 }
 
 /// What the pools of every Subnet but `subnet` hold, per Subnet: the addresses they offer
@@ -143,7 +145,18 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, Parse
     let subnet_name = subnet.name_any();
     let addresses = subnet_addresses(subnet)?;
     let indexed = indexed_pools(&subnet_name, pools);
-    let copied = handed_over(&indexed)?;
+    let view = handover_view(&indexed)?;
+    // A handed-over address counts as the active pool's: its draining pool lets it go from
+    // its `ips` (a loss, written first) before the active pool adds it (a gain).
+    let mut copied: BTreeMap<u32, Vec<IpAddr>> = BTreeMap::new();
+    for draining in &view.draining {
+        if let Handover::Copied { .. } = draining.handover {
+            copied
+                .entry(draining.index)
+                .or_default()
+                .push(draining.address);
+        }
+    }
     let mut current = Vec::with_capacity(indexed.len());
     let mut recorded = BTreeSet::new();
     for (index, pool) in &indexed {
@@ -152,10 +165,8 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, Parse
         if !allocated.is_empty() {
             recorded.insert(*index);
         }
-        // A handed-over address counts as the active pool's: this pool lets it go from its
-        // `ips` (a loss, written first) before the active pool adds it (a gain).
         if let Some(copied) = copied.get(index) {
-            allocated = allocated.subtract(copied);
+            allocated = allocated.subtract(&copied.iter().copied().collect());
         }
         current.push(CurrentPool {
             index: *index,
@@ -257,6 +268,7 @@ pub fn plan_pools(subnet: &Subnet, pools: &[IpPool]) -> Result<SubnetPlan, Parse
         allocated: saturating_i64(allocated_total),
         writes,
         counters,
+        handover_pending: !view.draining.is_empty(),
     })
 }
 
@@ -273,27 +285,63 @@ fn indexed_pools<'a>(subnet: &str, pools: &'a [IpPool]) -> Vec<(u32, &'a IpPool)
         .collect()
 }
 
-/// Per draining pool, the allocations an active pool already records for the same holder (the
-/// first step of a handover, [`HandoverStep::Copy`], is done for them).
-fn handed_over(pools: &[(u32, &IpPool)]) -> Result<BTreeMap<u32, IpSet>, ParseError> {
-    let mut active: BTreeMap<IpAddr, &str> = BTreeMap::new();
+/// Where one record of a draining pool stands in a handover ([`HandoverStep`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handover<'a> {
+    /// No active pool records the address yet.
+    Pending,
+    /// Active pool `to` records it for the same holder: the copy is done.
+    Copied { to: &'a str },
+    /// An active pool records it for another holder: a duplicate no handover can repair (the
+    /// split refuses it, loudly).
+    Contested,
+}
+
+/// One allocation record of a draining pool, with where its handover stands.
+struct DrainingRecord<'a> {
+    index: u32,
+    pool: &'a IpPool,
+    address: IpAddr,
+    record: &'a IpAllocation,
+    handover: Handover<'a>,
+}
+
+/// The Subnet's pools as a handover sees them: every active pool with its record count, and
+/// every record of a draining pool.
+struct HandoverView<'a> {
+    active: Vec<(&'a IpPool, usize)>,
+    draining: Vec<DrainingRecord<'a>>,
+}
+
+fn handover_view<'a>(pools: &[(u32, &'a IpPool)]) -> Result<HandoverView<'a>, ParseError> {
+    let mut active = Vec::new();
+    let mut recorded: BTreeMap<IpAddr, (&'a str, &'a str)> = BTreeMap::new();
     for (_, pool) in pools.iter().filter(|(_, pool)| !pool.spec.draining) {
-        for (address, record) in pool_allocations(pool)? {
-            active.insert(address, &record.endpoint);
+        let records = pool_allocations(pool)?;
+        active.push((*pool, records.len()));
+        let name = pool.metadata.name.as_deref().unwrap_or_default();
+        for (address, record) in records {
+            recorded.insert(address, (name, record.endpoint.as_str()));
         }
     }
-    let mut copied = BTreeMap::new();
+    let mut draining = Vec::new();
     for (index, pool) in pools.iter().filter(|(_, pool)| pool.spec.draining) {
-        let twins: IpSet = pool_allocations(pool)?
-            .into_iter()
-            .filter(|(address, record)| active.get(address) == Some(&record.endpoint.as_str()))
-            .map(|(address, _)| address)
-            .collect();
-        if !twins.is_empty() {
-            copied.insert(*index, twins);
+        for (address, record) in pool_allocations(pool)? {
+            let handover = match recorded.get(&address) {
+                None => Handover::Pending,
+                Some((to, holder)) if *holder == record.endpoint => Handover::Copied { to },
+                Some(_) => Handover::Contested,
+            };
+            draining.push(DrainingRecord {
+                index: *index,
+                pool,
+                address,
+                record,
+                handover,
+            });
         }
     }
-    Ok(copied)
+    Ok(HandoverView { active, draining })
 }
 
 /// One step of handing a draining pool's allocations over to the pools that remain, so that a
@@ -324,83 +372,85 @@ pub enum HandoverStep {
     },
 }
 
+/// What a Subnet's handover does next.
+#[derive(Debug, Default)]
+pub struct HandoverPlan {
+    pub steps: Vec<HandoverStep>,
+    /// Endpoints that could not be read (`namespace/name` and why): the records they hold are
+    /// neither repointed nor dropped until they can be, so that no holder loses its record.
+    pub unreadable: Vec<(String, ParseError)>,
+}
+
 /// The next handover steps for the Subnet's `pools` (found by label), given every Endpoint.
-/// Empty when no draining pool records anything, or no pool is active to take it.
+/// No steps when no draining pool records anything, or no pool is active to take it.
 pub fn plan_handover(
     subnet: &str,
     pools: &[IpPool],
     endpoints: &[Endpoint],
-) -> Result<Vec<HandoverStep>, ParseError> {
+) -> Result<HandoverPlan, ParseError> {
     let indexed = indexed_pools(subnet, pools);
-    let mut active: Vec<(&IpPool, usize)> = Vec::new();
-    let mut recorded: BTreeMap<IpAddr, (&str, &IpAllocation)> = BTreeMap::new();
-    for (_, pool) in indexed.iter().filter(|(_, pool)| !pool.spec.draining) {
-        let records = pool_allocations(pool)?;
-        active.push((pool, records.len()));
-        for (address, record) in records {
-            recorded.insert(
-                address,
-                (pool.metadata.name.as_deref().unwrap_or_default(), record),
-            );
-        }
-    }
-    let mut listed: BTreeMap<(String, IpAddr), usize> = BTreeMap::new();
+    let HandoverView {
+        mut active,
+        draining,
+    } = handover_view(&indexed)?;
+    let mut plan = HandoverPlan::default();
+    let mut listed: BTreeMap<(String, IpAddr), (usize, RecordedAddress)> = BTreeMap::new();
+    let mut unreadable = BTreeSet::new();
     for (position, endpoint) in endpoints.iter().enumerate() {
-        for address in endpoint_addresses(endpoint)? {
-            listed.insert((address.pool, address.address), position);
+        match endpoint_addresses(endpoint) {
+            Ok(addresses) => listed.extend(
+                addresses
+                    .into_iter()
+                    .map(|address| ((address.pool.clone(), address.address), (position, address))),
+            ),
+            Err(error) => {
+                let name = holder_name(endpoint);
+                unreadable.insert(name.clone());
+                plan.unreadable.push((name, error));
+            }
         }
     }
     let mut copies: BTreeMap<String, PoolClaim> = BTreeMap::new();
     let mut repoints: BTreeMap<usize, Endpoint> = BTreeMap::new();
-    let mut drops = Vec::new();
-    for (_, pool) in indexed.iter().filter(|(_, pool)| pool.spec.draining) {
-        let name = pool.name_any();
-        let mut holders = BTreeMap::new();
-        for (address, record) in pool_allocations(pool)? {
-            match recorded.get(&address) {
-                Some((to, copy)) if copy.endpoint == record.endpoint => {
-                    match listed.get(&(name.clone(), address)) {
-                        Some(&position) => {
-                            let endpoint = repoints
-                                .entry(position)
-                                .or_insert_with(|| endpoints[position].clone());
-                            repoint(endpoint, address, &name, to);
-                        }
-                        None => {
-                            holders.insert(address, record.endpoint.clone());
-                        }
-                    }
+    let mut drops: BTreeMap<String, BTreeMap<IpAddr, String>> = BTreeMap::new();
+    for draining in draining {
+        let name = draining.pool.name_any();
+        match draining.handover {
+            Handover::Copied { .. } if unreadable.contains(&draining.record.endpoint) => {}
+            Handover::Copied { to } => match listed.get(&(name.clone(), draining.address)) {
+                Some((position, address)) => {
+                    let endpoint = repoints
+                        .entry(*position)
+                        .or_insert_with(|| endpoints[*position].clone());
+                    repoint(endpoint, address, to);
                 }
-                // Recorded twice for two holders: a duplicate no handover can repair (the
-                // split refuses it, loudly).
-                Some(_) => {}
                 None => {
-                    let Some((target, load)) = active.iter_mut().min_by_key(|(_, load)| *load)
-                    else {
-                        return Ok(Vec::new());
-                    };
-                    *load += 1;
-                    let target_name = target.name_any();
-                    copies
-                        .entry(target_name.clone())
-                        .or_insert_with(|| PoolClaim {
-                            pool: target_name,
-                            resource_version: target.resource_version().unwrap_or_default(),
-                            records: BTreeMap::new(),
-                        })
-                        .records
-                        .insert(address, record.clone());
+                    drops
+                        .entry(name)
+                        .or_default()
+                        .insert(draining.address, draining.record.endpoint.clone());
                 }
+            },
+            Handover::Contested => {}
+            Handover::Pending => {
+                let Some((target, load)) = active.iter_mut().min_by_key(|(_, load)| *load) else {
+                    return Ok(HandoverPlan::default());
+                };
+                *load += 1;
+                let target_name = target.name_any();
+                copies
+                    .entry(target_name.clone())
+                    .or_insert_with(|| PoolClaim {
+                        pool: target_name,
+                        resource_version: target.resource_version().unwrap_or_default(),
+                        records: BTreeMap::new(),
+                    })
+                    .records
+                    .insert(draining.address, draining.record.clone());
             }
         }
-        if !holders.is_empty() {
-            drops.push(HandoverStep::Drop {
-                pool: name,
-                holders,
-            });
-        }
     }
-    Ok(copies
+    plan.steps = copies
         .into_values()
         .map(HandoverStep::Copy)
         .chain(
@@ -408,26 +458,28 @@ pub fn plan_handover(
                 .into_values()
                 .map(|endpoint| HandoverStep::Repoint(Box::new(endpoint))),
         )
-        .chain(drops)
-        .collect())
+        .chain(
+            drops
+                .into_iter()
+                .map(|(pool, holders)| HandoverStep::Drop { pool, holders }),
+        )
+        .collect();
+    Ok(plan)
 }
 
-/// Rewrites the pool of `address` in `endpoint` from `from` to `to`.
-fn repoint(endpoint: &mut Endpoint, address: IpAddr, from: &str, to: &str) {
-    let records = |value: &Option<String>| {
-        value
-            .as_deref()
-            .and_then(|value| value.parse::<ipnet::IpNet>().ok())
-            .is_some_and(|net| net.addr() == address)
-    };
+/// Makes `endpoint` name pool `to` for `address`, one of the addresses it records.
+fn repoint(endpoint: &mut Endpoint, address: &RecordedAddress, to: &str) {
     for interface in &mut endpoint.spec.interfaces {
-        for (pool, value) in [
-            (&mut interface.ipv4_pool, &interface.ipv4),
-            (&mut interface.ipv6_pool, &interface.ipv6),
-        ] {
-            if pool.as_deref() == Some(from) && records(value) {
-                *pool = Some(to.to_owned());
-            }
+        if interface.interface != address.interface {
+            continue;
+        }
+        let pool = if address.address.is_ipv4() {
+            &mut interface.ipv4_pool
+        } else {
+            &mut interface.ipv6_pool
+        };
+        if pool.as_deref() == Some(address.pool.as_str()) {
+            *pool = Some(to.to_owned());
         }
     }
 }
@@ -532,6 +584,7 @@ mod tests {
             allocated: 0,
             writes: Vec::new(),
             counters: Vec::new(),
+            handover_pending: false,
         }
     }
 
@@ -684,19 +737,24 @@ mod tests {
         }
     }
 
-    /// Applies one round of the Subnet reconciler: the split's writes, else the handover's.
-    /// `false` once there is nothing left to do.
+    /// Applies one round of the Subnet reconciler: the split's writes, else the handover's;
+    /// Endpoints the handover cannot read go into `unreadable`. `false` once there is nothing
+    /// left to do.
     fn reconcile_round(
         subnet: &Subnet,
         pools: &mut Vec<IpPool>,
         endpoints: &mut [Endpoint],
+        unreadable: &mut BTreeSet<String>,
     ) -> bool {
         let plan = plan_pools(subnet, pools).expect("plan");
         if !plan.writes.is_empty() {
             apply(pools, &plan.writes);
             return true;
         }
-        let steps = plan_handover(&subnet.name_any(), pools, endpoints).expect("handover");
+        let handover = plan_handover(&subnet.name_any(), pools, endpoints).expect("handover");
+        unreadable.extend(handover.unreadable.into_iter().map(|(name, _)| name));
+        let steps = handover.steps;
+        assert!(plan.handover_pending || steps.is_empty());
         for step in &steps {
             match step {
                 HandoverStep::Copy(claim) => {
@@ -726,8 +784,9 @@ mod tests {
         !steps.is_empty()
     }
 
-    #[test]
-    fn scale_down_hands_busy_pools_addresses_over_and_ends_with_replicas_pools() {
+    /// The five pools of `example_subnet(5)`, each recording its first address for a
+    /// StatefulSet pod `db-<index>`, with those pods' Endpoints.
+    fn five_busy_pools() -> (Vec<IpPool>, Vec<Endpoint>) {
         let mut pools = created(&plan_pools(&example_subnet(5), &[]).expect("plan"));
         let mut endpoints = Vec::new();
         for (index, pool) in pools.iter_mut().enumerate() {
@@ -751,6 +810,12 @@ mod tests {
             );
             endpoints.push(holder_endpoint(&name, &pool.name_any(), &address));
         }
+        (pools, endpoints)
+    }
+
+    #[test]
+    fn scale_down_hands_busy_pools_addresses_over_and_ends_with_replicas_pools() {
+        let (mut pools, mut endpoints) = five_busy_pools();
         let before: BTreeMap<String, IpAddr> = endpoints
             .iter()
             .map(|endpoint| {
@@ -760,11 +825,13 @@ mod tests {
             .collect();
         let subnet = example_subnet(2);
         let mut rounds = 0;
-        while reconcile_round(&subnet, &mut pools, &mut endpoints) {
+        let mut unreadable = BTreeSet::new();
+        while reconcile_round(&subnet, &mut pools, &mut endpoints, &mut unreadable) {
             assert_no_address_offered_twice(&pools);
             rounds += 1;
             assert!(rounds < 20, "the resize did not converge: {pools:#?}");
         }
+        assert!(unreadable.is_empty());
         let names: Vec<String> = pools.iter().map(ResourceExt::name_any).collect();
         assert_eq!(names, ["subnet-0", "subnet-1"]);
         assert!(pools.iter().all(|pool| !pool.spec.draining));
@@ -793,6 +860,47 @@ mod tests {
         assert_eq!(
             total, 156,
             "every address is offered by one of the two pools"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_endpoint_is_reported_and_its_holder_keeps_its_record() {
+        let (mut pools, mut endpoints) = five_busy_pools();
+        // db-4's pool drains in a scale to 2; its Endpoint records an address that does not parse.
+        endpoints[4].spec.interfaces[0].ipv4 = Some("not-an-address".into());
+        let subnet = example_subnet(2);
+        let mut unreadable = BTreeSet::new();
+        let mut rounds = 0;
+        while reconcile_round(&subnet, &mut pools, &mut endpoints, &mut unreadable) {
+            assert_no_address_offered_twice(&pools);
+            rounds += 1;
+            assert!(rounds < 20, "the resize did not converge: {pools:#?}");
+        }
+        assert_eq!(unreadable, BTreeSet::from(["default/db-4".to_owned()]));
+        let holders: Vec<(String, String)> = pools
+            .iter()
+            .flat_map(|pool| {
+                pool_allocations(pool)
+                    .expect("records")
+                    .into_values()
+                    .map(|record| (pool.name_any(), record.endpoint.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|(_, holder)| holder == "default/db-4")
+            .collect();
+        assert_eq!(
+            holders.len(),
+            2,
+            "db-4's record stays in its draining pool, copied to an active one: {holders:?}"
+        );
+        assert!(holders.iter().any(|(pool, _)| pool == "subnet-4"));
+        let others_moved = endpoints[..4].iter().all(|endpoint| {
+            let recorded = &endpoint_addresses(endpoint).expect("addresses")[0];
+            ["subnet-0", "subnet-1"].contains(&recorded.pool.as_str())
+        });
+        assert!(
+            others_moved,
+            "the other holders are handed over: {endpoints:#?}"
         );
     }
 

@@ -12,7 +12,6 @@ use tracing::{info, warn};
 use super::{
     Context, Error,
     admission::review_against_older,
-    endpoint::endpoint_ref,
     pools::{
         DeletionStep, HandoverStep, SubnetPlan, deletion_step, overlap_with_other_pools,
         plan_handover, plan_pools,
@@ -21,6 +20,7 @@ use super::{
 use crate::crd::{FINALIZER_SUBNET, IpPool, LABEL_SUBNET, Subnet, SubnetStatus};
 use crate::store::StoreError;
 use crate::store::endpoints::Written;
+use crate::store::parse::holder_name;
 use crate::store::pools::{ClaimOutcome, PoolSpecWrite};
 
 /// How often a Subnet is reconciled even when nothing changed (a safety net for missed events).
@@ -95,7 +95,7 @@ pub async fn reconcile(subnet: Arc<Subnet>, ctx: Arc<Context>) -> Result<Action,
         // The writes changed the pools; the pool watch brings us back on fresh state.
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    if hand_over(&ctx, &subnet, &pools).await? {
+    if plan.handover_pending && hand_over(&ctx, &subnet, &pools).await? {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     for counters in &plan.counters {
@@ -219,19 +219,13 @@ async fn write_condition(
 /// Takes the next steps of handing draining pools' allocations over to the active pools
 /// ([`HandoverStep`]); `true` when it wrote something (the next round continues on fresh state).
 async fn hand_over(ctx: &Context, subnet: &Subnet, pools: &[IpPool]) -> Result<bool, Error> {
-    let busy_draining = pools.iter().any(|pool| {
-        pool.spec.draining
-            && pool
-                .status
-                .as_ref()
-                .is_some_and(|status| !status.allocations.is_empty())
-    });
-    if !busy_draining {
-        return Ok(false);
-    }
     let endpoints = ctx.endpoint_store.list().await?;
-    let steps = plan_handover(&subnet.name_any(), pools, &endpoints).map_err(StoreError::from)?;
-    for step in &steps {
+    let plan = plan_handover(&subnet.name_any(), pools, &endpoints).map_err(StoreError::from)?;
+    for (endpoint, error) in &plan.unreadable {
+        warn!(%endpoint, %error, "handover cannot read an Endpoint: the addresses it holds stay where they are");
+    }
+    let steps = &plan.steps;
+    for step in steps {
         match step {
             HandoverStep::Copy(claim) => {
                 if let ClaimOutcome::Conflict(_) = ctx.pools.claim(claim).await? {
@@ -245,7 +239,7 @@ async fn hand_over(ctx: &Context, subnet: &Subnet, pools: &[IpPool]) -> Result<b
                 if ctx.endpoint_store.replace(endpoint).await? == Written::Changed {
                     return Ok(true);
                 }
-                info!(endpoint = %endpoint_ref(endpoint), "handover: Endpoint names its address's new pool");
+                info!(endpoint = %holder_name(endpoint), "handover: Endpoint names its address's new pool");
             }
             HandoverStep::Drop { pool, holders } => {
                 let addresses: Vec<IpAddr> = holders.keys().copied().collect();

@@ -160,6 +160,15 @@ pub fn allocated_addresses(pool: &IpPool) -> Result<IpSet, ParseError> {
     Ok(pool_allocations(pool)?.into_keys().collect())
 }
 
+/// `namespace/name` of `endpoint`: how a pool record names its holder.
+pub fn holder_name(endpoint: &Endpoint) -> String {
+    format!(
+        "{}/{}",
+        endpoint.namespace().unwrap_or_default(),
+        endpoint.name_any()
+    )
+}
+
 /// One address an Endpoint records, with its pool.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RecordedAddress {
@@ -182,11 +191,7 @@ pub fn interface_addresses(
     .filter_map(|(pool, address)| Some((pool.as_ref()?, address.as_ref()?)))
     .map(|(pool, value)| {
         let address: IpNet = value.parse().map_err(|_| ParseError::EndpointAddress {
-            endpoint: format!(
-                "{}/{}",
-                endpoint.namespace().unwrap_or_default(),
-                endpoint.name_any()
-            ),
+            endpoint: holder_name(endpoint),
             interface: interface.interface.clone(),
             value: value.clone(),
         })?;
