@@ -34,7 +34,7 @@ pub fn subnets_never_give_a_held_address_to_a_second_holder(suite: &Suite) -> an
     let virtnet = VirtnetOptions::from_workspace();
     let example = virtnet.repo.join("examples/statefulset/subnet.yaml");
     let example = example.to_string_lossy().into_owned();
-    run_on_own_cluster(suite, own_virtnet_cluster('h', virtnet), async |cluster| {
+    run_on_own_cluster(suite, own_virtnet_cluster('d', virtnet), async |cluster| {
         create_namespace(cluster, NAMESPACE).await?;
         apply_example_subnet(cluster, &example).await?;
         a_deleted_subnet_waits_for_its_pods(cluster, &example).await?;

@@ -1,5 +1,11 @@
 //! What the tests share: the suite's cluster and runtime, and helpers over pods and namespaces.
-use std::{future::Future, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    net::IpAddr,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
 
 use anyhow::Context;
 use k8s_openapi::{
@@ -30,8 +36,19 @@ impl Suite {
 
 /// Options of a VirtNet cluster of a test's own (the suite's cluster keeps the bootstrap network
 /// for the other tests), named after the suite's cluster plus `suffix`: one letter per test, so
-/// that tests running side by side never share a cluster.
+/// that tests running side by side never share a cluster. A second test taking a letter already
+/// taken in this run fails at once (two tests on one cluster name tear each other's cluster
+/// down, and only when they happen to overlap).
 pub fn own_virtnet_cluster(suffix: char, virtnet: VirtnetOptions) -> ClusterOptions {
+    static TAKEN: Mutex<BTreeSet<char>> = Mutex::new(BTreeSet::new());
+    let newly_taken = TAKEN
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(suffix);
+    assert!(
+        newly_taken,
+        "cluster suffix {suffix:?} is already another test's: give this test a letter of its own"
+    );
     let name: String = crate::cluster_name()
         .chars()
         .take(7)
