@@ -81,7 +81,8 @@ enum Commands {
         address_file: Option<PathBuf>,
     },
     /// Forward TCP connections to `upstream`, holding what the upstream sends for --delay-ms
-    /// (run inside a node's namespace between one component and the apiserver).
+    /// and dropping it while --lose-answers-while names a file that exists (run inside a node's
+    /// namespace between one component and the apiserver).
     Delay {
         #[arg(long)]
         listen: SocketAddr,
@@ -89,6 +90,8 @@ enum Commands {
         upstream: SocketAddr,
         #[arg(long)]
         delay_ms: u64,
+        #[arg(long)]
+        lose_answers_while: Option<PathBuf>,
     },
     /// Run the kubelet stand-in of one node (inside that node's network namespace).
     Kubelet(KubeletArgs),
@@ -171,16 +174,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             upstream,
             delay_ms,
+            lose_answers_while,
         } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            delay::serve(
-                listener,
-                upstream,
-                std::time::Duration::from_millis(delay_ms),
-            )
-            .await?;
+            let faults = delay::Faults {
+                delay: std::time::Duration::from_millis(delay_ms),
+                lose_answers_while,
+            };
+            delay::serve(listener, upstream, faults).await?;
         }
         Commands::Kubelet(args) => kubelet::run(args).await?,
     }

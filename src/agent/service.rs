@@ -733,13 +733,20 @@ impl Agent {
                     BatchOutcome::Planned(plan) => plan,
                 };
                 // Every claim was written, held ones re-asserted; only the new ones are this
-                // request's to give back if it fails.
+                // request's to give back if it fails. A write that failed may still have been
+                // done (its answer lost): giving it back is guarded by this holder and
+                // container, so it lets go of nothing if the write was not done.
                 let outcome_of = |claim: &Claim| written.get(&claim.pool);
                 member.claimed.extend(
                     plan.claims
                         .iter()
                         .filter(|claim| !claim.already_held)
-                        .filter(|claim| matches!(outcome_of(claim), Some(PoolWritten::Done)))
+                        .filter(|claim| {
+                            matches!(
+                                outcome_of(claim),
+                                Some(PoolWritten::Done | PoolWritten::Failed(_))
+                            )
+                        })
                         .cloned(),
                 );
                 let failure = plan

@@ -448,16 +448,17 @@ impl Cluster {
         self.start_component(name, &[])
     }
 
-    /// Restarts component `name` (one running in a node's namespace) behind a proxy that holds
-    /// everything the apiserver sends it for `delay` ([`crate::delay`]): its watch caches lag by
-    /// that much while its writes still arrive at once. It gets a kubeconfig of its own, the same
-    /// but for the server, the proxy on that namespace's loopback; `harness_binary` runs the
-    /// proxy. Stays so for the rest of the cluster's life (a later restart keeps the proxy).
-    pub fn delay_apiserver_for(
+    /// Restarts component `name` (one running in a node's namespace) behind a proxy that does
+    /// `faults` to what the apiserver sends it ([`crate::delay`]): held for a while, its watch
+    /// caches lag while its writes still arrive at once; dropped while a flag file exists, its
+    /// writes are done but their answers lost. It gets a kubeconfig of its own, the same but for
+    /// the server, the proxy on that namespace's loopback; `harness_binary` runs the proxy.
+    /// Stays so for the rest of the cluster's life (a later restart keeps the proxy).
+    pub fn proxy_apiserver_for(
         &mut self,
         name: &str,
         harness_binary: &Path,
-        delay: Duration,
+        faults: &crate::delay::Faults,
     ) -> Result<(), ClusterError> {
         const PROXY: &str = "127.0.0.1:16443";
         let daemon = self.component(name)?.clone();
@@ -499,8 +500,14 @@ impl Cluster {
             "--upstream".to_owned(),
             components::apiserver_address().to_string(),
             "--delay-ms".to_owned(),
-            delay.as_millis().to_string(),
-        ]);
+            faults.delay.as_millis().to_string(),
+        ])
+        .args(faults.lose_answers_while.iter().flat_map(|flag| {
+            [
+                "--lose-answers-while".to_owned(),
+                flag.display().to_string(),
+            ]
+        }));
         let behind_proxy = Daemon {
             args: daemon
                 .args

@@ -1,6 +1,8 @@
 //! Faults in the middle of a burst, on a VirtNet cluster of its own (one cluster, the faults in
 //! sequence): one node's agent SIGKILLed while 300 pods start (and started again), then
-//! kube-apiserver restarted, then etcd restarted, each while 150 pods start. After each fault
+//! kube-apiserver restarted, then etcd restarted, then, for 3 s, every answer the apiserver sends
+//! that agent lost (its writes done, the connections cut afterwards: a retry must find its own
+//! record, not claim a second address), each while 150 pods start. After each fault
 //! every pod is Ready with exactly one address, recorded once for it in the pools and answered
 //! on the wire by exactly one MAC, and the controller reclaimed nothing of a running pod (after an
 //! etcd restart its caches may be stale: a release is confirmed on fresh reads); once the Deployment is deleted, no address is left allocated
@@ -13,7 +15,10 @@ use std::{
 };
 
 use anyhow::ensure;
-use virtnet_e2e::cluster::{Cluster, VirtnetOptions};
+use virtnet_e2e::{
+    cluster::{Cluster, VirtnetOptions},
+    delay::Faults,
+};
 
 use crate::agent::{
     apply, create_deployment, delete_deployment, ensure_each_answered_by_one_mac, namespace,
@@ -26,6 +31,8 @@ use crate::support::{Suite, own_virtnet_cluster, pod_ip, pod_name, run_on_own_cl
 const SUBNET: &str = "chaos";
 /// The controller's sweep interval here: an orphaned record comes back within grace + sweep.
 const SWEEP_SECONDS: u64 = 10;
+/// How long the apiserver's answers to the agent are lost.
+const LOST_ANSWERS: Duration = Duration::from_secs(3);
 /// Pods of a burst on a busy 2-core machine, plus the time the fault takes away.
 const BURST_TIMEOUT: Duration = Duration::from_secs(420);
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -78,6 +85,22 @@ pub fn agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_l
             )
             .await?;
         }
+        let flag = cluster.layout().root.join("agent-answers-lost");
+        cluster.proxy_apiserver_for(
+            &agent,
+            std::path::Path::new(env!("CARGO_BIN_EXE_virtnet-e2e")),
+            &Faults {
+                delay: Duration::ZERO,
+                lose_answers_while: Some(flag.clone()),
+            },
+        )?;
+        burst_through(cluster, "answers-lost", 150, async |_| {
+            std::fs::write(&flag, "")?;
+            tokio::time::sleep(LOST_ANSWERS).await;
+            std::fs::remove_file(&flag)?;
+            Ok(())
+        })
+        .await?;
         Ok(())
     })
 }

@@ -36,7 +36,10 @@ use virtnet_cni::agent_api::{
     RELEASE_PATH, ReleaseRequest,
 };
 use virtnet_cni::trusted::TrustedDirs;
-use virtnet_e2e::cluster::{Cluster, VirtnetOptions};
+use virtnet_e2e::{
+    cluster::{Cluster, VirtnetOptions},
+    delay::Faults,
+};
 
 use crate::ipam::{apply_example_subnet, kubectl_json, pool_records};
 use crate::support::{
@@ -802,10 +805,13 @@ async fn stale_cache(cluster: &mut Cluster) -> anyhow::Result<()> {
         .to_owned();
 
     let agent = format!("virtnet-agent-{first_node}");
-    cluster.delay_apiserver_for(
+    cluster.proxy_apiserver_for(
         &agent,
         std::path::Path::new(env!("CARGO_BIN_EXE_virtnet-e2e")),
-        STALE_DELAY,
+        &Faults {
+            delay: STALE_DELAY,
+            lose_answers_while: None,
+        },
     )?;
     let first = agent_socket_of(cluster, 0)?;
     let second = agent_socket_of(cluster, 1)?;
