@@ -441,6 +441,23 @@ impl Cluster {
         self.guard.spawn(&daemon)
     }
 
+    /// Starts a second instance of component `name`, known as `replica` from then on, as `name`
+    /// was first started plus `args` (e.g. a standby controller with an identity and ports of
+    /// its own). Does not wait for it to be ready.
+    pub fn start_replica(
+        &mut self,
+        name: &str,
+        replica: &str,
+        args: &[&str],
+    ) -> Result<(), ClusterError> {
+        let daemon = Daemon {
+            name: replica.to_owned(),
+            ..self.component(name)?.clone()
+        }
+        .args(args);
+        self.guard.start(&daemon)
+    }
+
     /// Kills component `name` as a crash would and starts it again as it was first started.
     /// Does not wait for it to be ready.
     pub fn restart(&mut self, name: &str) -> Result<(), ClusterError> {

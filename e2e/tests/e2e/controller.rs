@@ -3,8 +3,11 @@
 //! pods hold addresses lose or duplicate none; the example StatefulSet of 5 keeps its addresses
 //! through `kubectl rollout restart` and scaled to 2 releases exactly 3; the controller killed
 //! during a scale-down converges when restarted; the sweep runs at its interval and deleted pools
-//! leave /metrics; with fixed-IP retention switched off a StatefulSet pod is like any other; pods
-//! force-deleted while their node is down are reclaimed. Latencies are printed.
+//! leave /metrics; with fixed-IP retention switched off a StatefulSet pod is like any other; with
+//! a standby replica, the leader killed in the middle of a Subnet resize (1 pool from 4, every
+//! pool busy) hands over within the Lease time and the resize converges; pods force-deleted while
+//! their node is down are reclaimed, by the standby that takes over from the leader killed just
+//! before. Latencies are printed.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
@@ -21,7 +24,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 use virtnet_e2e::{
-    cluster::{Cluster, VirtnetOptions},
+    cluster::{Cluster, VIRTNET_NAMESPACE, VirtnetOptions},
     topology::GATEWAY_V4,
 };
 
@@ -38,6 +41,12 @@ const SUBNET: &str = "subnet";
 const SWEEP_SECONDS: u64 = 20;
 const TIMEOUT: Duration = Duration::from_secs(90);
 const CONTROLLER: &str = "virtnet-controller";
+/// The second replica [`leader_killed_during_a_resize`] starts: its identity in the Lease, and
+/// the component's name.
+const STANDBY: &str = "virtnet-controller-standby";
+/// The Lease the replicas compete for, and how long it holds (the controller's setting).
+const LEASE: &str = "virtnet-controller";
+const LEASE_SECONDS: u64 = 15;
 
 pub fn controller_keeps_addresses_right_with_the_real_agent(suite: &Suite) -> anyhow::Result<()> {
     let mut virtnet = VirtnetOptions::from_workspace();
@@ -61,6 +70,7 @@ async fn scenarios(cluster: &mut Cluster, examples: &Path) -> anyhow::Result<()>
     sweeps_and_pool_gauges(cluster, sweeps_before)?;
     controller_killed_during_a_scale_down(cluster).await?;
     retention_switched_off(cluster, examples).await?;
+    leader_killed_during_a_resize(cluster).await?;
     pods_of_a_lost_node_are_reclaimed(cluster).await
 }
 
@@ -657,6 +667,128 @@ async fn retention_switched_off(cluster: &mut Cluster, examples: &Path) -> anyho
 
 /// Pods on a node whose kubelet is gone are force-deleted (no CNI DEL ever runs): the controller
 /// returns their addresses.
+/// Who holds the controllers' Lease.
+fn lease_holder(cluster: &Cluster) -> anyhow::Result<String> {
+    let lease = kubectl_json(cluster, &["get", "lease", LEASE, "-n", VIRTNET_NAMESPACE])?;
+    Ok(lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// SIGKILLs the leader (`leader`, the component of that identity) and waits until `successor`
+/// holds the Lease; returns how long that took. It must not take much more than the Lease's
+/// duration: the successor renews its claim every few seconds.
+async fn kill_leader(
+    cluster: &mut Cluster,
+    leader: &str,
+    successor: &str,
+) -> anyhow::Result<Duration> {
+    ensure!(
+        lease_holder(cluster)? == leader,
+        "{leader} is not the leader before the kill: {} is",
+        lease_holder(cluster)?
+    );
+    cluster.stop_component(leader)?;
+    let killed = Instant::now();
+    let takeover = Duration::from_secs(LEASE_SECONDS * 2);
+    cluster
+        .wait_for(
+            &format!("{successor} to take the Lease"),
+            takeover,
+            || async {
+                match lease_holder(cluster) {
+                    Ok(holder) if holder == successor => Ok(()),
+                    Ok(holder) => Err(format!("held by {holder:?}")),
+                    Err(error) => Err(error.to_string()),
+                }
+            },
+        )
+        .await?;
+    Ok(killed.elapsed())
+}
+
+/// A standby replica joins; Subnet 2 → 4 pools with pods in each, then 4 → 1, and the leader is
+/// SIGKILLed as soon as the first pool drains: the standby takes the Lease and finishes the
+/// resize (every draining pool's addresses handed over to the one pool that stays), with no pod's
+/// address changed, lost or recorded twice. The killed replica comes back as the standby.
+async fn leader_killed_during_a_resize(cluster: &mut Cluster) -> anyhow::Result<()> {
+    cluster.start_replica(
+        CONTROLLER,
+        STANDBY,
+        &[
+            "--identity",
+            STANDBY,
+            "--http-address",
+            "127.0.0.1:8081",
+            "--webhook-address",
+            "127.0.0.1:9444",
+        ],
+    )?;
+    let namespace = "failover";
+    create_namespace(cluster, namespace).await?;
+    set_replicas(cluster, &format!("subnet.virtnet.io/{SUBNET}"), "", 4)?;
+    wait_for_pools(cluster, 4).await?;
+    wait_subnet_settled(cluster, 4).await?;
+    let deployment = write_manifest(
+        cluster,
+        "movers",
+        &json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "movers", "namespace": namespace},
+            "spec": {
+                "replicas": 8,
+                "selector": {"matchLabels": {"app": "movers"}},
+                "template": {
+                    "metadata": {"labels": {"app": "movers"}},
+                    "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+                },
+            },
+        }),
+    )?;
+    cluster.kubectl(&["apply", "-f", &deployment])?;
+    let pods = wait_for_ready_pods(cluster, namespace, "app=movers", 8).await?;
+    check_pools_and_pods(cluster, namespace, &pods)?;
+    let held = addresses_by_name(&pods)?;
+
+    set_replicas(cluster, &format!("subnet.virtnet.io/{SUBNET}"), "", 1)?;
+    cluster
+        .wait_for("a pool to start draining", TIMEOUT, || async {
+            let pools = kubectl_json(cluster, &["get", "ippools.virtnet.io"])
+                .map_err(|error| error.to_string())?;
+            let draining = pools["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|pool| pool["spec"]["draining"] == true);
+            if draining {
+                Ok(())
+            } else {
+                Err("no pool drains yet".to_owned())
+            }
+        })
+        .await?;
+    let takeover = kill_leader(cluster, CONTROLLER, STANDBY).await?;
+    let resumed = Instant::now();
+    wait_for_pools(cluster, 1).await?;
+    wait_subnet_settled(cluster, 1).await?;
+    eprintln!(
+        "controller: leader killed mid-resize; the standby took the Lease {takeover:?} after the          kill and left 1 pool {:?} later",
+        resumed.elapsed()
+    );
+    let pods = wait_for_ready_pods(cluster, namespace, "app=movers", 8).await?;
+    check_pools_and_pods(cluster, namespace, &pods)?;
+    ensure!(
+        addresses_by_name(&pods)? == held,
+        "the resize changed a pod's address: {held:?}"
+    );
+    ping_ring(cluster, &pods)?;
+    cluster.kubectl(&["delete", "deployment", "movers", "-n", namespace])?;
+    wait_until_no_records(cluster, namespace).await?;
+    cluster.start_component(CONTROLLER, &[])?;
+    Ok(())
+}
+
 async fn pods_of_a_lost_node_are_reclaimed(cluster: &mut Cluster) -> anyhow::Result<()> {
     let namespace = "lost";
     create_namespace(cluster, namespace).await?;
@@ -673,6 +805,8 @@ async fn pods_of_a_lost_node_are_reclaimed(cluster: &mut Cluster) -> anyhow::Res
     ensure!(pods.iter().all(|pod| node_name(pod) == Some(node.as_str())));
     check_pools_and_pods(cluster, namespace, &pods)?;
     cluster.stop_component(&format!("kubelet-{node}"))?;
+    // The leader goes too: the pods' release is the successor's, once it holds the Lease.
+    cluster.stop_component(STANDBY)?;
     let deleted = Instant::now();
     for pod in &pods {
         api.delete(pod_name(pod), &DeleteParams::default().grace_period(0))
@@ -683,8 +817,12 @@ async fn pods_of_a_lost_node_are_reclaimed(cluster: &mut Cluster) -> anyhow::Res
         .map(|pod| format!("{namespace}/{}", pod_name(pod)))
         .collect();
     let latency = wait_released(cluster, namespace, &endpoints, deleted).await?;
+    ensure!(
+        lease_holder(cluster)? == CONTROLLER,
+        "{CONTROLLER} did not take over from the killed leader"
+    );
     eprintln!(
-        "controller: pods force-deleted on a node without kubelet reclaimed {latency:?} after the delete calls"
+        "controller: pods force-deleted on a node without kubelet, the leader killed just before,          reclaimed by its successor {latency:?} after the delete calls"
     );
     Ok(())
 }
