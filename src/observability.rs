@@ -42,6 +42,11 @@ struct OutcomeLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    watch: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct PoolLabels {
     pool: String,
@@ -66,6 +71,7 @@ pub struct Metrics {
     claim_retries: Counter,
     pool_exhaustions: Counter,
     commit_batch_sizes: Histogram,
+    watch_expiries: Family<WatchLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,6 +95,13 @@ impl Default for Metrics {
         let claim_retries = Counter::default();
         let pool_exhaustions = Counter::default();
         let commit_batch_sizes = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]);
+        let watch_expiries = Family::<WatchLabels, Counter>::default();
+        registry.register(
+            "watch_expiries",
+            "Watches whose resourceVersion had expired (410 Gone, e.g. after an API server \
+             restart or an etcd compaction), so that their cache listed everything again",
+            watch_expiries.clone(),
+        );
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -154,6 +167,7 @@ impl Default for Metrics {
             claim_retries,
             pool_exhaustions,
             commit_batch_sizes,
+            watch_expiries,
             reconciles,
             failures,
             durations,
@@ -263,6 +277,15 @@ impl Metrics {
         self.gc_decisions
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a watch of `watch` (e.g. `IPPools`) that expired and lists again.
+    pub fn watch_expired(&self, watch: &str) {
+        self.watch_expiries
+            .get_or_create(&WatchLabels {
+                watch: watch.to_owned(),
             })
             .inc();
     }

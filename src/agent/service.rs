@@ -185,27 +185,53 @@ impl Agent {
     ) -> Result<Arc<Self>, Error> {
         crate::crd::ensure_installed(&client).await?;
         let config = watcher::Config::default;
-        let health = &settings.health;
+        let (health, metrics) = (&settings.health, &settings.metrics);
         let (jobs, queued) = mpsc::unbounded_channel();
         let (releases, queued_releases) = mpsc::unbounded_channel();
         let agent = Self {
-            subnets: store::cache::spawn(Api::all(client.clone()), config(), health, "Subnets"),
-            pools: store::cache::spawn(Api::all(client.clone()), config(), health, "IPPools"),
+            subnets: store::cache::spawn(
+                Api::all(client.clone()),
+                config(),
+                health,
+                metrics,
+                "Subnets",
+            ),
+            pools: store::cache::spawn(
+                Api::all(client.clone()),
+                config(),
+                health,
+                metrics,
+                "IPPools",
+            ),
             namespaces: store::cache::spawn(
                 Api::all(client.clone()),
                 config(),
                 health,
+                metrics,
                 "Namespaces",
             ),
             // Metadata only: names and labels are all the agent reads of other nodes.
-            nodes: store::cache::spawn(Api::all(client.clone()), config(), health, "Nodes"),
+            nodes: store::cache::spawn(
+                Api::all(client.clone()),
+                config(),
+                health,
+                metrics,
+                "Nodes",
+            ),
             pods: store::cache::spawn(
                 Api::all(client.clone()),
                 config().fields(&format!("spec.nodeName={node}")),
                 health,
+                metrics,
                 "Pods",
             ),
-            endpoints: store::cache::spawn(Api::all(client.clone()), config(), health, "Endpoints"),
+            endpoints: store::cache::spawn(
+                Api::all(client.clone()),
+                config(),
+                health,
+                metrics,
+                "Endpoints",
+            ),
             pool_store: PoolStore::new(client.clone()),
             endpoint_store: EndpointStore::new(client.clone()),
             workloads: WorkloadStore::new(client.clone()),

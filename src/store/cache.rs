@@ -4,13 +4,15 @@ use std::fmt::Debug;
 use std::hash::Hash;
 
 use futures::{Stream, StreamExt};
+use std::sync::Arc;
+
 use kube::runtime::reflector::{Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::observability::Health;
+use crate::observability::{Health, Metrics};
 
 /// The events of one watch, already applied to its store.
 pub type Events<K> =
@@ -29,12 +31,26 @@ where
     (store, Box::pin(events))
 }
 
+/// Whether the watch failed because its resourceVersion is gone from the API server's history
+/// (410 Gone): the watcher then lists everything again, and the store keeps its last view
+/// until that list is complete.
+pub fn expired(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
+        _ => false,
+    }
+}
+
 /// A cache nobody reacts to: the store of [`reflect`], its events polled in the background,
-/// each reported to `health` as watch `what` (a watch failing for long makes `/readyz` fail).
+/// each reported to `health` as watch `what` (a watch failing for long makes `/readyz` fail),
+/// an expiry also counted in `metrics`.
 pub fn spawn<K>(
     api: Api<K>,
     config: watcher::Config,
     health: &Health,
+    metrics: &Arc<Metrics>,
     what: &'static str,
 ) -> Store<K>
 where
@@ -42,13 +58,40 @@ where
     K::DynamicType: Clone + Default + Eq + Hash + Send + Sync,
 {
     let (store, events) = reflect(api, config, Writer::default());
-    let health = health.clone();
+    let (health, metrics) = (health.clone(), Arc::clone(metrics));
     tokio::spawn(events.for_each(move |event| {
         health.watch_event(what, event.is_ok());
-        if let Err(error) = event {
-            warn!(%error, watch = what, "watch failed; retrying with backoff");
+        match event {
+            Err(error) if expired(&error) => {
+                metrics.watch_expired(what);
+                info!(%error, watch = what, "watch expired: listing again");
+            }
+            Err(error) => warn!(%error, watch = what, "watch failed; retrying with backoff"),
+            Ok(_) => {}
         }
         std::future::ready(())
     }));
     store
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::Status;
+    use kube::runtime::watcher;
+
+    use super::expired;
+
+    #[test]
+    fn only_a_410_gone_counts_as_an_expired_watch() {
+        let status = |code| Status::failure("too old resource version", "Expired").with_code(code);
+        assert!(expired(&watcher::Error::WatchError(status(410).boxed())));
+        assert!(expired(&watcher::Error::WatchStartFailed(
+            kube::Error::Api(status(410).boxed())
+        )));
+        assert!(!expired(&watcher::Error::WatchError(status(500).boxed())));
+        assert!(!expired(&watcher::Error::WatchFailed(kube::Error::Api(
+            status(403).boxed()
+        ))));
+        assert!(!expired(&watcher::Error::NoResourceVersion));
+    }
 }

@@ -2,7 +2,8 @@
 //! sequence): one node's agent SIGKILLed while 300 pods start (and started again), then
 //! kube-apiserver restarted, then etcd restarted, then, for 3 s, every answer the apiserver sends
 //! that agent lost (its writes done, the connections cut afterwards: a retry must find its own
-//! record, not claim a second address), each while 150 pods start. After each fault
+//! record, not claim a second address), each while 150 pods start. The apiserver restart expires
+//! the agents' watches (410 Gone): their caches list again. After each fault
 //! every pod is Ready with exactly one address, recorded once for it in the pools and answered
 //! on the wire by exactly one MAC, and the controller reclaimed nothing of a running pod (after an
 //! etcd restart its caches may be stale: a release is confirmed on fresh reads); once the Deployment is deleted, no address is left allocated
@@ -74,6 +75,7 @@ pub fn agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_l
         )
         .await?;
         for component in ["kube-apiserver", "etcd"] {
+            let expired_before = watch_expiries(cluster)?;
             burst_through(
                 cluster,
                 &format!("{component}-restarted"),
@@ -84,6 +86,15 @@ pub fn agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_l
                 },
             )
             .await?;
+            let expired = watch_expiries(cluster)? - expired_before;
+            eprintln!("chaos: {component}-restarted: {expired} agent watches expired (410 Gone)");
+            // A restarted apiserver's watch cache begins at the current revision: every watch
+            // resumed from an older one expires, and the agents' caches must list again.
+            ensure!(
+                component != "kube-apiserver" || expired > 0,
+                "no agent watch expired across the apiserver restart, so the burst did not test \
+                 the caches' recovery from 410 Gone"
+            );
         }
         let flag = cluster.layout().root.join("agent-answers-lost");
         cluster.proxy_apiserver_for(
@@ -220,6 +231,25 @@ async fn burst_through(
         deleted.elapsed()
     );
     Ok(())
+}
+
+/// Every agent's `virtnet_watch_expiries_total`, summed.
+fn watch_expiries(cluster: &Cluster) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for index in 0..cluster.node_names().len() {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &cluster.names().node_netns(index)])
+            .args(["curl", "-sf", "http://127.0.0.1:9741/metrics"])
+            .output()?;
+        ensure!(output.status.success(), "agent /metrics: {output:?}");
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            if line.starts_with("virtnet_watch_expiries_total{") {
+                let count = line.rsplit(' ').next().unwrap_or_default();
+                total += count.parse::<f64>()? as u64;
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// The controller's reclaims for any reason but an unlisted record (`virtnet_ip_reclaims_total`):
