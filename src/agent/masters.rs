@@ -62,7 +62,12 @@ pub async fn watch(client: Client, node: String, health: Health) {
         let nads = watch_kind(
             nads,
             "NetworkAttachmentDefinitions",
-            NetworkAttachmentDefinition::virtnet_master,
+            // A NAD a Network renders is checked as that Network: one Event per problem.
+            |nad: &NetworkAttachmentDefinition| {
+                (!nad.rendered_by_network())
+                    .then(|| nad.virtnet_master())
+                    .flatten()
+            },
             &node,
             &health,
             &recorder,

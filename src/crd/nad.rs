@@ -40,6 +40,16 @@ impl NetworkAttachmentDefinition {
         let master = plugins.first()?["master"].as_str()?;
         uses_virtnet.then(|| master.to_owned())
     }
+
+    /// Whether a VirtNet `Network` renders this NAD (it is the NAD's controller owner).
+    pub fn rendered_by_network(&self) -> bool {
+        use kube::{Resource, ResourceExt};
+        self.owner_references().iter().any(|owner| {
+            owner.controller == Some(true)
+                && owner.kind == super::Network::kind(&())
+                && owner.api_version == super::Network::api_version(&())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -64,5 +74,28 @@ mod tests {
         let other = r#"{"type": "macvlan", "master": "ens224", "ipam": {"type": "host-local"}}"#;
         assert_eq!(nad(other).virtnet_master(), None);
         assert_eq!(nad("not json").virtnet_master(), None);
+    }
+
+    #[test]
+    fn a_nad_whose_controller_is_a_network_is_rendered_by_it() {
+        let owned_by = |api_version: &str, kind: &str| {
+            let mut nad = NetworkAttachmentDefinition::new("n", Default::default());
+            nad.metadata.owner_references = Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: api_version.to_owned(),
+                    kind: kind.to_owned(),
+                    name: "n".to_owned(),
+                    uid: "u".to_owned(),
+                    controller: Some(true),
+                    ..Default::default()
+                },
+            ]);
+            nad
+        };
+        assert!(owned_by("virtnet.io/v1alpha1", "Network").rendered_by_network());
+        assert!(!owned_by("example.com/v1", "Network").rendered_by_network());
+        assert!(!owned_by("virtnet.io/v1alpha1", "Subnet").rendered_by_network());
+        let hand_written = NetworkAttachmentDefinition::new("n", Default::default());
+        assert!(!hand_written.rendered_by_network());
     }
 }
