@@ -21,7 +21,7 @@ use kube::api::ListParams;
 use serde_json::{Value, json};
 use virtnet_e2e::bench::{
     self, Fallible, NAMESPACE, Netns, Plugin, apply, bench_subnet, commit_counters, percentile,
-    virtnet_build,
+    time_adds, virtnet_build,
 };
 use virtnet_e2e::cluster::{Cluster, ClusterOptions, is_pod_ready};
 
@@ -167,7 +167,7 @@ async fn add_latency(cluster: &Cluster) -> Fallible<Vec<String>> {
     let netns = Netns::of_node(cluster, 1);
     let mut medians = Vec::new();
     for (label, plugin) in &plugins {
-        let mut samples = match time_adds(&netns, plugin, &pod_args) {
+        let mut samples = match time_adds(&netns, plugin, &pod_args, WARMUP, ROUNDS) {
             Ok(samples) => samples,
             // The peer is optional; VirtNet's own figures and the floor are not.
             Err(error) if *label == "whereabouts" => {
@@ -195,31 +195,4 @@ async fn add_latency(cluster: &Cluster) -> Fallible<Vec<String>> {
         }
     }
     Ok(lines)
-}
-
-/// Runs ADD (timed) then DEL (not timed) `WARMUP + ROUNDS` times, each with its own container
-/// id, from a thread that entered the node's netns (so the children start there, as under a
-/// runtime on that node).
-fn time_adds(netns: &Netns, plugin: &Plugin, pod_args: &str) -> Fallible<Vec<Duration>> {
-    let netns = netns.clone();
-    let plugin = plugin.clone();
-    let pod_args = pod_args.to_owned();
-    let samples = virtnet_e2e::netns::run_in_netns(
-        netns.node.clone(),
-        move || -> std::io::Result<Vec<Duration>> {
-            let mut samples = Vec::with_capacity(ROUNDS);
-            for round in 0..WARMUP + ROUNDS {
-                let id = format!("bench{round:059}");
-                let started = Instant::now();
-                plugin.run("ADD", &id, &pod_args, &netns.container)?;
-                let elapsed = started.elapsed();
-                plugin.run("DEL", &id, &pod_args, &netns.container)?;
-                if round >= WARMUP {
-                    samples.push(elapsed);
-                }
-            }
-            Ok(samples)
-        },
-    )??;
-    Ok(samples)
 }

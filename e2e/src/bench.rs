@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::core::v1::Pod;
@@ -457,6 +457,37 @@ impl ApiWrites {
 pub struct Writes {
     pub total: f64,
     pub conflicts: f64,
+}
+
+/// Runs ADD (timed) then DEL (not timed) `warmup + rounds` times, each with its own container
+/// id, from a thread that entered the node's netns (so the children start there, as under a
+/// runtime on that node); returns the `rounds` timed ADDs.
+pub fn time_adds(
+    netns: &Netns,
+    plugin: &Plugin,
+    pod_args: &str,
+    warmup: usize,
+    rounds: usize,
+) -> Fallible<Vec<Duration>> {
+    let (netns, plugin, pod_args) = (netns.clone(), plugin.clone(), pod_args.to_owned());
+    let samples = crate::netns::run_in_netns(
+        netns.node.clone(),
+        move || -> std::io::Result<Vec<Duration>> {
+            let mut samples = Vec::with_capacity(rounds);
+            for round in 0..warmup + rounds {
+                let id = format!("bench{round:059}");
+                let started = Instant::now();
+                plugin.run("ADD", &id, &pod_args, &netns.container)?;
+                let elapsed = started.elapsed();
+                plugin.run("DEL", &id, &pod_args, &netns.container)?;
+                if round >= warmup {
+                    samples.push(elapsed);
+                }
+            }
+            Ok(samples)
+        },
+    )??;
+    Ok(samples)
 }
 
 #[cfg(test)]

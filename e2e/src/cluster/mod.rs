@@ -320,6 +320,22 @@ impl Cluster {
         (1..=self.nodes).map(|i| self.names().node(i)).collect()
     }
 
+    /// The Prometheus text a VirtNet process serves at `http://<address>/metrics` inside
+    /// namespace `netns` (the controller's is the control plane's, `127.0.0.1:8080`; an agent's
+    /// its node's, `127.0.0.1:9741`).
+    pub fn metrics(&self, netns: &str, address: &str) -> Result<String, ClusterError> {
+        Ok(command::run_stdout(
+            Command::new("ip")
+                .args(["netns", "exec", netns, "curl", "-sf"])
+                .arg(format!("http://{address}/metrics")),
+        )?)
+    }
+
+    /// The controller's /metrics (see [`Self::metrics`]).
+    pub fn controller_metrics(&self) -> Result<String, ClusterError> {
+        self.metrics(&self.names().control_plane_netns(), "127.0.0.1:8080")
+    }
+
     /// Runs kubectl as admin and returns its stdout.
     pub fn kubectl(&self, args: &[&str]) -> Result<String, ClusterError> {
         Ok(command::run_stdout(

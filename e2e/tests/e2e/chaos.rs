@@ -25,7 +25,6 @@ use crate::agent::{
     apply, create_deployment, delete_deployment, ensure_each_answered_by_one_mac, namespace,
     records_of, subnet, wait_for_pods, wait_for_pool_count,
 };
-use crate::controller::controller_metrics;
 use crate::ipam::pool_records;
 use crate::support::{Suite, own_virtnet_cluster, pod_ip, pod_name, run_on_own_cluster};
 
@@ -237,12 +236,8 @@ async fn burst_through(
 fn watch_expiries(cluster: &Cluster) -> anyhow::Result<u64> {
     let mut total = 0;
     for index in 0..cluster.node_names().len() {
-        let output = std::process::Command::new("ip")
-            .args(["netns", "exec", &cluster.names().node_netns(index)])
-            .args(["curl", "-sf", "http://127.0.0.1:9741/metrics"])
-            .output()?;
-        ensure!(output.status.success(), "agent /metrics: {output:?}");
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let metrics = cluster.metrics(&cluster.names().node_netns(index), "127.0.0.1:9741")?;
+        for line in metrics.lines() {
             if line.starts_with("virtnet_watch_expiries_total{") {
                 let count = line.rsplit(' ').next().unwrap_or_default();
                 total += count.parse::<f64>()? as u64;
@@ -255,7 +250,7 @@ fn watch_expiries(cluster: &Cluster) -> anyhow::Result<u64> {
 /// The controller's reclaims for any reason but an unlisted record (`virtnet_ip_reclaims_total`):
 /// while no pod is deleted these must not move, whatever the controller's caches saw.
 fn live_holder_reclaims(cluster: &Cluster) -> anyhow::Result<u64> {
-    let metrics = controller_metrics(cluster)?;
+    let metrics = cluster.controller_metrics()?;
     let mut total = 0;
     for line in metrics.lines() {
         if line.starts_with("virtnet_ip_reclaims_total{") && !line.contains("OrphanAllocation") {

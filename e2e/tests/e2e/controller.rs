@@ -12,7 +12,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -60,7 +59,10 @@ pub fn controller_keeps_addresses_right_with_the_real_agent(suite: &Suite) -> an
 async fn scenarios(cluster: &mut Cluster, examples: &Path) -> anyhow::Result<()> {
     let first_sweep = cluster
         .wait_for("the controller's first sweep", TIMEOUT, || async {
-            controller_metrics(cluster).and_then(|metrics| sweep_count(&metrics))
+            cluster
+                .controller_metrics()
+                .map_err(anyhow::Error::from)
+                .and_then(|metrics| sweep_count(&metrics))
         })
         .await?;
     let sweeps_before = (first_sweep, Instant::now());
@@ -537,16 +539,6 @@ async fn controller_killed_during_a_scale_down(cluster: &mut Cluster) -> anyhow:
     Ok(())
 }
 
-/// The controller's /metrics, fetched inside the control-plane namespace.
-pub(crate) fn controller_metrics(cluster: &Cluster) -> anyhow::Result<String> {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &cluster.names().control_plane_netns()])
-        .args(["curl", "-sf", "http://127.0.0.1:8080/metrics"])
-        .output()?;
-    ensure!(output.status.success(), "curl /metrics failed: {output:?}");
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 fn sweep_count(metrics: &str) -> anyhow::Result<u64> {
     Ok(metrics
         .lines()
@@ -559,7 +551,7 @@ fn sweep_count(metrics: &str) -> anyhow::Result<u64> {
 /// The sweep ran every interval since `before` (its count then, and when); only existing pools
 /// have gauges (the deleted Subnet's pools and the drained ones are gone from /metrics).
 fn sweeps_and_pool_gauges(cluster: &Cluster, before: (u64, Instant)) -> anyhow::Result<()> {
-    let metrics = controller_metrics(cluster)?;
+    let metrics = cluster.controller_metrics()?;
     let sweeps = sweep_count(&metrics)? - before.0;
     let elapsed = before.1.elapsed();
     let expected = elapsed.as_secs_f64() / SWEEP_SECONDS as f64;
