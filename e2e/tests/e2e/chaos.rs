@@ -104,6 +104,7 @@ pub fn agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_l
                 lose_answers_while: Some(flag.clone()),
             },
         )?;
+        let failed_before = failed_adds(cluster, 1)?;
         burst_through(cluster, "answers-lost", 150, async |_| {
             std::fs::write(&flag, "")?;
             tokio::time::sleep(LOST_ANSWERS).await;
@@ -111,6 +112,13 @@ pub fn agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_l
             Ok(())
         })
         .await?;
+        let failed = failed_adds(cluster, 1)? - failed_before;
+        eprintln!("chaos: answers-lost: {failed} ADDs of that agent failed and were retried");
+        ensure!(
+            failed > 0,
+            "no ADD of the agent whose answers were lost failed, so the burst did not test a lost \
+             answer"
+        );
         Ok(())
     })
 }
@@ -232,10 +240,26 @@ async fn burst_through(
     Ok(())
 }
 
+/// The ADDs the agent of node `index` (1-based) answered with an error
+/// (`virtnet_ipam_allocation_duration_seconds_count` of every outcome but `ok`).
+fn failed_adds(cluster: &Cluster, index: usize) -> anyhow::Result<u64> {
+    let metrics = cluster.metrics(&cluster.names().node_netns(index), "127.0.0.1:9741")?;
+    let mut total = 0;
+    for line in metrics.lines() {
+        if line.starts_with("virtnet_ipam_allocation_duration_seconds_count{")
+            && !line.contains("outcome=\"ok\"")
+        {
+            let count = line.rsplit(' ').next().unwrap_or_default();
+            total += count.parse::<f64>()? as u64;
+        }
+    }
+    Ok(total)
+}
+
 /// Every agent's `virtnet_watch_expiries_total`, summed.
 fn watch_expiries(cluster: &Cluster) -> anyhow::Result<u64> {
     let mut total = 0;
-    for index in 0..cluster.node_names().len() {
+    for index in 1..=cluster.node_names().len() {
         let metrics = cluster.metrics(&cluster.names().node_netns(index), "127.0.0.1:9741")?;
         for line in metrics.lines() {
             if line.starts_with("virtnet_watch_expiries_total{") {
