@@ -14,9 +14,9 @@ use serde::Serialize;
 use virtnet_cni::agent_api::ApiRoute;
 
 use crate::agent::plan::workload_routes;
-use crate::crd::{Endpoint, EndpointInterface, IPAM_CLAIM_KIND};
+use crate::crd::{Endpoint, IPAM_CLAIM_KIND};
 use crate::store::StoreError;
-use crate::store::parse::{ParseError, holder_name, pool_allocations};
+use crate::store::parse::{ParseError, holder_name, interface_addresses, pool_allocations};
 use crate::store::snapshot::ClusterSnapshot;
 
 #[derive(Args)]
@@ -193,33 +193,17 @@ fn owner_exists(snapshot: &ClusterSnapshot, endpoint: &Endpoint) -> bool {
     }
 }
 
-/// Whether `endpoint` records `address` on `interface` in `pool`.
+/// Whether `endpoint` records `address` on `interface` in `pool` (a malformed Endpoint records
+/// nothing here: the overview reports it as malformed).
 fn records(endpoint: &Endpoint, interface: &str, pool: &str, address: IpAddr) -> bool {
     endpoint
         .spec
         .interfaces
         .iter()
         .filter(|entry| entry.interface == interface)
-        .flat_map(entry_addresses)
-        .any(|(recorded_pool, recorded, _)| recorded_pool == pool && recorded.addr() == address)
-}
-
-/// (pool, address, gateway) of each family an interface records; unparsable values are left
-/// out here (the overview reports them as malformed).
-fn entry_addresses(entry: &EndpointInterface) -> Vec<(&str, IpNet, Option<IpAddr>)> {
-    [
-        (&entry.ipv4_pool, &entry.ipv4, &entry.ipv4_gateway),
-        (&entry.ipv6_pool, &entry.ipv6, &entry.ipv6_gateway),
-    ]
-    .into_iter()
-    .filter_map(|(pool, address, gateway)| {
-        Some((
-            pool.as_deref()?,
-            address.as_deref()?.parse().ok()?,
-            gateway.as_deref().and_then(|gateway| gateway.parse().ok()),
-        ))
-    })
-    .collect()
+        .filter_map(|entry| interface_addresses(endpoint, entry).ok())
+        .flatten()
+        .any(|recorded| recorded.pool == pool && recorded.address == address)
 }
 
 /// Fill, holders and findings of the whole snapshot.
@@ -357,11 +341,11 @@ pub fn pod_report(snapshot: &ClusterSnapshot, name: &str) -> Result<PodReport, I
         let claim =
             (endpoint.spec.owner_kind == IPAM_CLAIM_KIND).then(|| endpoint.spec.owner_name.clone());
         for entry in &endpoint.spec.interfaces {
-            for (pool, address, gateway) in entry_addresses(entry) {
-                let subnet = subnet_of(pool);
-                let routes = gateway.map_or_else(Vec::new, |gateway| {
+            for recorded in interface_addresses(endpoint, entry).map_err(StoreError::from)? {
+                let subnet = subnet_of(&recorded.pool);
+                let routes = recorded.gateway.map_or_else(Vec::new, |gateway| {
                     let spec = snapshot.subnets.iter().find(|s| s.name_any() == subnet);
-                    workload_routes(address.addr(), gateway, spec)
+                    workload_routes(recorded.address, gateway, spec)
                 });
                 interfaces.push(InterfaceAddress {
                     interface: entry.interface.clone(),
@@ -369,9 +353,9 @@ pub fn pod_report(snapshot: &ClusterSnapshot, name: &str) -> Result<PodReport, I
                     network_attachment: entry.network_attachment.clone(),
                     claim: claim.clone(),
                     subnet,
-                    pool: pool.to_owned(),
-                    address,
-                    gateway,
+                    pool: recorded.pool,
+                    address: recorded.cidr,
+                    gateway: recorded.gateway,
                     routes,
                 });
             }

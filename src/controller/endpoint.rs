@@ -849,13 +849,14 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_addresses_strip_prefixes_and_skip_unpooled_families() {
+    fn endpoint_addresses_keep_prefix_and_gateway_skip_unpooled_families_and_name_bad_values() {
         let endpoint: Endpoint = serde_json::from_value(json!({
             "apiVersion": "virtnet.io/v1alpha1", "kind": "Endpoint",
             "metadata": {"name": "p", "namespace": "default"},
             "spec": {
                 "interfaces": [
-                    {"interface": "eth0", "ipv4Pool": "a", "ipv4": "10.0.0.1/24", "ipv6Pool": "b", "ipv6": "fd00::1/64"},
+                    {"interface": "eth0", "ipv4Pool": "a", "ipv4": "10.0.0.1/24", "ipv4Gateway": "10.0.0.254",
+                     "ipv6Pool": "b", "ipv6": "fd00::1/64"},
                     {"interface": "net1", "ipv4": "10.1.0.1/24"},
                 ],
                 "ownerKind": "Pod", "ownerName": "p", "node": "n", "podUID": "u", "containerID": "c",
@@ -873,6 +874,17 @@ mod tests {
                 ("a".into(), "10.0.0.1".into()),
                 ("b".into(), "fd00::1".into())
             ]
+        );
+        let first = &endpoint_addresses(&endpoint).expect("the addresses parse")[0];
+        assert_eq!(first.cidr.to_string(), "10.0.0.1/24");
+        assert_eq!(first.gateway, Some("10.0.0.254".parse().expect("address")));
+
+        let mut malformed = endpoint;
+        malformed.spec.interfaces[0].ipv4_gateway = Some("10.0.0".into());
+        let error = endpoint_addresses(&malformed).expect_err("a bad gateway is an error");
+        assert!(
+            error.to_string().contains("default/p") && error.to_string().contains("10.0.0"),
+            "{error}"
         );
     }
 

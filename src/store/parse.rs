@@ -175,30 +175,50 @@ pub struct RecordedAddress {
     pub interface: String,
     pub pool: String,
     pub address: IpAddr,
+    /// The address with the prefix length it was answered with.
+    pub cidr: IpNet,
+    /// The gateway answered with it, if any.
+    pub gateway: Option<IpAddr>,
 }
 
-/// The addresses `interface` of `endpoint` records, with their pools (an address recorded
-/// without its pool is not VirtNet's to release and is left out).
+/// The addresses `interface` of `endpoint` records, with their pools and gateways (an address
+/// recorded without its pool is not VirtNet's to release and is left out); a malformed address
+/// or gateway is an error naming the Endpoint.
 pub fn interface_addresses(
     endpoint: &Endpoint,
     interface: &EndpointInterface,
 ) -> Result<Vec<RecordedAddress>, ParseError> {
+    let malformed = |value: &String| ParseError::EndpointAddress {
+        endpoint: holder_name(endpoint),
+        interface: interface.interface.clone(),
+        value: value.clone(),
+    };
     [
-        (&interface.ipv4_pool, &interface.ipv4),
-        (&interface.ipv6_pool, &interface.ipv6),
+        (
+            &interface.ipv4_pool,
+            &interface.ipv4,
+            &interface.ipv4_gateway,
+        ),
+        (
+            &interface.ipv6_pool,
+            &interface.ipv6,
+            &interface.ipv6_gateway,
+        ),
     ]
     .into_iter()
-    .filter_map(|(pool, address)| Some((pool.as_ref()?, address.as_ref()?)))
-    .map(|(pool, value)| {
-        let address: IpNet = value.parse().map_err(|_| ParseError::EndpointAddress {
-            endpoint: holder_name(endpoint),
-            interface: interface.interface.clone(),
-            value: value.clone(),
-        })?;
+    .filter_map(|(pool, address, gateway)| Some((pool.as_ref()?, address.as_ref()?, gateway)))
+    .map(|(pool, value, gateway)| {
+        let cidr: IpNet = value.parse().map_err(|_| malformed(value))?;
+        let gateway = gateway
+            .as_ref()
+            .map(|gateway| gateway.parse().map_err(|_| malformed(gateway)))
+            .transpose()?;
         Ok(RecordedAddress {
             interface: interface.interface.clone(),
             pool: pool.clone(),
-            address: address.addr(),
+            address: cidr.addr(),
+            cidr,
+            gateway,
         })
     })
     .collect()
