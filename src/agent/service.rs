@@ -627,25 +627,30 @@ impl Agent {
     async fn release_batch(&self, batch: Vec<ReleaseJob>) {
         // Not racing this node's own claims keeps conflicts to other nodes' writes.
         let _claiming = self.claiming.lock().await;
-        let mut by_pool: BTreeMap<&str, Vec<(IpAddr, usize)>> = BTreeMap::new();
+        // Per pool, which jobs (by index) want each address released (two may, a DEL replayed).
+        let mut by_pool: BTreeMap<&str, BTreeMap<IpAddr, Vec<usize>>> = BTreeMap::new();
         for (index, job) in batch.iter().enumerate() {
             for (pool, address) in &job.addresses {
-                by_pool.entry(pool).or_default().push((*address, index));
+                by_pool
+                    .entry(pool)
+                    .or_default()
+                    .entry(*address)
+                    .or_default()
+                    .push(index);
             }
         }
         let jobs = &batch;
         let results = futures::future::join_all(by_pool.iter().map(|(pool, wanted)| async move {
-            let addresses: Vec<IpAddr> = wanted.iter().map(|(address, _)| *address).collect();
+            let addresses: Vec<IpAddr> = wanted.keys().copied().collect();
             let released = self
                 .pool_store
                 .release(pool, &addresses, |address, record| {
-                    wanted
-                        .iter()
-                        .filter(|(wanted, _)| *wanted == address)
-                        .any(|(_, index)| {
+                    wanted.get(&address).is_some_and(|indexes| {
+                        indexes.iter().any(|index| {
                             let job = &jobs[*index];
                             plan::record_of_sandbox(record, &job.holder, &job.container_id)
                         })
+                    })
                 })
                 .await;
             (wanted, released)
@@ -658,7 +663,7 @@ impl Agent {
                 Ok(None) => {}
                 Err(error) => {
                     let error = refusal(error);
-                    for (_, index) in wanted {
+                    for index in wanted.values().flatten() {
                         failures.entry(*index).or_insert_with(|| error.clone());
                     }
                 }
