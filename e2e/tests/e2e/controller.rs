@@ -101,6 +101,22 @@ pub fn write_manifest(cluster: &Cluster, name: &str, manifest: &Value) -> anyhow
     Ok(path.to_string_lossy().into_owned())
 }
 
+/// A Deployment `name` of `replicas` pods labelled `app=<name>`.
+fn deployment(name: &str, namespace: &str, replicas: usize) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+            },
+        },
+    })
+}
+
 pub fn subnet_manifest(name: &str, spec: Value) -> Value {
     json!({"apiVersion": "virtnet.io/v1alpha1", "kind": "Subnet", "metadata": {"name": name}, "spec": spec})
 }
@@ -253,22 +269,7 @@ fn set_replicas(
 async fn subnet_replicas_change_while_pods_hold_addresses(cluster: &Cluster) -> anyhow::Result<()> {
     let namespace = "scale";
     create_namespace(cluster, namespace).await?;
-    let deployment = write_manifest(
-        cluster,
-        "holders",
-        &json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "holders", "namespace": namespace},
-            "spec": {
-                "replicas": 6,
-                "selector": {"matchLabels": {"app": "holders"}},
-                "template": {
-                    "metadata": {"labels": {"app": "holders"}},
-                    "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
-                },
-            },
-        }),
-    )?;
+    let deployment = write_manifest(cluster, "holders", &deployment("holders", namespace, 6))?;
     cluster.kubectl(&["apply", "-f", &deployment])?;
     let pods = wait_for_ready_pods(cluster, namespace, "app=holders", 6).await?;
     check_pools_and_pods(cluster, namespace, &pods)?;
@@ -722,22 +723,7 @@ async fn leader_killed_during_a_resize(cluster: &mut Cluster) -> anyhow::Result<
     set_replicas(cluster, &format!("subnet.virtnet.io/{SUBNET}"), "", 4)?;
     wait_for_pools(cluster, 4).await?;
     wait_subnet_settled(cluster, 4).await?;
-    let deployment = write_manifest(
-        cluster,
-        "movers",
-        &json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "movers", "namespace": namespace},
-            "spec": {
-                "replicas": 8,
-                "selector": {"matchLabels": {"app": "movers"}},
-                "template": {
-                    "metadata": {"labels": {"app": "movers"}},
-                    "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
-                },
-            },
-        }),
-    )?;
+    let deployment = write_manifest(cluster, "movers", &deployment("movers", namespace, 8))?;
     cluster.kubectl(&["apply", "-f", &deployment])?;
     let pods = wait_for_ready_pods(cluster, namespace, "app=movers", 8).await?;
     check_pools_and_pods(cluster, namespace, &pods)?;
