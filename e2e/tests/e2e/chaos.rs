@@ -104,7 +104,12 @@ pub fn agents_and_the_control_plane_killed_mid_burst_leave_no_duplicate_and_no_l
                 lose_answers_while: Some(flag.clone()),
             },
         )?;
-        let failed_before = failed_adds(cluster, 1)?;
+        // The agent restarted behind the proxy: its counters begin again once it serves.
+        let failed_before = cluster
+            .wait_for("the proxied agent's /metrics", RELEASE_TIMEOUT, || async {
+                failed_adds(cluster, 1).map_err(|error| error.to_string())
+            })
+            .await?;
         burst_through(cluster, "answers-lost", 150, async |_| {
             std::fs::write(&flag, "")?;
             tokio::time::sleep(LOST_ANSWERS).await;

@@ -751,7 +751,8 @@ async fn leader_killed_during_a_resize(cluster: &mut Cluster) -> anyhow::Result<
     wait_for_pools(cluster, 1).await?;
     wait_subnet_settled(cluster, 1).await?;
     eprintln!(
-        "controller: leader killed mid-resize; the standby took the Lease {takeover:?} after the          kill and left 1 pool {:?} later",
+        "controller: leader killed mid-resize; the standby took the Lease {takeover:?} after the \
+         kill and left 1 pool {:?} later",
         resumed.elapsed()
     );
     let pods = wait_for_ready_pods(cluster, namespace, "app=movers", 8).await?;
@@ -800,7 +801,8 @@ async fn pods_of_a_lost_node_are_reclaimed(cluster: &mut Cluster) -> anyhow::Res
         "{CONTROLLER} did not take over from the killed leader"
     );
     eprintln!(
-        "controller: pods force-deleted on a node without kubelet, the leader killed just before,          reclaimed by its successor {latency:?} after the delete calls"
+        "controller: pods force-deleted on a node without kubelet, the leader killed just before, \
+         reclaimed by its successor {latency:?} after the delete calls"
     );
     Ok(())
 }

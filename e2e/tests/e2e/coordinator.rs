@@ -58,7 +58,6 @@ const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
 const POD_VETH: &str = "veth0";
 const HOST_VETH_PREFIX: &str = "vnc";
 /// An address of the example Subnet's range that another host on the underlay takes.
-const SQUATTED: &str = "10.6.153.250";
 
 pub fn coordinator_wires_pods_to_their_node_services_and_vms(suite: &Suite) -> anyhow::Result<()> {
     let virtnet = VirtnetOptions::from_workspace();
@@ -428,13 +427,16 @@ async fn address_in_use_is_refused(
     conflist["plugins"][1]["detectIPConflict"] = json!(true);
     std::fs::write(&conflist_path, conflist.to_string())?;
 
+    // An address no pod holds yet (a fixed one could be a running pod's: the pools hand out
+    // addresses in no fixed order).
+    let (_, squatted) = crate::helm::free_pool_address(cluster)?;
     let router = cluster.names().router_netns();
     virtnet_e2e::command::run(std::process::Command::new("ip").args([
         "-n",
         &router,
         "addr",
         "add",
-        &format!("{SQUATTED}/32"),
+        &format!("{squatted}/32"),
         "dev",
         "eth0",
     ]))?;
@@ -448,7 +450,7 @@ async fn address_in_use_is_refused(
         "metadata": {
             "name": "squatter",
             "annotations": {
-                "ipam.virtnet.io/static-ips": format!(r#"[{{"interface":"eth0","ipv4":"{SQUATTED}"}}]"#),
+                "ipam.virtnet.io/static-ips": format!(r#"[{{"interface":"eth0","ipv4":"{squatted}"}}]"#),
             },
         },
         "spec": {
@@ -468,7 +470,7 @@ async fn address_in_use_is_refused(
         .await?;
     ensure!(
         message.contains(&format!(
-            "{SQUATTED} of pod interface eth0 is already in use"
+            "{squatted} of pod interface eth0 is already in use"
         )) && message.contains(&holder),
         "the squatter failed with {message:?}, which does not name the address and its holder \
          {holder}"

@@ -378,7 +378,7 @@ fn agents_change_only_their_own_nodes_pool_records(
 }
 
 /// An IPPool and an address of its range that no record holds.
-fn free_pool_address(cluster: &Cluster) -> anyhow::Result<(String, String)> {
+pub(crate) fn free_pool_address(cluster: &Cluster) -> anyhow::Result<(String, String)> {
     let pools = kubectl_json(cluster, &["get", "ippools.virtnet.io"])?;
     for pool in pools["items"].as_array().into_iter().flatten() {
         let held = &pool["status"]["allocations"];
