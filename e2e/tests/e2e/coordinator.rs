@@ -57,7 +57,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(60);
 const POD_VETH: &str = "veth0";
 const HOST_VETH_PREFIX: &str = "vnc";
-/// An address of the example Subnet's range that another host on the underlay takes.
 
 pub fn coordinator_wires_pods_to_their_node_services_and_vms(suite: &Suite) -> anyhow::Result<()> {
     let virtnet = VirtnetOptions::from_workspace();
