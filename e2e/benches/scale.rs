@@ -393,8 +393,10 @@ fn resident_memory(cluster: &Cluster) -> Fallible<Vec<(String, u64)>> {
         format!("virtnet-agent-{node}"),
     ] {
         let pid_file = cluster.layout().pids.join(format!("{component}.pid"));
-        let pid = std::fs::read_to_string(&pid_file)?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))?;
+        // A pid file holds the pid, then the process's start time.
+        let recorded = std::fs::read_to_string(&pid_file)?;
+        let pid = recorded.split_whitespace().next().unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib: u64 = status
             .lines()
             .find_map(|line| line.strip_prefix("VmRSS:"))

@@ -111,9 +111,19 @@ pub async fn run(ctx: Arc<Context>, stopped: impl Future<Output = ()>) {
         }
     };
     tokio::pin!(stopped);
-    tokio::select! {
-        () = ready => {},
-        () = &mut stopped => return,
+    {
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                () = &mut ready => break,
+                // Until every cache has synced, what the watches queue is dropped: the first
+                // sweep (its timer fires at once) reconciles every Endpoint anyway. Left in the
+                // queue, it would fill it (one trigger per object listed), block the watches
+                // and so keep the caches from ever syncing.
+                trigger = receiver.recv() => if trigger.is_none() { return },
+                () = &mut stopped => return,
+            }
+        }
     }
     let interval = ctx.endpoints.sweep_interval;
     let ticker = sender.clone();
