@@ -27,6 +27,7 @@ use virtnet_e2e::{
     topology::GATEWAY_V4,
 };
 
+use crate::agent::create_deployment;
 use crate::support::{own_virtnet_cluster, run_on_own_cluster};
 use crate::{
     ipam::{kubectl_json, pool_records},
@@ -99,22 +100,6 @@ pub fn write_manifest(cluster: &Cluster, name: &str, manifest: &Value) -> anyhow
     let path = cluster.layout().root.join(format!("{name}.json"));
     std::fs::write(&path, manifest.to_string())?;
     Ok(path.to_string_lossy().into_owned())
-}
-
-/// A Deployment `name` of `replicas` pods labelled `app=<name>`.
-fn deployment(name: &str, namespace: &str, replicas: usize) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
-            },
-        },
-    })
 }
 
 pub fn subnet_manifest(name: &str, spec: Value) -> Value {
@@ -269,8 +254,7 @@ fn set_replicas(
 async fn subnet_replicas_change_while_pods_hold_addresses(cluster: &Cluster) -> anyhow::Result<()> {
     let namespace = "scale";
     create_namespace(cluster, namespace).await?;
-    let deployment = write_manifest(cluster, "holders", &deployment("holders", namespace, 6))?;
-    cluster.kubectl(&["apply", "-f", &deployment])?;
+    create_deployment(cluster, namespace, "holders", 6).await?;
     let pods = wait_for_ready_pods(cluster, namespace, "app=holders", 6).await?;
     check_pools_and_pods(cluster, namespace, &pods)?;
 
@@ -723,8 +707,7 @@ async fn leader_killed_during_a_resize(cluster: &mut Cluster) -> anyhow::Result<
     set_replicas(cluster, &format!("subnet.virtnet.io/{SUBNET}"), "", 4)?;
     wait_for_pools(cluster, 4).await?;
     wait_subnet_settled(cluster, 4).await?;
-    let deployment = write_manifest(cluster, "movers", &deployment("movers", namespace, 8))?;
-    cluster.kubectl(&["apply", "-f", &deployment])?;
+    create_deployment(cluster, namespace, "movers", 8).await?;
     let pods = wait_for_ready_pods(cluster, namespace, "app=movers", 8).await?;
     check_pools_and_pods(cluster, namespace, &pods)?;
     let held = addresses_by_name(&pods)?;
