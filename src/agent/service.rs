@@ -185,53 +185,21 @@ impl Agent {
     ) -> Result<Arc<Self>, Error> {
         crate::crd::ensure_installed(&client).await?;
         let config = watcher::Config::default;
-        let (health, metrics) = (&settings.health, &settings.metrics);
+        let watches = store::cache::Watches {
+            client: &client,
+            health: &settings.health,
+            metrics: &settings.metrics,
+        };
         let (jobs, queued) = mpsc::unbounded_channel();
         let (releases, queued_releases) = mpsc::unbounded_channel();
         let agent = Self {
-            subnets: store::cache::spawn(
-                Api::all(client.clone()),
-                config(),
-                health,
-                metrics,
-                "Subnets",
-            ),
-            pools: store::cache::spawn(
-                Api::all(client.clone()),
-                config(),
-                health,
-                metrics,
-                "IPPools",
-            ),
-            namespaces: store::cache::spawn(
-                Api::all(client.clone()),
-                config(),
-                health,
-                metrics,
-                "Namespaces",
-            ),
+            subnets: watches.all(config(), "Subnets"),
+            pools: watches.all(config(), "IPPools"),
+            namespaces: watches.all(config(), "Namespaces"),
             // Metadata only: names and labels are all the agent reads of other nodes.
-            nodes: store::cache::spawn(
-                Api::all(client.clone()),
-                config(),
-                health,
-                metrics,
-                "Nodes",
-            ),
-            pods: store::cache::spawn(
-                Api::all(client.clone()),
-                config().fields(&format!("spec.nodeName={node}")),
-                health,
-                metrics,
-                "Pods",
-            ),
-            endpoints: store::cache::spawn(
-                Api::all(client.clone()),
-                config(),
-                health,
-                metrics,
-                "Endpoints",
-            ),
+            nodes: watches.all(config(), "Nodes"),
+            pods: watches.all(config().fields(&format!("spec.nodeName={node}")), "Pods"),
+            endpoints: watches.all(config(), "Endpoints"),
             pool_store: PoolStore::new(client.clone()),
             endpoint_store: EndpointStore::new(client.clone()),
             workloads: WorkloadStore::new(client.clone()),

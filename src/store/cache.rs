@@ -3,12 +3,12 @@
 use std::fmt::Debug;
 use std::hash::Hash;
 
-use futures::{Stream, StreamExt};
 use std::sync::Arc;
 
+use futures::{Stream, StreamExt};
 use kube::runtime::reflector::{Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource};
+use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
@@ -43,35 +43,39 @@ pub fn expired(error: &watcher::Error) -> bool {
     }
 }
 
-/// A cache nobody reacts to: the store of [`reflect`], its events polled in the background,
-/// each reported to `health` as watch `what` (a watch failing for long makes `/readyz` fail),
-/// an expiry also counted in `metrics`.
-pub fn spawn<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    health: &Health,
-    metrics: &Arc<Metrics>,
-    what: &'static str,
-) -> Store<K>
-where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Clone + Default + Eq + Hash + Send + Sync,
-{
-    let (store, events) = reflect(api, config, Writer::default());
-    let (health, metrics) = (health.clone(), Arc::clone(metrics));
-    tokio::spawn(events.for_each(move |event| {
-        health.watch_event(what, event.is_ok());
-        match event {
-            Err(error) if expired(&error) => {
-                metrics.watch_expired(what);
-                info!(%error, watch = what, "watch expired: listing again");
+/// What the caches of one process share: its client, and where each watch reports (a watch
+/// failing for long makes `/readyz` fail; an expiry is counted in the metrics).
+pub struct Watches<'a> {
+    pub client: &'a Client,
+    pub health: &'a Health,
+    pub metrics: &'a Arc<Metrics>,
+}
+
+impl Watches<'_> {
+    /// A cache nobody reacts to of every `K` that `config` selects: the store of [`reflect`],
+    /// its events polled in the background, each reported as watch `what`.
+    pub fn all<K>(&self, config: watcher::Config, what: &'static str) -> Store<K>
+    where
+        K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+        K::DynamicType: Clone + Default + Eq + Hash + Send + Sync,
+    {
+        let api = Api::all(self.client.clone());
+        let (store, events) = reflect(api, config, Writer::default());
+        let (health, metrics) = (self.health.clone(), Arc::clone(self.metrics));
+        tokio::spawn(events.for_each(move |event| {
+            health.watch_event(what, event.is_ok());
+            match event {
+                Err(error) if expired(&error) => {
+                    metrics.watch_expired(what);
+                    info!(%error, watch = what, "watch expired: listing again");
+                }
+                Err(error) => warn!(%error, watch = what, "watch failed; retrying with backoff"),
+                Ok(_) => {}
             }
-            Err(error) => warn!(%error, watch = what, "watch failed; retrying with backoff"),
-            Ok(_) => {}
-        }
-        std::future::ready(())
-    }));
-    store
+            std::future::ready(())
+        }));
+        store
+    }
 }
 
 #[cfg(test)]
