@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use virtnet_e2e::bench::{
     self, Fallible, Netns, Plugin, apply, percentile, time_adds, virtnet_build,
 };
-use virtnet_e2e::cluster::{Cluster, ClusterOptions, is_pod_ready};
+use virtnet_e2e::cluster::{Cluster, ClusterOptions, is_pod_ready, sample_sum};
 
 const NAMESPACE: &str = "scale";
 const PARKED_NODE: &str = "parked";
@@ -365,14 +365,10 @@ async fn restart_until_reconciled(cluster: &mut Cluster, endpoints: usize) -> Fa
                 let metrics = cluster
                     .controller_metrics()
                     .map_err(|error| error.to_string())?;
-                let counted: f64 = metrics
-                    .lines()
-                    .filter(|line| {
-                        line.starts_with("virtnet_reconciles_total{")
-                            && (endpoints == 0 || line.contains("controller=\"endpoint\""))
-                    })
-                    .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum();
+                let counted = sample_sum(&metrics, "virtnet_reconciles_total{", |line| {
+                    endpoints == 0 || line.contains("controller=\"endpoint\"")
+                })
+                .map_err(|error| error.to_string())?;
                 if counted >= wanted {
                     Ok(())
                 } else {

@@ -336,6 +336,11 @@ impl Cluster {
         self.metrics(&self.names().control_plane_netns(), "127.0.0.1:8080")
     }
 
+    /// The /metrics of the agent of node `index` (1-based, see [`Self::metrics`]).
+    pub fn agent_metrics(&self, index: usize) -> Result<String, ClusterError> {
+        self.metrics(&self.names().node_netns(index), "127.0.0.1:9741")
+    }
+
     /// Runs kubectl as admin and returns its stdout.
     pub fn kubectl(&self, args: &[&str]) -> Result<String, ClusterError> {
         Ok(command::run_stdout(
@@ -1119,6 +1124,20 @@ pub fn is_ready(node: &Node) -> bool {
                 .iter()
                 .any(|condition| condition.type_ == "Ready" && condition.status == "True")
         })
+}
+
+/// The sum of the samples of `metrics` (Prometheus text) whose line starts with `series` (e.g.
+/// `virtnet_ip_reclaims_total{`) and passes `keep`.
+pub fn sample_sum(
+    metrics: &str,
+    series: &str,
+    keep: impl Fn(&str) -> bool,
+) -> Result<f64, std::num::ParseFloatError> {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(series) && keep(line))
+        .map(|line| line.rsplit(' ').next().unwrap_or_default().parse::<f64>())
+        .sum()
 }
 
 /// Polls `observe` every 250 ms until it returns `Ok(value)`. An error means "not yet, because":

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::ensure;
 use virtnet_e2e::{
-    cluster::{Cluster, VirtnetOptions},
+    cluster::{Cluster, VirtnetOptions, sample_sum},
     delay::Faults,
 };
 
@@ -248,44 +248,31 @@ async fn burst_through(
 /// The ADDs the agent of node `index` (1-based) answered with an error
 /// (`virtnet_ipam_allocation_duration_seconds_count` of every outcome but `ok`).
 fn failed_adds(cluster: &Cluster, index: usize) -> anyhow::Result<u64> {
-    let metrics = cluster.metrics(&cluster.names().node_netns(index), "127.0.0.1:9741")?;
-    let mut total = 0;
-    for line in metrics.lines() {
-        if line.starts_with("virtnet_ipam_allocation_duration_seconds_count{")
-            && !line.contains("outcome=\"ok\"")
-        {
-            let count = line.rsplit(' ').next().unwrap_or_default();
-            total += count.parse::<f64>()? as u64;
-        }
-    }
-    Ok(total)
+    let metrics = cluster.agent_metrics(index)?;
+    let failed = sample_sum(
+        &metrics,
+        "virtnet_ipam_allocation_duration_seconds_count{",
+        |line| !line.contains("outcome=\"ok\""),
+    )?;
+    Ok(failed as u64)
 }
 
 /// Every agent's `virtnet_watch_expiries_total`, summed.
 fn watch_expiries(cluster: &Cluster) -> anyhow::Result<u64> {
-    let mut total = 0;
+    let mut total = 0.0;
     for index in 1..=cluster.node_names().len() {
-        let metrics = cluster.metrics(&cluster.names().node_netns(index), "127.0.0.1:9741")?;
-        for line in metrics.lines() {
-            if line.starts_with("virtnet_watch_expiries_total{") {
-                let count = line.rsplit(' ').next().unwrap_or_default();
-                total += count.parse::<f64>()? as u64;
-            }
-        }
+        let metrics = cluster.agent_metrics(index)?;
+        total += sample_sum(&metrics, "virtnet_watch_expiries_total{", |_| true)?;
     }
-    Ok(total)
+    Ok(total as u64)
 }
 
 /// The controller's reclaims for any reason but an unlisted record (`virtnet_ip_reclaims_total`):
 /// while no pod is deleted these must not move, whatever the controller's caches saw.
 fn live_holder_reclaims(cluster: &Cluster) -> anyhow::Result<u64> {
     let metrics = cluster.controller_metrics()?;
-    let mut total = 0;
-    for line in metrics.lines() {
-        if line.starts_with("virtnet_ip_reclaims_total{") && !line.contains("OrphanAllocation") {
-            let count = line.rsplit(' ').next().unwrap_or_default();
-            total += count.parse::<f64>()? as u64;
-        }
-    }
-    Ok(total)
+    let reclaims = sample_sum(&metrics, "virtnet_ip_reclaims_total{", |line| {
+        !line.contains("OrphanAllocation")
+    })?;
+    Ok(reclaims as u64)
 }
